@@ -1,0 +1,3 @@
+from glmtune.cli import main
+
+main()
