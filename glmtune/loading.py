@@ -1,0 +1,422 @@
+"""Load and save ChatGLM2 models in the official THUDM/chatglm2-6b layout, with no remote code.
+
+Official checkpoints (`pytorch_model*.bin` or `model*.safetensors`, single or sharded with an HF
+index) are renamed onto transformers' native `GlmForCausalLM` (mapping in `official_to_native`).
+The model skeleton is built on the meta device and each shard's tensors are converted and placed as
+they are read, so peak memory is about one model copy plus one shard. `quantization_bit` in the
+folder's config.json (the official int4/int8 releases) or passed by the caller selects the
+weight-only quantized linear layers of `glmtune.quantization`; a full-precision folder is then
+quantized shard by shard while it loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from glmtune.errors import GlmtuneError
+from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+from glmtune.prefix import (
+    OFFICIAL_PREFIX,
+    PrefixConfig,
+    load_prefix_state,
+    official_prefix_state,
+    read_prefix_checkpoint,
+    resolve_prefix_config,
+)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+LINEAR_KINDS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+_LAYER = "transformer.encoder.layers."
+_SIMPLE = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+_LAYER_SIMPLE = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense": "self_attn.o_proj",
+    "mlp.dense_h_to_4h": "mlp.gate_up_proj",
+    "mlp.dense_4h_to_h": "mlp.down_proj",
+}
+_DROPPED = ("transformer.rotary_pos_emb.inv_freq",)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise GlmtuneError(f"dtype: expected one of {sorted(set(DTYPES))}, found {dtype!r}")
+    return DTYPES[dtype]
+
+
+def read_chatglm_config(path: str | Path) -> dict:
+    folder = Path(path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise GlmtuneError(f"{folder}: no config.json; expected a ChatGLM2 model folder")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{cfg_file}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if cfg.get("model_type") != "chatglm":
+        raise GlmtuneError(
+            f"{cfg_file}: field model_type: expected 'chatglm' (ChatGLM2), found {cfg.get('model_type')!r}"
+        )
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size"):
+        if field not in cfg:
+            raise GlmtuneError(f"{cfg_file}: field {field} missing")
+    return cfg
+
+
+# --- weight files ------------------------------------------------------------------------------
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder, in the order an HF index lists them."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise GlmtuneError(f"{index}: shard files listed but not found: {missing}")
+            return [folder / n for n in names]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    raise GlmtuneError(
+        f"{folder}: no weights found (expected pytorch_model.bin, model.safetensors, or a sharded index)"
+    )
+
+
+def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one weight file, memory-mapped where the format allows it."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) .bin files cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        yield from state.items()
+
+
+# --- name mapping ------------------------------------------------------------------------------
+
+
+def official_to_native(key: str, tensor: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """Native (name, tensor) pairs for one official tensor; [] for dropped ones; KeyError if unknown."""
+    if key in _DROPPED:
+        return []
+    if key in _SIMPLE:
+        return [(_SIMPLE[key], tensor)]
+    if key.startswith(OFFICIAL_PREFIX):
+        return [("prefix_encoder." + key[len(OFFICIAL_PREFIX):], tensor)]
+    if not key.startswith(_LAYER):
+        raise KeyError(key)
+    idx, rest = key[len(_LAYER):].split(".", 1)
+    base = f"model.layers.{idx}."
+    if rest.startswith("self_attention.query_key_value."):
+        suffix = rest.rsplit(".", 1)[1]  # weight, bias, weight_scale
+        kv = cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        groups = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else cfg["num_attention_heads"]
+        sizes = [cfg["num_attention_heads"] * kv, groups * kv, groups * kv]
+        if tensor.shape[0] != sum(sizes):
+            raise GlmtuneError(
+                f"{key}: shape {tuple(tensor.shape)}, expected {sum(sizes)} rows (q {sizes[0]} | k {sizes[1]} | v {sizes[2]})"
+            )
+        q, k, v = torch.split(tensor, sizes, dim=0)
+        return [(f"{base}self_attn.{n}_proj.{suffix}", t) for n, t in zip("qkv", (q, k, v))]
+    for official, native in _LAYER_SIMPLE.items():
+        if rest.startswith(official):
+            return [(base + native + rest[len(official):], tensor)]
+    raise KeyError(key)
+
+
+def native_to_official(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """Inverse of `official_to_native` over a whole (native) state dict; q/k/v are fused again."""
+    out: dict[str, torch.Tensor] = {}
+    inverse_simple = {v: k for k, v in _SIMPLE.items()}
+    for name, tensor in state.items():
+        if name in inverse_simple:
+            out[inverse_simple[name]] = tensor
+        elif name.startswith("prefix_encoder."):
+            out[OFFICIAL_PREFIX + name[len("prefix_encoder."):]] = tensor
+        elif name.startswith("model.layers."):
+            idx, rest = name[len("model.layers."):].split(".", 1)
+            base = f"{_LAYER}{idx}."
+            if rest.startswith("self_attn.q_proj."):
+                suffix = rest[len("self_attn.q_proj."):]
+                parts = [state[f"model.layers.{idx}.self_attn.{n}_proj.{suffix}"] for n in "qkv"]
+                out[f"{base}self_attention.query_key_value.{suffix}"] = torch.cat(parts, dim=0)
+            elif rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                continue
+            else:
+                for official, native in _LAYER_SIMPLE.items():
+                    if rest.startswith(native):
+                        out[base + official + rest[len(native):]] = tensor
+                        break
+                else:
+                    raise KeyError(name)
+        elif name.startswith("model.rotary_emb."):
+            continue
+        else:
+            raise KeyError(name)
+    kv = cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    rotary_dim = kv // 2
+    out["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (
+        10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    )
+    return out
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, leaf = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_model(
+    path: str | Path,
+    ptuning_checkpoint: str | Path | None = None,
+    pre_seq_len: int | None = None,
+    prefix_projection: bool | None = None,
+    quantization_bit: int | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+) -> ChatGLM2ForCausalLM:
+    """Load a ChatGLM2 folder (official layout, or one written by `save_model` / `glmtune merge`).
+
+    The base model is frozen. With `ptuning_checkpoint`, or `pre_seq_len` for a fresh prefix, the
+    model carries a trainable prefix encoder (kept in fp32 whatever `dtype`, as the official trainer
+    does). `pre_seq_len` / `prefix_projection` default to what the checkpoint or folder says; a
+    disagreement is an error naming both values.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise GlmtuneError(f"{folder}: model folder not found")
+    cfg = read_chatglm_config(folder)
+    compute_dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GlmtuneError("device 'cuda' requested but torch sees no CUDA device")
+
+    folder_bits = cfg.get("quantization_bit")
+    if quantization_bit is not None and quantization_bit not in (4, 8):
+        raise GlmtuneError(f"quantization_bit: expected 4 or 8, found {quantization_bit}")
+    if folder_bits and quantization_bit and int(folder_bits) != int(quantization_bit):
+        raise GlmtuneError(
+            f"{folder}/config.json has quantization_bit {folder_bits}, but --quantization-bit {quantization_bit} was passed"
+        )
+    bits = int(quantization_bit or folder_bits or 0) or None
+
+    # Prefix: from a P-tuning checkpoint, from the folder itself (a merged model), or fresh.
+    ckpt_cfg, ckpt_state, source = None, None, ""
+    if ptuning_checkpoint is not None:
+        ckpt_cfg, ckpt_state, _ = read_prefix_checkpoint(ptuning_checkpoint)
+        source = f"P-tuning checkpoint {ptuning_checkpoint}"
+    elif cfg.get("pre_seq_len"):
+        ckpt_cfg = PrefixConfig(int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False)))
+        source = f"{folder}/config.json"
+    prefix = resolve_prefix_config(ckpt_cfg, pre_seq_len, prefix_projection, source)
+
+    config = glm_config_from_chatglm(cfg)
+    with torch.device("meta"):
+        model = ChatGLM2ForCausalLM(config, prefix=None)
+        if bits:
+            from glmtune.quantization import replace_linears_with_quantized
+
+            replace_linears_with_quantized(model, bits, compute_dtype)
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("model.rotary_emb.")}
+    seen: set[str] = set()
+    folder_prefix: dict[str, torch.Tensor] = {}
+
+    for shard in weight_files(folder):
+        for key, tensor in iter_shard(shard):
+            try:
+                pairs = official_to_native(key, tensor, cfg)
+            except KeyError:
+                raise GlmtuneError(f"{shard}: unexpected weight {key!r} (not part of a ChatGLM2 model)") from None
+            for name, value in pairs:
+                if name.startswith("prefix_encoder."):
+                    folder_prefix[name[len("prefix_encoder."):]] = value.clone()
+                else:
+                    seen.update(_place(model, name, value, expected, bits, compute_dtype, device, shard, key))
+            del tensor, pairs  # let the shard's memory go before the next one is read
+
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise GlmtuneError(f"{folder}: missing weights: {missing[:12]}{' ...' if len(missing) > 12 else ''}")
+    if folder_prefix and not cfg.get("pre_seq_len"):
+        raise GlmtuneError(f"{folder}: weights hold a prefix encoder but config.json has no pre_seq_len")
+    if ptuning_checkpoint is None and cfg.get("pre_seq_len"):
+        if not folder_prefix:
+            raise GlmtuneError(f"{folder}: config.json has pre_seq_len but the weights hold no prefix encoder")
+        ckpt_state = folder_prefix
+
+    _finish(model, config, cfg, prefix, ckpt_state, source, device)
+    model.chatglm_config = {k: v for k, v in cfg.items() if k not in ("pre_seq_len", "prefix_projection")}
+    if bits:
+        model.chatglm_config["quantization_bit"] = bits
+    return model
+
+
+def _place(model, name, value, expected, bits, compute_dtype, device, shard, key) -> list[str]:
+    if name not in expected:
+        raise GlmtuneError(f"{shard}: unexpected weight {key!r} (maps to {name!r}, which this model does not have)")
+    target = expected[name]
+    if bits and name.endswith(".weight") and target.dtype == torch.int8 and value.dtype != torch.int8:
+        # A full-precision folder loaded with --quantization-bit: quantize this tensor now, so the
+        # full-precision model never exists in memory.
+        from glmtune.quantization import quantize_weight
+
+        value, scale = quantize_weight(value.to(torch.float16), bits)
+        _check_shape(name, value, target, shard, key)
+        _set_tensor(model, name + "_scale", scale.to(device))
+        _set_tensor(model, name, value.to(device))
+        return [name, name + "_scale"]
+    _check_shape(name, value, target, shard, key)
+    if value.is_floating_point():
+        # Quantization scales keep their fp16 storage; everything else computes in the chosen dtype.
+        keep = target.dtype if target.dtype == torch.float16 and name.endswith("_scale") else compute_dtype
+        value = value.to(dtype=keep)
+    _set_tensor(model, name, value.to(device).contiguous())
+    return [name]
+
+
+def _check_shape(name, value, target, shard, key) -> None:
+    if tuple(value.shape) != tuple(target.shape):
+        raise GlmtuneError(
+            f"{shard}: {key}: shape {tuple(value.shape)} in the checkpoint, the config expects {tuple(target.shape)}"
+            + (f" (as {name})" if name != key else "")
+        )
+
+
+def _finish(model, config, cfg, prefix, ckpt_state, source, device) -> None:
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    # Non-persistent buffers (rotary inverse frequencies) were created on the meta device.
+    model.model.rotary_emb = GlmRotaryEmbedding(config=config).to(device)
+    model.prefix_config = prefix
+    if prefix is not None:
+        from glmtune.prefix import PrefixEncoder
+
+        model.prefix_encoder = PrefixEncoder(
+            prefix, config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.hidden_size
+        ).to(device)
+        if ckpt_state:
+            load_prefix_state(model.prefix_encoder, ckpt_state, source or "prefix")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("prefix_encoder."))
+    model.eval()
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+
+def save_model(
+    model: ChatGLM2ForCausalLM,
+    out_dir: str | Path,
+    *,
+    include_prefix: bool = True,
+    max_shard_bytes: int = 2 * 1024**3,
+    dtype: str | torch.dtype | None = None,
+    tokenizer=None,
+) -> Path:
+    """Write `model` as an official-layout folder: sharded `model-0000N-of-0000M.safetensors` + index.
+
+    The folder is written next to `out_dir` and renamed into place, so a failure never leaves a
+    half-written model. With a prefix and `include_prefix`, config.json carries `pre_seq_len` and
+    `prefix_projection` and the weights carry `transformer.prefix_encoder.*`.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    save_dtype = parse_dtype(dtype) if dtype is not None else None
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.rotary_emb.")}
+    if not include_prefix:
+        state = {k: v for k, v in state.items() if not k.startswith("prefix_encoder.")}
+    official = native_to_official(state, model.chatglm_config)
+    cfg = dict(model.chatglm_config)
+    if model.prefix_config is not None and include_prefix:
+        cfg["pre_seq_len"] = model.prefix_config.pre_seq_len
+        cfg["prefix_projection"] = model.prefix_config.prefix_projection
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key, tensor in official.items():
+            t = tensor.detach()
+            if save_dtype is not None and t.is_floating_point() and not key.startswith(OFFICIAL_PREFIX) \
+                    and not key.endswith("_scale") and key != "transformer.rotary_pos_emb.inv_freq":
+                t = t.to(save_dtype)
+            t = t.contiguous().cpu()
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = t
+            size += nbytes
+        total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        if save_dtype is not None:
+            cfg["torch_dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[save_dtype]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_prefix_checkpoint(model: ChatGLM2ForCausalLM, out_dir: str | Path) -> None:
+    """The prefix alone in the official P-tuning layout (`pytorch_model.bin` + `model.safetensors` +
+    config.json with pre_seq_len / prefix_projection). Writes into an existing folder; the caller
+    (the trainer) makes the folder itself appear atomically."""
+    from safetensors.torch import save_file
+
+    if model.prefix_encoder is None:
+        raise GlmtuneError("the model has no prefix to save")
+    out = Path(out_dir)
+    state = official_prefix_state(model.prefix_encoder)
+    torch.save(state, out / "pytorch_model.bin")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = dict(model.chatglm_config)
+    cfg.pop("quantization_bit", None)
+    cfg["pre_seq_len"] = model.prefix_config.pre_seq_len
+    cfg["prefix_projection"] = model.prefix_config.prefix_projection
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -1,0 +1,211 @@
+"""ChatGLM2-6B on transformers' native `GlmForCausalLM`, with the official P-tuning v2 prefix.
+
+The base network is transformers' `GlmForCausalLM`, which computes what THUDM/chatglm2-6b
+`modeling_chatglm.py` computes once the weights are renamed (see `glmtune.loading`). This module adds
+what the native model cannot express:
+
+* the official prefix (`glmtune.prefix.PrefixEncoder`) fed as past keys/values of every layer, with
+  real tokens numbered from position 0 (as `ChatGLMModel.forward` does) instead of after the prefix;
+* the attention mask the official `get_masks` builds: every real token sees the whole prefix, causal
+  among real tokens, left padding masked; passed as a ready 4-D mask so transformers does not
+  re-derive it from cache lengths (which would count the prefix as positions);
+* `generate()` that keeps both of the above: the 2-D attention mask and position ids cover the real
+  tokens only, the prefix lives in the cache;
+* `loss_only=True`, used in training: the LM head runs only on positions that have a label. The
+  official code projects every position to the 65k vocabulary, a third of which are prompt tokens
+  whose logits are thrown away.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, GlmConfig, GlmForCausalLM
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from glmtune.prefix import PrefixConfig, PrefixEncoder, PrefixKV
+
+IGNORE_INDEX = -100
+
+
+def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
+    """The native GlmConfig equivalent to an official ChatGLM2 config.json (dict)."""
+    heads = cfg["num_attention_heads"]
+    groups = cfg["multi_query_group_num"] if cfg.get("multi_query_attention", False) else heads
+    kv_channels = cfg.get("kv_channels") or cfg["hidden_size"] // heads
+    config = GlmConfig(
+        vocab_size=cfg["padded_vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["ffn_hidden_size"],
+        num_hidden_layers=cfg["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=groups,
+        head_dim=kv_channels,
+        hidden_act="silu",
+        max_position_embeddings=cfg.get("seq_length", 32768),
+        rms_norm_eps=cfg.get("layernorm_epsilon", 1e-5),
+        attention_bias=cfg.get("add_qkv_bias", True),
+        attention_dropout=cfg.get("attention_dropout", 0.0),
+        # ChatGLM2 rotates half of each head with base 10000 (times rope_ratio in later releases).
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0 * float(cfg.get("rope_ratio", 1.0)),
+            "partial_rotary_factor": 0.5,
+        },
+        pad_token_id=cfg.get("pad_token_id", 0),
+        eos_token_id=cfg.get("eos_token_id", 2),
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        use_cache=True,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class ChatGLM2ForCausalLM(GlmForCausalLM):
+    """`GlmForCausalLM` plus an optional P-tuning v2 prefix; see the module docstring."""
+
+    def __init__(self, config: GlmConfig, prefix: PrefixConfig | None = None):
+        super().__init__(config)
+        self.prefix_config = prefix
+        self.prefix_encoder = None
+        if prefix is not None:
+            self.prefix_encoder = PrefixEncoder(
+                prefix, config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.hidden_size
+            )
+        # The official ChatGLM2 `chatglm_config` dict this model came from (written back on save).
+        self.chatglm_config: dict = {}
+
+    @property
+    def pre_seq_len(self) -> int:
+        return self.prefix_config.pre_seq_len if self.prefix_config else 0
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every decoder layer; the prefix reaches them through a read-only `PrefixKV`.
+
+        Non-reentrant checkpointing, because the prefix enters each layer through the cache object
+        rather than as an argument, and reentrant checkpointing only propagates gradients to arguments.
+        transformers drops caches under checkpointing unless the layer declares it only reads them.
+        """
+        self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        for layer in self.model.layers:
+            layer._can_checkpoint_with_cache = True
+
+    # --- masks and positions ---------------------------------------------------------------------
+
+    def _attention_mask_4d(
+        self, attention_mask: torch.Tensor, past_real: int, q_len: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Additive mask [B, 1, q, pre + past + q]: prefix always visible, causal + padding on real tokens."""
+        device = attention_mask.device
+        kv_real = past_real + q_len
+        q_idx = torch.arange(past_real, kv_real, device=device)[:, None]
+        k_idx = torch.arange(kv_real, device=device)[None, :]
+        allowed = (k_idx <= q_idx)[None] & attention_mask[:, None, :kv_real].bool()
+        if self.pre_seq_len:
+            ones = allowed.new_ones(allowed.shape[0], q_len, self.pre_seq_len)
+            allowed = torch.cat([ones, allowed], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        # finfo.min rather than -inf: a fully padded query row then stays finite instead of NaN.
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
+
+    @staticmethod
+    def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+        """0, 1, 2, ... on real tokens (left padding gets 0), as the official tokenizer's position_ids."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+    def _prefix_kv(self, batch_size: int, dtype: torch.dtype):
+        return self.prefix_encoder(batch_size, dtype)
+
+    # --- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        loss_only: bool = False,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`attention_mask` / `position_ids` cover the real tokens (past and present); the prefix is internal."""
+        kwargs.pop("return_dict", None)
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        source = input_ids if input_ids is not None else inputs_embeds
+        batch_size, q_len = source.shape[:2]
+        device = source.device
+        dtype = self.model.embed_tokens.weight.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        pre = self.pre_seq_len
+
+        # Training with gradients never uses a growing cache (see PrefixKV).
+        if self.training and torch.is_grad_enabled():
+            use_cache = False
+        elif use_cache is None:
+            use_cache = self.config.use_cache
+
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if pre and isinstance(cache, Cache) and past == 0:
+            for layer_idx, (k, v) in enumerate(self._prefix_kv(batch_size, dtype)):
+                cache.update(k, v, layer_idx)
+            past = pre
+        elif pre and cache is None:
+            cache = PrefixKV(self._prefix_kv(batch_size, dtype))
+        past_real = past - pre if isinstance(cache, Cache) and past else 0
+
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, past_real + q_len, dtype=torch.long, device=device)
+        elif attention_mask.ndim != 2 or attention_mask.shape[1] != past_real + q_len:
+            raise ValueError(
+                f"attention_mask must be [batch, {past_real + q_len}] over the real tokens "
+                f"(past {past_real} + new {q_len}), found {tuple(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            position_ids = self.positions_from_mask(attention_mask)[:, -q_len:]
+        mask4d = self._attention_mask_4d(attention_mask, past_real, q_len, dtype)
+
+        outputs = self.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask4d,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+
+        logits = loss = None
+        if labels is not None and loss_only:
+            loss = self._label_only_loss(hidden, labels)
+        else:
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[:, logits_to_keep]
+            logits = self.lm_head(hidden)
+            if labels is not None:
+                loss = F.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                    labels[:, 1:].reshape(-1).to(logits.device),
+                    ignore_index=IGNORE_INDEX,
+                )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _label_only_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled positions, projecting only those to the vocabulary."""
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != IGNORE_INDEX
+        selected = hidden[:, :-1][keep]
+        logits = self.lm_head(selected).float()
+        return F.cross_entropy(logits, targets[keep])
