@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install glmtune and its requirements into the current Python (a venv is recommended).
+# torch is pinned to 2.13.0, the CPU wheel available on this project's machines; to use a GPU,
+# install your CUDA build of torch (2.4 – 2.14) first and this step keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if "$PY" -c "import torch" 2>/dev/null; then
+  grep -v '^torch==' requirements.txt > /tmp/glmtune-req.txt
+  "$PY" -m pip install -q -r /tmp/glmtune-req.txt
+else
+  "$PY" -m pip install -q -r requirements.txt
+fi
+"$PY" -m pip install -q --no-deps -e .
