@@ -22,15 +22,244 @@ app = typer.Typer(
 
 
 # --- init-model (tiny) ---
+@app.command("init-model")
+def init_model_command(
+    out_dir: Path = typer.Argument(..., help="Folder to create (official ChatGLM2 layout)."),
+    layers: int = typer.Option(2, help="Transformer layers."),
+    hidden_size: int = typer.Option(64, help="Hidden size."),
+    heads: int = typer.Option(4, help="Attention heads."),
+    kv_channels: int = typer.Option(16, help="Head dimension (multiple of 4)."),
+    groups: int = typer.Option(2, help="Key/value groups (multi_query_group_num)."),
+    ffn_hidden_size: int = typer.Option(160, help="MLP hidden size."),
+    seq_length: int = typer.Option(2048, help="seq_length in config.json."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    vocab_size: int = typer.Option(2000, help="Upper bound on SentencePiece pieces."),
+    text_file: Optional[list[Path]] = typer.Option(
+        None, help="Tokenizer training text (repeatable; JSON lines use their string values). Default: bundled data."
+    ),
+    weights_format: str = typer.Option("safetensors", "--format", help="Weights format: safetensors or bin."),
+    shards: int = typer.Option(1, help="Number of weight shards (>1 writes an index json)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing non-empty OUT_DIR."),
+) -> None:
+    """Write a tiny random ChatGLM2 model (config, weights, tokenizer) for tests and CPU demos."""
+    import json
+
+    from glmtune.tiny import init_model, read_text_file
+
+    texts = [t for f in text_file for t in read_text_file(f)] if text_file else None
+    out = init_model(
+        out_dir, layers=layers, hidden_size=hidden_size, heads=heads, kv_channels=kv_channels, groups=groups,
+        ffn_hidden_size=ffn_hidden_size, seq_length=seq_length, seed=seed, texts=texts, vocab_size=vocab_size,
+        weights_format=weights_format, shards=shards, overwrite=overwrite,
+    )
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    print(f"wrote {out}: {config['num_layers']} layers, hidden {config['hidden_size']}, "
+          f"padded vocab {config['padded_vocab_size']}")
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name:40s} {path.stat().st_size:>12,d} bytes")
 
 
 # --- preprocess / train (data, train) ---
 
 
+@app.command()
+def preprocess(
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Model folder holding tokenizer.model."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder for the tokenized dataset and its report."),
+    train_file: Optional[Path] = typer.Option(None, "--train-file", "--train_file", help="Raw data (.json/.jsonl/.csv) to tokenize for training."),
+    validation_file: Optional[Path] = typer.Option(None, "--validation-file", "--validation_file", help="Raw data to tokenize for eval."),
+    test_file: Optional[Path] = typer.Option(None, "--test-file", "--test_file", help="Raw data to tokenize for eval/predict."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="train or eval (default: train for --train-file, else eval)."),
+    prompt_column: str = typer.Option("content", "--prompt-column", "--prompt_column"),
+    response_column: str = typer.Option("summary", "--response-column", "--response_column"),
+    history_column: Optional[str] = typer.Option(None, "--history-column", "--history_column", help="Column of [query, answer] pairs."),
+    source_prefix: str = typer.Option("", "--source-prefix", "--source_prefix"),
+    max_source_length: int = typer.Option(64, "--max-source-length", "--max_source_length"),
+    max_target_length: int = typer.Option(128, "--max-target-length", "--max_target_length"),
+    max_samples: Optional[int] = typer.Option(
+        None, "--max-samples", "--max_train_samples", "--max_eval_samples", "--max_predict_samples", help="Keep the first N rows."
+    ),
+    num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1),
+) -> None:
+    """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
+    from glmtune import data
+    from glmtune.tokenizer import load_tokenizer
+
+    given = {name: path for name, path in (("train", train_file), ("validation", validation_file), ("test", test_file)) if path}
+    if len(given) != 1:
+        raise GlmtuneError(f"give exactly one of --train-file, --validation-file, --test-file (got {len(given)})")
+    split, source = next(iter(given.items()))
+    mode = mode or ("train" if split == "train" else "eval")
+    if mode not in data.MODES:
+        raise GlmtuneError(f"--mode must be one of {', '.join(data.MODES)}, got {mode!r}")
+    config = data.DataConfig(
+        prompt_column=prompt_column, response_column=response_column, history_column=history_column,
+        source_prefix=source_prefix, max_source_length=max_source_length, max_target_length=max_target_length,
+        max_samples=max_samples,
+    )
+    config.validate()
+    report = data.preprocess(source, load_tokenizer(model_path), output_dir, config, mode, num_workers)
+    typer.echo(data.format_report(report))
+    typer.echo(f"wrote {output_dir} (report: {output_dir / data.REPORT_FILE})")
+
+
 # --- eval / score (evaluate, metrics) ---
 
 
+@app.command("eval")
+def eval_command(
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder (official layout, or written by `glmtune merge`)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder for generated_predictions.jsonl and predict_results.json."),
+    test_file: Optional[Path] = typer.Option(None, "--test-file", "--test_file", help="Raw eval data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="A folder written by `glmtune preprocess --mode eval` (its settings apply)."),
+    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", "--ptuning_checkpoint", help="P-tuning checkpoint folder (e.g. OUT/checkpoint-3000)."),
+    pre_seq_len: Optional[int] = typer.Option(None, "--pre-seq-len", "--pre_seq_len", help="Checked against the checkpoint (it is read from there)."),
+    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", "--quantization_bit", help="Quantize the base weights to 4 or 8 bits while loading."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", "--prompt_column", help="[default: content]"),
+    response_column: Optional[str] = typer.Option(None, "--response-column", "--response_column", help="[default: summary]"),
+    history_column: Optional[str] = typer.Option(None, "--history-column", "--history_column", help="Column of [query, answer] pairs."),
+    source_prefix: Optional[str] = typer.Option(None, "--source-prefix", "--source_prefix"),
+    max_source_length: Optional[int] = typer.Option(None, "--max-source-length", "--max_source_length", help="[default: 64]"),
+    max_target_length: Optional[int] = typer.Option(None, "--max-target-length", "--max_target_length", help="Also the default --max-new-tokens. [default: 128]"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--max_predict_samples", "--max_eval_samples", help="Evaluate the first N rows."),
+    batch_size: int = typer.Option(16, "--batch-size", "--per-device-eval-batch-size", "--per_device_eval_batch_size", help="Prompts generated together (left-padded)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--max_new_tokens", help="Answer tokens at most (default: --max-target-length)."),
+    do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="Sample instead of greedy decoding (the official run samples)."),
+    top_p: float = typer.Option(0.7, "--top-p", "--top_p", help="Nucleus mass when sampling (official 0.7)."),
+    temperature: float = typer.Option(0.95, help="Temperature when sampling (official 0.95)."),
+    num_beams: int = typer.Option(1, "--num-beams", "--num_beams", help="Beam search width."),
+    seed: int = typer.Option(42, help="Random seed (sampling is reproducible with it)."),
+    official_truncation: bool = typer.Option(False, "--official-truncation", help="Score against the official references: [gMASK] sop + target ids cut to max_target_length, decoded."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (float16 on GPU, float32 on CPU)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
+    num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1, help="Processes for tokenizing and scoring."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
+) -> None:
+    """Generate for an eval set (batched, greedy by default) and score BLEU-4 / ROUGE-1/2/L as the official scripts."""
+    from glmtune import data, evaluate
+
+    fields = {"prompt_column": prompt_column, "response_column": response_column, "history_column": history_column,
+              "source_prefix": source_prefix, "max_source_length": max_source_length, "max_target_length": max_target_length}
+    given = {k: v for k, v in fields.items() if v is not None}
+    if dataset is not None and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        typer.echo(f"warning: {flags} ignored: the preprocessed --dataset keeps the settings it was made with", err=True)
+    config = data.DataConfig(**given, max_samples=max_samples)
+    settings = evaluate.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
+                                           temperature=temperature, num_beams=num_beams, seed=seed)
+    out = evaluate.run_eval(
+        model_path, output_dir, test_file=test_file, dataset_dir=dataset, config=config,
+        ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len, quantization_bit=quantization_bit,
+        settings=settings, batch_size=batch_size, official_truncation=official_truncation, dtype=dtype,
+        device=device, num_workers=num_workers, progress=progress,
+    )
+    if out.results.get("empty_predictions"):
+        typer.echo(f"warning: {out.results['empty_predictions']} of {out.results['predict_samples']} pairs have an "
+                   "empty prediction or reference (scored 0)", err=True)
+    typer.echo(evaluate.format_summary(out.results))
+    typer.echo(f"wrote {out.predictions_file} and {out.results_file}")
+
+
+@app.command()
+def score(
+    file: Path = typer.Argument(..., help="generated_predictions.jsonl (glmtune) or generated_predictions.txt (official)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Results JSON (default: <FILE stem>.scores.json beside FILE)."),
+    num_workers: int = typer.Option(1, "--num-workers", "--num_workers", min=1, help="Processes for scoring."),
+) -> None:
+    """Score predictions with the official BLEU-4 and ROUGE-1/2/L (x100) and write them as JSON."""
+    from glmtune import metrics
+
+    predictions, labels = metrics.read_predictions(file)
+    result = metrics.compute_metrics(predictions, labels, num_workers=num_workers)
+    # compute_metrics has already logged a warning for blank pairs; the table shows their count.
+    typer.echo(metrics.format_table(result))
+    path = metrics.write_json(result.to_json("predict"), output or file.with_name(f"{file.stem}.scores.json"))
+    typer.echo(f"wrote {path}")
+
+
 # --- chat / merge (chat, merge) ---
+
+
+@app.command()
+def chat(
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder, or one written by `glmtune merge`."),
+    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", "--ptuning_checkpoint", help="P-tuning checkpoint folder (pre_seq_len / prefix_projection are read from it)."),
+    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", "--quantization_bit", help="Quantize the base weights to 4 or 8 bits while loading."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (float16 on GPU, float32 on CPU)."),
+    top_p: float = typer.Option(0.8, "--top-p", help="Nucleus sampling mass (official default 0.8)."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (official default 0.8)."),
+    max_length: int = typer.Option(8192, "--max-length", min=2, help="Prompt + answer tokens at most (also capped by the model's seq_length); older rounds are dropped to fit."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Answer tokens at most (default: what the window leaves)."),
+    do_sample: bool = typer.Option(True, "--do-sample/--greedy", help="Sample (official default) or decode greedily."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    query: Optional[str] = typer.Option(None, "--query", "-q", help="One-shot: answer this and exit."),
+    history_file: Optional[Path] = typer.Option(None, "--history-file", help="One-shot: JSON list of [query, answer] pairs before --query."),
+    json_out: bool = typer.Option(False, "--json", help="One-shot: print {\"response\", \"history\"} as JSON."),
+    debug_prompt: bool = typer.Option(False, "--debug-prompt", help="Print each prompt sent to the model (JSON string) and its token count to stderr."),
+) -> None:
+    """Chat in the terminal (streaming, multi-turn), or answer one --query and exit."""
+    if query is None and (history_file is not None or json_out):
+        raise GlmtuneError("--history-file and --json need --query (one-shot mode)")
+    if query is not None and not query.strip():
+        raise GlmtuneError("--query: empty")
+    import json
+
+    from glmtune import chat as chat_lib
+
+    history = chat_lib.read_history_file(history_file) if history_file is not None else []
+    if query is None:
+        typer.echo("loading model ...", err=True)
+    model, tokenizer = chat_lib.load_chat_model(
+        model_path, ptuning_checkpoint, quantization_bit=quantization_bit, device=device, dtype=dtype
+    )
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
+    options = dict(max_length=max_length, max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
+                   temperature=temperature)
+    if query is None:
+        if sys.stdin.isatty():
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+        chat_lib.run_repl(model, tokenizer, debug_prompt=debug_prompt, **options)
+        return
+
+    def note(prepared) -> None:
+        if prepared.dropped:
+            typer.echo(f"note: {chat_lib.truncation_message(prepared)}", err=True)
+        if debug_prompt:
+            typer.echo(f"[prompt {len(prepared.input_ids)} tokens] {json.dumps(prepared.prompt, ensure_ascii=False)}", err=True)
+
+    response, new_history = chat_lib.chat(model, tokenizer, query, history, on_prompt=note, **options)
+    if json_out:
+        typer.echo(json.dumps({"response": response, "history": [list(r) for r in new_history]}, ensure_ascii=False))
+    else:
+        typer.echo(response)
+
+
+@app.command()
+def merge(
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder."),
+    ptuning_checkpoint: Path = typer.Option(..., "--ptuning-checkpoint", "--ptuning_checkpoint", help="P-tuning checkpoint folder to bake in."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder to write (must be empty or absent unless --force)."),
+    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", "--quantization_bit", help="Store the base weights quantized to 4 or 8 bits."),
+    fold_prefix: bool = typer.Option(False, "--fold-prefix", help="Store the prefix after its projection MLP as plain embeddings (same outputs, smaller, faster)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output-dir."),
+    dtype: str = typer.Option("auto", help="Weight dtype of the merged folder: float32, bfloat16, float16, or auto (as the base model's config)."),
+) -> None:
+    """Bake a P-tuning checkpoint into a self-contained model folder (weights, prefix, tokenizer)."""
+    from glmtune.merge import check_output_dir
+
+    check_output_dir(output_dir, force, model_path, ptuning_checkpoint)  # before loading anything heavy
+    from glmtune.merge import merge_checkpoint
+
+    result = merge_checkpoint(model_path, ptuning_checkpoint, output_dir, quantization_bit=quantization_bit,
+                              fold=fold_prefix, force=force, dtype=dtype)
+    typer.echo(result.summary())
 
 
 # --- quantize (quantization) ---

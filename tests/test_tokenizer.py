@@ -1,0 +1,148 @@
+"""ChatGLM2 tokenizer: parity with the official tokenizer's outputs, and the transformers integration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq
+
+from glmtune.errors import GlmtuneError
+from glmtune.tiny import bundled_texts, train_tokenizer
+from glmtune.tokenizer import ChatGLM2Tokenizer, build_prompt, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def official(reference):
+    return load_tokenizer(reference / "chatglm2-6b")
+
+
+@pytest.fixture(scope="module")
+def golden(reference):
+    rows = [json.loads(line) for line in (reference / "tokenizer-golden.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {
+        "texts": [r for r in rows if "text" in r],
+        "prompts": [r for r in rows if "query" in r],
+        "batch": next(r for r in rows if "batch" in r),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small tokenizer trained on the bundled data: tests that need no reference data use it."""
+    return load_tokenizer(train_tokenizer(bundled_texts(), tmp_path_factory.mktemp("tok"), vocab_size=800))
+
+
+def test_command_tokens_follow_the_sentencepiece_pieces(official):
+    assert official.n_pieces == 64789
+    assert len(official) == official.vocab_size == 64794
+    ids = [official.get_command(t) for t in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")]
+    assert ids == [64789, 64790, 64791, 64792, 64793]
+    assert official.convert_tokens_to_ids(["[gMASK]", "sop"]) == [64790, 64792]
+    assert (official.pad_token_id, official.eos_token_id, official.padding_side) == (0, 2, "left")
+
+
+def test_encoding_matches_official_ids_with_and_without_special_tokens(official, golden):
+    assert len(golden["texts"]) == 300
+    for row in golden["texts"]:
+        assert official.encode(row["text"], add_special_tokens=False) == row["ids"], row["text"]
+        assert official.encode(row["text"]) == row["ids_special"], row["text"]
+
+
+def test_decoding_matches_official_text_and_drops_prefix_tokens(official, golden):
+    for row in golden["texts"]:
+        assert official.decode(row["ids"]) == row["decoded"]
+        assert official.decode(row["ids_special"], skip_special_tokens=True) == row["decoded"]
+
+
+def test_chat_prompt_and_its_ids_match_official(official, golden):
+    assert any(r["history"] for r in golden["prompts"])
+    for row in golden["prompts"]:
+        prompt = build_prompt(row["query"], row["history"])
+        assert prompt == row["prompt"] == official.build_prompt(row["query"], row["history"])
+        assert official.encode(prompt) == row["prompt_ids"]
+
+
+def test_batch_is_left_padded_with_position_ids_as_official(official, golden):
+    row = golden["batch"]
+    enc = official(row["batch"], padding=True)
+    assert enc["input_ids"] == row["input_ids"]
+    assert enc["attention_mask"] == row["attention_mask"]
+    assert enc["position_ids"] == row["position_ids"]
+
+
+def test_truncation_counts_the_two_prefix_tokens_and_cuts_on_the_right(official, golden):
+    rows = golden["texts"][:3]
+    enc = official([r["text"] for r in rows], padding=True, truncation=True, max_length=7, return_tensors="pt")
+    assert enc["input_ids"].tolist() == [r["ids_special"][:7] for r in rows]
+    assert enc["position_ids"].tolist() == [list(range(7))] * 3
+    assert enc["input_ids"].dtype == torch.long
+
+
+def test_text_target_gives_labels_encoded_like_inputs(official):
+    enc = official(["类型#裤"], text_target=["宽松的阔腿裤"])
+    assert enc["labels"] == [official.encode("宽松的阔腿裤")]
+    assert enc["input_ids"] == [official.encode("类型#裤")]
+
+
+def test_command_names_in_raw_text_stay_ordinary_text(official):
+    # The official class never split "[gMASK]" or "sop" out of user text; "</s>" it did.
+    ids = official.encode("sop [gMASK]", add_special_tokens=False)
+    assert not set(ids) & {64790, 64792}
+    assert official.encode("好</s>", add_special_tokens=False)[-1] == official.eos_token_id
+
+
+def test_decode_skips_label_padding_pad_and_eos(tiny):
+    ids = tiny.encode("宽松的阔腿裤")
+    noisy = [tiny.pad_token_id] * 2 + ids + [tiny.eos_token_id] + [-100] * 3
+    assert tiny.decode(noisy, skip_special_tokens=True) == "宽松的阔腿裤"
+    assert tiny.decode(torch.tensor([noisy, noisy]), skip_special_tokens=True) == ["宽松的阔腿裤"] * 2
+
+
+def test_save_pretrained_round_trip_keeps_model_file_and_behaviour(tiny, tmp_path):
+    written = tiny.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.model", "tokenizer_config.json"}
+    assert str(tmp_path / "tokenizer.model") in written
+    assert (tmp_path / "tokenizer.model").read_bytes() == open(tiny.vocab_file, "rb").read()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "auto_map" not in config and config["padding_side"] == "left"
+    text = "[Round 1]\n\n问：类型#裙*裙长#连衣裙\n\n答：这款连衣裙</s>"
+    for reloaded in (load_tokenizer(tmp_path), ChatGLM2Tokenizer.from_pretrained(tmp_path)):
+        assert reloaded.encode(text) == tiny.encode(text)
+        assert len(reloaded) == len(tiny)
+        assert reloaded(["你", "你好呀"], padding=True) == tiny(["你", "你好呀"], padding=True)
+
+
+def test_seq2seq_collator_left_pads_inputs_and_pads_labels_with_minus_100(tiny):
+    prompts = [tiny.encode("类型#裤"), tiny.encode("裙")]
+    features = [
+        {"input_ids": prompts[0] + [5, 6], "labels": [-100] * len(prompts[0]) + [5, 6]},
+        {"input_ids": prompts[1] + [7], "labels": [-100] * len(prompts[1]) + [7]},
+    ]
+    lengths = [len(f["input_ids"]) for f in features]
+    assert lengths[0] > lengths[1]
+    batch = DataCollatorForSeq2Seq(tiny, padding=True, label_pad_token_id=-100)(features)
+    width = lengths[0]
+    gap = width - lengths[1]
+    assert batch["input_ids"][1].tolist() == [tiny.pad_token_id] * gap + features[1]["input_ids"]
+    assert batch["attention_mask"][1].tolist() == [0] * gap + [1] * lengths[1]
+    assert batch["position_ids"][1].tolist() == [0] * gap + list(range(lengths[1]))
+    assert batch["position_ids"][0].tolist() == list(range(width))
+    assert batch["labels"][1].tolist() == [-100] * gap + features[1]["labels"]
+    assert batch["labels"][0].tolist() == features[0]["labels"]
+
+
+def test_pad_honours_an_explicit_right_side(tiny):
+    out = tiny.pad({"input_ids": [[11, 12, 13], [14]]}, padding_side="right")
+    assert out["input_ids"] == [[11, 12, 13], [14, 0, 0]]
+    assert out["attention_mask"] == [[1, 1, 1], [1, 0, 0]]
+    assert out["position_ids"] == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_load_tokenizer_without_model_file_is_a_clear_error(tmp_path):
+    with pytest.raises(GlmtuneError, match="no tokenizer.model"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(GlmtuneError, match="not a readable SentencePiece model"):
+        load_tokenizer(tmp_path)
