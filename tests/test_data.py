@@ -1,0 +1,306 @@
+"""Official P-tuning preprocessing with the real tokenizer: ids, labels, history, report, errors, cache, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from glmtune import data
+from glmtune.cli import app
+from glmtune.errors import GlmtuneError
+
+GMASK, SOP, EOS, PAD = 64790, 64792, 2, 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference):
+    from glmtune.tokenizer import load_tokenizer
+
+    return load_tokenizer(reference / "chatglm2-6b")
+
+
+@pytest.fixture(scope="module")
+def golden(reference):
+    rows = [json.loads(line) for line in (reference / "tokenizer-golden.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts = {r["text"]: r for r in rows if "text" in r}
+    prompts = {(r["query"], json.dumps(r["history"], ensure_ascii=False)): r["prompt_ids"] for r in rows if "query" in r}
+    batch = next(r for r in rows if "batch" in r)
+    return texts, prompts, batch
+
+
+@pytest.fixture(scope="module")
+def dev150(reference, tmp_path_factory):
+    """The first 150 ADGEN dev rows: the ones whose texts tokenizer-golden.jsonl holds."""
+    path = tmp_path_factory.mktemp("dev") / "dev150.json"
+    lines = (reference / "AdvertiseGen" / "dev.json").read_text(encoding="utf-8").splitlines()[:150]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _no_pad(ids):
+    return [-100 if t == PAD else t for t in ids]
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- ids and labels ------------------------------------------------------------------------------
+
+
+def test_train_ids_and_labels_equal_the_official_rule_on_golden_token_ids(dev150, tokenizer, golden):
+    texts, prompts, _ = golden
+    config = data.DataConfig(max_source_length=64, max_target_length=64)
+    rows = data.load_rows(dev150, config)[:20]  # the rows whose full chat prompt ids are golden
+    dataset = data.tokenize_train(rows, tokenizer, config)
+    cut_prompts = cut_answers = 0
+    for row, got in zip(rows, dataset):
+        prompt_ids = prompts[(row["prompt"], "[]")]
+        answer_ids = texts[row["response"]]["ids"]
+        cut_prompts += len(prompt_ids) > 64
+        cut_answers += len(answer_ids) > 64
+        expected_prompt = prompt_ids[:64]
+        expected_answer = answer_ids[:64] + [EOS]
+        assert got["input_ids"] == expected_prompt + expected_answer
+        assert got["labels"] == [-100] * len(expected_prompt) + _no_pad(expected_answer)
+        assert got["input_ids"][:2] == [GMASK, SOP]
+    assert cut_prompts >= 1 and cut_answers >= 1  # both truncations were exercised
+
+
+def test_eval_prompts_labels_and_references_follow_the_official_eval_preprocessing(dev150, tokenizer, golden):
+    texts, prompts, _ = golden
+    config = data.DataConfig(max_source_length=64, max_target_length=64)
+    rows = data.load_rows(dev150, config)
+    dataset = data.tokenize_eval(rows, tokenizer, config)
+    assert len(dataset) == 150
+    for i, (row, got) in enumerate(zip(rows, dataset)):
+        # text_target labels: `[gMASK] sop` + ids, cut to max_target_length, pad id -> -100
+        assert got["labels"] == _no_pad(texts[row["response"]]["ids_special"][:64])
+        assert got["reference"] == row["response"]
+        if i < 20:
+            assert got["input_ids"] == prompts[(row["prompt"], "[]")][:64]
+
+
+def test_every_row_equals_the_official_tokenizer_calls_with_truncation(dev150, tokenizer):
+    config = data.DataConfig(source_prefix="广告：", max_source_length=48, max_target_length=40)
+    rows = data.load_rows(dev150, config)
+    train = data.tokenize_train(rows, tokenizer, config)
+    evals = data.tokenize_eval(rows, tokenizer, config)
+    for row, tr, ev in zip(rows, train, evals):
+        prompt = "广告：" + tokenizer.build_prompt(row["prompt"], None)
+        a_ids = tokenizer.encode(prompt, add_special_tokens=True, truncation=True, max_length=48)
+        b_ids = tokenizer.encode(row["response"], add_special_tokens=False, truncation=True, max_length=40)
+        assert tr["input_ids"] == a_ids + b_ids + [EOS]
+        assert tr["labels"] == [-100] * len(a_ids) + _no_pad(b_ids + [EOS])
+        assert ev["input_ids"] == a_ids
+        target = tokenizer(text_target=[row["response"]], max_length=40, truncation=True)["input_ids"][0]
+        assert ev["labels"] == _no_pad(target)
+
+
+def test_multi_turn_history_builds_the_official_chat_prompt(tmp_path, tokenizer, golden):
+    texts, prompts, _ = golden
+    (query, history_json), prompt_ids = next((k, v) for k, v in prompts.items() if k[1] != "[]")
+    answer = next(iter(texts))  # any text with golden ids
+    path = _write(tmp_path / "chat.jsonl", json.dumps({"q": query, "a": answer, "h": json.loads(history_json)}, ensure_ascii=False) + "\n")
+    config = data.DataConfig(prompt_column="q", response_column="a", history_column="h", max_source_length=256)
+    dataset = data.tokenize_train(data.load_rows(path, config), tokenizer, config)
+    assert dataset[0]["input_ids"] == prompt_ids + texts[answer]["ids"][:128] + [EOS]
+    short = data.DataConfig(prompt_column="q", response_column="a", history_column="h", max_source_length=40)
+    cut = data.tokenize_train(data.load_rows(path, short), tokenizer, short)
+    assert cut[0]["input_ids"][:40] == prompt_ids[:40] and cut[0]["labels"][:40] == [-100] * 40
+
+
+def test_bundled_multiturn_sample_uses_each_rows_history(tokenizer):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "data" / "multiturn_sample.json"
+    if not path.is_file():
+        pytest.skip("data/multiturn_sample.json not written yet")
+    config = data.DataConfig(prompt_column="prompt", response_column="response", history_column="history", max_source_length=1024)
+    rows = data.load_rows(path, config)
+    assert any(row["history"] for row in rows)
+    dataset = data.tokenize_eval(rows[:10], tokenizer, config)
+    for row, got in zip(rows, dataset):
+        assert got["input_ids"] == tokenizer.encode(tokenizer.build_prompt(row["prompt"], row["history"]))
+        assert f"[Round {len(row['history']) + 1}]" in tokenizer.decode(got["input_ids"])
+
+
+def test_official_truncation_references_are_the_decoded_cut_labels(dev150, tokenizer):
+    config = data.DataConfig(max_target_length=20)
+    dataset = data.tokenize_eval(data.load_rows(dev150, config)[:5], tokenizer, config)
+    full = data.eval_references(dataset, tokenizer)
+    cut = data.eval_references(dataset, tokenizer, official_truncation=True)
+    for whole, part in zip(full, cut):
+        assert len(part) < len(whole) and whole.startswith(part.strip())
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+def test_collate_train_pads_right_with_pad_id_and_ignored_labels():
+    batch = data.collate_train(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_to_multiple_of=4
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_collate_eval_left_pads_like_the_official_batch_encoding(tokenizer, golden):
+    _, _, expected = golden
+    features = [{"input_ids": tokenizer.encode(text)} for text in expected["batch"]]
+    batch = data.collate_eval(features, pad_token_id=tokenizer.pad_token_id)
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        assert batch[key].tolist() == expected[key], key
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def test_report_on_full_adgen_dev_matches_the_official_cut_rates(reference, tokenizer, tmp_path):
+    source = reference / "AdvertiseGen" / "dev.json"
+    config = data.DataConfig(max_source_length=64, max_target_length=64)
+    report = data.preprocess(source, tokenizer, tmp_path / "dev-eval", config, mode="eval")
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
+    prompt_lengths = [len(tokenizer.encode(tokenizer.build_prompt(r["content"], None))) for r in rows]
+    target_lengths = [len(tokenizer.encode(r["summary"], add_special_tokens=False)) for r in rows]
+    assert report["rows_read"] == report["rows_kept"] == 1070
+    assert report["rows_skipped"] == {"empty_prompt": 0, "empty_response": 0, "total": 0}
+    assert report["prompts_truncated"] == sum(n > 64 for n in prompt_lengths)
+    assert report["targets_truncated"] == sum(n + 2 > 64 for n in target_lengths)  # + [gMASK] sop
+    assert 16 < report["prompts_truncated_pct"] < 18 and 79 < report["targets_truncated_pct"] < 81
+    assert report["prompt_tokens"]["max"] == max(prompt_lengths)
+    assert report["target_tokens"]["p90"] == pytest.approx(np.percentile(target_lengths, 90), abs=0.05)
+    saved = json.loads((tmp_path / "dev-eval" / data.REPORT_FILE).read_text(encoding="utf-8"))
+    assert saved == report
+
+
+def test_report_counts_rows_skipped_for_empty_prompt_or_response(tmp_path, tokenizer):
+    lines = [
+        {"content": "类型#裙", "summary": "好看"},
+        {"content": "", "summary": "好看"},
+        {"content": "类型#裤", "summary": None},
+        {"content": None, "summary": ""},
+        {"content": " ", "summary": "空格提示照官方保留"},
+    ]
+    path = _write(tmp_path / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    config = data.DataConfig()
+    rows = data.load_rows(path, config)
+    dataset = data.tokenize_train(rows, tokenizer, config)
+    report = data.build_report(rows, dataset, config, "train", path)
+    assert report["rows_read"] == 5 and report["rows_kept"] == 2
+    assert report["rows_skipped"] == {"empty_prompt": 2, "empty_response": 1, "total": 3}
+
+
+# --- input formats and errors --------------------------------------------------------------------
+
+
+def test_json_array_csv_and_max_samples_are_read(tmp_path):
+    array = _write(tmp_path / "a.json", json.dumps([{"content": "甲", "summary": "乙"}, {"content": "丙", "summary": "丁"}], ensure_ascii=False))
+    assert [r["prompt"] for r in data.load_rows(array)] == ["甲", "丙"]
+    csv_file = _write(tmp_path / "a.csv", 'q,a,h\n甲,乙,"[[""早"", ""好""]]"\n丙,丁,\n')
+    config = data.DataConfig(prompt_column="q", response_column="a", history_column="h", max_samples=1)
+    assert data.load_rows(csv_file, config) == [{"prompt": "甲", "response": "乙", "history": [["早", "好"]]}]
+
+
+@pytest.mark.parametrize(
+    "name, text, config, message",
+    [
+        ("bad.json", '{"content": "a", "summary": "b"}\n\n{"content": "a", \n', {}, r"bad\.json:3: not valid JSON"),
+        ("bad.json", '{"content": "a", "summary": "b"}\n["a"]\n', {}, r"bad\.json:2: expected a JSON object, found list"),
+        ("bad.json", '{"prompt": "a", "summary": "b"}\n', {}, r"bad\.json:1: no column 'content' \(columns present: \['prompt', 'summary'\]"),
+        ("bad.json", '{"content": 3, "summary": "b"}\n', {}, r"bad\.json:1: column 'content' should be a string, found int"),
+        ("bad.json", '{"content": "a", "summary": "b", "h": [["x"]]}\n', {"history_column": "h"}, r"bad\.json:1: column 'h' should be a list"),
+        ("bad.json", '{"content": "a", "summary": "b"}\n', {"history_column": "hist"}, r"no column 'hist' in any row"),
+        ("bad.json", "[1, 2", {}, r"bad\.json:1: not valid JSON"),
+        ("bad.txt", "x", {}, r"unsupported file type '\.txt'"),
+    ],
+)
+def test_bad_input_names_file_line_and_what_was_expected(tmp_path, name, text, config, message):
+    path = _write(tmp_path / name, text)
+    with pytest.raises(GlmtuneError, match=message):
+        data.load_rows(path, data.DataConfig(**config))
+
+
+def test_failed_preprocess_writes_nothing_and_refuses_foreign_folders(tmp_path, tokenizer):
+    bad = _write(tmp_path / "bad.jsonl", '{"content": "a", "summary": "b"}\nnope\n')
+    with pytest.raises(GlmtuneError, match="bad.jsonl:2"):
+        data.preprocess(bad, tokenizer, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    good = _write(tmp_path / "good.jsonl", '{"content": "a", "summary": "b"}\n')
+    with pytest.raises(GlmtuneError, match="not a glmtune dataset folder"):
+        data.preprocess(good, tokenizer, foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+# --- saved datasets and the cache ----------------------------------------------------------------
+
+
+def test_raw_file_is_tokenized_once_then_served_from_the_cache(dev150, tokenizer, tmp_path):
+    config = data.DataConfig(max_source_length=64, max_target_length=64)
+    cache = tmp_path / "cache"
+    first, report = data.load_or_build_dataset(dev150, tokenizer, config, "train", cache_dir=cache)
+    (entry,) = list(cache.iterdir())
+    stamp = (entry / data.META_FILE).stat().st_mtime_ns
+    again, _ = data.load_or_build_dataset(dev150, tokenizer, config, "train", cache_dir=cache)
+    assert again["input_ids"] == first["input_ids"] and report["rows_read"] == 150
+    assert list(cache.iterdir()) == [entry] and (entry / data.META_FILE).stat().st_mtime_ns == stamp
+    data.load_or_build_dataset(dev150, tokenizer, data.DataConfig(max_source_length=32), "train", cache_dir=cache)
+    data.load_or_build_dataset(dev150, tokenizer, config, "eval", cache_dir=cache)
+    assert len(list(cache.iterdir())) == 3  # other settings or mode: new entries
+
+
+def test_preprocessed_folder_is_taken_instead_of_a_raw_file_and_checked(dev150, tokenizer, tmp_path):
+    out = tmp_path / "tok"
+    data.preprocess(dev150, tokenizer, out, data.DataConfig(max_samples=30), mode="train")
+    dataset, report = data.load_or_build_dataset(out, tokenizer, mode="train")
+    assert len(dataset) == 30 and report["rows_read"] == 30
+    with pytest.raises(GlmtuneError, match="tokenized for 'train'"):
+        data.load_or_build_dataset(out, tokenizer, mode="eval")
+    meta = json.loads((out / data.META_FILE).read_text(encoding="utf-8"))
+    meta["tokenizer_sha256"] = "0" * 64
+    (out / data.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(GlmtuneError, match="different tokenizer"):
+        data.load_or_build_dataset(out, tokenizer, mode="train")
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def test_preprocess_command_writes_a_loadable_dataset_and_report(reference, dev150, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "preprocess", "--model_name_or_path", str(reference / "chatglm2-6b"), "--train_file", str(dev150),
+        "--output_dir", str(out), "--max_source_length", "64", "--max-target-length", "64", "--max_train_samples", "40",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "40 rows read" in result.output and "prompt" in result.output
+    import datasets
+
+    dataset = datasets.load_from_disk(str(out))
+    assert len(dataset) == 40 and dataset[0]["input_ids"][:2] == [GMASK, SOP]
+    report = json.loads((out / data.REPORT_FILE).read_text(encoding="utf-8"))
+    assert report["mode"] == "train" and report["max_target_length"] == 64
+
+
+def test_preprocess_command_on_a_bad_file_exits_2_with_the_line_and_writes_nothing(reference, tmp_path):
+    bad = _write(tmp_path / "bad.json", '{"content": "a", "summary": "b"}\n{"content": "a"}\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "glmtune", "preprocess", "--model-path", str(reference / "chatglm2-6b"),
+         "--validation-file", str(bad), "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"error: {bad}:2: no column 'summary'" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
