@@ -14,6 +14,10 @@ run under transformers 4.30), checked id for id against ../shared/reference/toke
 * decoding drops the command tokens, bos/eos, pad/unk and negative ids (label padding -100): the official
   class maps all of them to empty pieces.
 
+Encoding asks SentencePiece for ids directly instead of transformers' generic `tokenize` ->
+`convert_tokens_to_ids` (about 6x faster, see bench/tokenizer.py), falling back to the generic route for
+any text where the two could differ; special tokens, truncation and padding stay with transformers.
+
 The chat prompt (`build_prompt`) is the official `[Round N]\\n\\n问：...\\n\\n答：` template.
 """
 
@@ -26,6 +30,7 @@ from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 from transformers import AddedToken, PreTrainedTokenizer
+from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
 from transformers.utils import PaddingStrategy
 
 from glmtune.errors import GlmtuneError
@@ -77,6 +82,8 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         kwargs.setdefault("pad_token", self.sp_model.id_to_piece(self.sp_model.unk_id()))
         kwargs.setdefault("clean_up_tokenization_spaces", False)
         kwargs.pop("auto_map", None)  # never write or honour remote-code hooks
+        self._fast_state: tuple | None = None  # see _fast_tables
+        self._sp_unk_id = self.sp_model.unk_id()  # SentencePiece's accessors are slow Python wrappers
         super().__init__(padding_side=padding_side, **kwargs)
 
     # --- vocabulary -------------------------------------------------------------------------------
@@ -91,6 +98,16 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             vocab.update(self.command_ids)
             self._vocab = vocab
         return {**self._vocab, **self._added_tokens_encoder}
+
+    @property
+    def pad_token_id(self) -> int | None:
+        # transformers' `_pad` reads this once per padded row. Without a class attribute every read first
+        # fails normal lookup and lands in `PreTrainedTokenizerBase.__getattr__` (several µs each); this
+        # gives the same answer from the same map. Setting it still goes through the base `__setattr__`.
+        token = self.__dict__.get("_special_tokens_map", {}).get("pad_token")
+        if token is None:
+            return super().__getattr__("pad_token_id")  # unset: the base class's answer and log line
+        return self.convert_tokens_to_ids(str(token))
 
     def get_command(self, token: str) -> int:
         """Id of a command token (`[gMASK]`, `sop`, ...) or of `<bos>`, `<eos>`, `<pad>`, as the official API."""
@@ -125,6 +142,158 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
         kept = [int(i) for i in ids if 0 <= int(i) < self.n_pieces and int(i) not in self._silent_ids]
         return self.sp_model.decode(kept)
+
+    # --- fast encoding ----------------------------------------------------------------------------
+    #
+    # transformers' generic route turns text into ids as `convert_tokens_to_ids(tokenize(text))`: a
+    # Python trie pass over every character, SentencePiece pieces as strings, then one Python lookup per
+    # piece. Asking SentencePiece for ids directly gives the same ids whenever that route would have
+    # done nothing more than `piece_to_id` on each piece, which `_fast_text_ids` checks; everything
+    # after the ids (special tokens, truncation, padding, tensors) still runs through transformers.
+
+    #: Set False (on the class or an instance) to encode through the generic route, e.g. to compare.
+    use_fast_encode = True
+
+    def _fast_tables(self) -> tuple[tuple[str, ...], dict[int, int]]:
+        """Strings that make the generic route split the text, and piece ids it maps elsewhere.
+
+        Rebuilt whenever added or special tokens change (a dict/list comparison, cheap per call)."""
+        key = (self._added_tokens_encoder, self._special_tokens_map, self._extra_special_tokens)
+        state = self._fast_state
+        if state is not None and state[0] == key:
+            return state[1], state[2]
+        # The trie splits on added tokens; `tokenize` keeps a whole chunk equal to a special token.
+        needles = tuple({*self._added_tokens_encoder, *self.all_special_tokens})
+        # `_convert_token_to_id_with_added_voc` looks a piece up among added tokens, then command names,
+        # before SentencePiece: a piece spelled like one of those gets that id instead of its own.
+        remap = {}
+        for name, token_id in {**self.command_ids, **self._added_tokens_encoder}.items():
+            piece_id = self.sp_model.piece_to_id(name)
+            if self.sp_model.id_to_piece(piece_id) == name and piece_id != token_id:
+                remap[piece_id] = token_id
+        copied = (dict(self._added_tokens_encoder), dict(self._special_tokens_map), list(self._extra_special_tokens))
+        self._fast_state = (copied, needles, remap)
+        return needles, remap
+
+    def _fast_text_ids(self, text: Any, kwargs: dict) -> list[int] | None:
+        """Ids of `text` exactly as the generic route gives them, or None where only that route knows."""
+        if not isinstance(text, str) or not self.use_fast_encode or kwargs.get("sanitize_control_tokens"):
+            return None
+        needles, remap = self._fast_tables()
+        # With split_special_tokens the generic route skips the trie and sends the whole text to SentencePiece.
+        if not kwargs.get("split_special_tokens", self.split_special_tokens) and any(n in text for n in needles):
+            return None  # `<unk>` / `</s>` in the text: split and whitespace-stripped by `tokenize`
+        ids = self.sp_model.encode(text)
+        if remap:
+            ids = [remap.get(i, i) for i in ids]
+        # An unknown span comes back as its surface text from `tokenize`, and is looked up again as a
+        # piece; leave that rare case (never with byte fallback, as in ChatGLM2) to the generic route.
+        if self._sp_unk_id in ids:
+            return None
+        return ids
+
+    def encode(
+        self,
+        text: Any,
+        text_pair: Any = None,
+        add_special_tokens: bool = True,
+        padding: Any = False,
+        truncation: Any = None,
+        max_length: int | None = None,
+        stride: int = 0,
+        padding_side: str | None = None,
+        return_tensors: Any = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        # The plain call (what preprocessing makes 2x per row) needs none of the BatchEncoding / pad work
+        # `prepare_for_model` does for it; its result there is just the ids with the prefix, and the
+        # over-long warning, both kept here. Any option at all takes the full route.
+        plain = text_pair is None and padding is False and (truncation is None or truncation is False)
+        if plain and max_length is None and return_tensors is None and kwargs.keys() <= {"split_special_tokens"}:
+            ids = self._fast_text_ids(text, kwargs)
+            if ids is not None:
+                if add_special_tokens:
+                    ids = self.build_inputs_with_special_tokens(ids)
+                self._eventual_warn_about_too_long_sequence(ids, None, True)
+                return ids
+        return super().encode(
+            text,
+            text_pair=text_pair,
+            add_special_tokens=add_special_tokens,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            stride=stride,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            **kwargs,
+        )
+
+    def _encode_plus(
+        self,
+        text: Any,
+        text_pair: Any = None,
+        add_special_tokens: bool = True,
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy: TruncationStrategy = TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length: int | None = None,
+        stride: int = 0,
+        is_split_into_words: bool = False,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: Any = None,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        return_overflowing_tokens: bool = False,
+        return_special_tokens_mask: bool = False,
+        return_length: bool = False,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        # Single texts (a batch comes back here one text at a time from the base class) take the fast ids
+        # and the same `prepare_for_model` call as `PythonBackend._encode_plus`; anything else goes there.
+        ids = self._fast_text_ids(text, kwargs)
+        pair_ids = self._fast_text_ids(text_pair, kwargs) if text_pair is not None else None
+        if ids is not None and (text_pair is None or pair_ids is not None):
+            return self.prepare_for_model(
+                ids,
+                pair_ids=pair_ids,
+                add_special_tokens=add_special_tokens,
+                padding=padding_strategy.value,
+                truncation=truncation_strategy.value,
+                max_length=max_length,
+                stride=stride,
+                pad_to_multiple_of=pad_to_multiple_of,
+                padding_side=padding_side,
+                return_tensors=return_tensors,
+                prepend_batch_axis=True,
+                return_attention_mask=return_attention_mask,
+                return_token_type_ids=return_token_type_ids,
+                return_overflowing_tokens=return_overflowing_tokens,
+                return_special_tokens_mask=return_special_tokens_mask,
+                return_length=return_length,
+                verbose=verbose,
+            )
+        return super()._encode_plus(
+            text,
+            text_pair=text_pair,
+            add_special_tokens=add_special_tokens,
+            padding_strategy=padding_strategy,
+            truncation_strategy=truncation_strategy,
+            max_length=max_length,
+            stride=stride,
+            is_split_into_words=is_split_into_words,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            return_token_type_ids=return_token_type_ids,
+            return_attention_mask=return_attention_mask,
+            return_overflowing_tokens=return_overflowing_tokens,
+            return_special_tokens_mask=return_special_tokens_mask,
+            return_length=return_length,
+            verbose=verbose,
+            **kwargs,
+        )
 
     # --- special tokens ---------------------------------------------------------------------------
 

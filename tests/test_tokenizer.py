@@ -146,3 +146,142 @@ def test_load_tokenizer_without_model_file_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(GlmtuneError, match="not a readable SentencePiece model"):
         load_tokenizer(tmp_path)
+
+
+# --- fast encoding: the same ids and encodings as transformers' generic route ----------------------
+
+TRICKY_TEXTS = [
+    "", " ", "   ", "\t", "\n", "\n\n", "\r\n", "line1\nline2\r\nline3\n",
+    "<unk>", "</s>", "<s>", "a</s>b", " <unk> x ", "好</s>", "</s></s>", "<unk>好<unk>",
+    "[gMASK]", "sop", "eop", "[MASK] [sMASK]", "[gMASK]sop 你好", "sopsop eopeop",
+    "😀", "👍🏽🇨🇳", "emoji 😀 in 中文\n", "\u200b", "x\x00y", "▁", "  leading", "trailing  ",
+    "类型#裤*版型#宽松*风格#性感", "ＡＢＣ，全角！", "[Round 1]\n\n问：你好\n\n答：",
+]
+
+
+def _generic_ids(tok, text):
+    return tok.convert_tokens_to_ids(tok.tokenize(text))
+
+
+def _outcome(call, *args, **kwargs):
+    """What a tokenizer call gives, as plain lists (tensors converted), or the error type it raises."""
+    try:
+        out = call(*args, **kwargs)
+    except Exception as exc:  # the generic route rejects some option mixes; the fast one must too
+        return type(exc)
+    if hasattr(out, "items"):
+        return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in out.items()}
+    return out.tolist() if hasattr(out, "tolist") else out
+
+
+@pytest.fixture(scope="module")
+def official_generic(reference):
+    tok = load_tokenizer(reference / "chatglm2-6b")
+    tok.use_fast_encode = False
+    return tok
+
+
+def test_fast_ids_equal_generic_tokenize_then_convert(official, golden):
+    texts = [r["text"] for r in golden["texts"]] + [r["prompt"] for r in golden["prompts"]] + TRICKY_TEXTS
+    for text in texts:
+        generic = _generic_ids(official, text)
+        assert official.encode(text, add_special_tokens=False) == generic, repr(text)
+        assert official.encode(text) == [64790, 64792] + generic, repr(text)
+        split = official.convert_tokens_to_ids(official.tokenize(text, split_special_tokens=True))
+        assert official.encode(text, split_special_tokens=True, add_special_tokens=False) == split, repr(text)
+
+
+def test_fast_ids_equal_generic_route_without_reference_data(tiny):
+    texts = list(bundled_texts())[:300] + TRICKY_TEXTS
+    fallbacks = 0
+    for text in texts:
+        assert tiny.encode(text, add_special_tokens=False) == _generic_ids(tiny, text), repr(text)
+        fallbacks += tiny._fast_text_ids(text, {}) is None
+    assert fallbacks == sum("<unk>" in t or "</s>" in t for t in texts)
+
+
+def test_fast_path_covers_all_text_without_unk_or_eos_strings(official, golden):
+    # The fast path must really be taken (not fall back) on ordinary text, or the speed-up is lost.
+    for text in [r["text"] for r in golden["texts"]] + TRICKY_TEXTS:
+        fast = official._fast_text_ids(text, {})
+        if "<unk>" in text or "</s>" in text:
+            assert fast is None, repr(text)
+        else:
+            assert fast == _generic_ids(official, text), repr(text)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"padding": True},
+        {"padding": True, "truncation": True, "max_length": 9, "return_tensors": "pt"},
+        {"padding": "max_length", "max_length": 40, "pad_to_multiple_of": 8, "truncation": True},
+        {"padding": True, "padding_side": "right", "return_length": True, "return_special_tokens_mask": True},
+        {"max_length": 6, "truncation": True, "return_overflowing_tokens": True, "stride": 2},
+        {"add_special_tokens": False, "padding": "longest", "return_attention_mask": False},
+        {"split_special_tokens": True, "padding": True},
+    ],
+)
+def test_fast_batch_call_equals_generic_route(official, official_generic, golden, options):
+    texts = [r["text"] for r in golden["texts"][:5]] + ["好</s>", "", "sop [gMASK] 😀"]
+    assert _outcome(official, texts, **options) == _outcome(official_generic, texts, **options)
+    assert _outcome(official, texts[0], **options) == _outcome(official_generic, texts[0], **options)
+
+
+def test_fast_pairs_targets_and_encode_options_equal_generic_route(official, official_generic, golden):
+    a, b, c = (r["text"] for r in golden["texts"][:3])
+    for tok_kwargs in (
+        {"text": [a, b], "text_target": [c, "宽松"]},
+        {"text": [a, b], "text_target": [c, "宽松"], "max_length": 12, "truncation": True, "max_target_length": 5},
+        {"text": a, "text_pair": b, "truncation": "only_second", "max_length": 20, "return_special_tokens_mask": True},
+        {"text": [(a, b), (c, "裙")], "padding": True, "truncation": "longest_first", "max_length": 16},
+        {"text": [[64790, 5, 6], [7]], "padding": True},
+    ):
+        assert _outcome(official, **tok_kwargs) == _outcome(official_generic, **tok_kwargs), tok_kwargs
+    encode_options = ({}, {"max_length": 8}, {"truncation": True, "max_length": 8}, {"return_tensors": "pt"})
+    for kwargs in (*encode_options, {"text_pair": b}):
+        assert _outcome(official.encode, a, **kwargs) == _outcome(official_generic.encode, a, **kwargs), kwargs
+
+
+def test_fast_encoding_follows_added_tokens(tiny):
+    text = "宽松<extra_0>的阔腿裤"
+    before = tiny.encode(text, add_special_tokens=False)
+    assert before == _generic_ids(tiny, text)
+    tiny_copy = load_tokenizer(tiny.vocab_file)
+    tiny_copy.add_tokens(["<extra_0>"])
+    added = tiny_copy.convert_tokens_to_ids("<extra_0>")
+    ids = tiny_copy.encode(text, add_special_tokens=False)
+    assert added in ids and added not in before
+    assert ids == _generic_ids(tiny_copy, text)
+
+
+def test_fast_encoding_keeps_command_pieces_and_unknown_text_like_generic(tmp_path):
+    # A vocabulary where "sop" is itself a piece and there is no byte fallback: the generic route maps
+    # that piece to the command id and looks unknown spans up again; the fast path must agree.
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the shop sells soap and tops", "stop, pop the top"] * 20), model_writer=buffer,
+        model_type="bpe", vocab_size=60, hard_vocab_limit=False, byte_fallback=False, user_defined_symbols=["sop"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(buffer.getvalue())
+    tok = load_tokenizer(tmp_path)
+    assert tok.sp_model.id_to_piece(tok.sp_model.piece_to_id("sop")) == "sop"
+    for text in ("sop", "a sopsop shop", "shop 好 soap", "好", "eop [gMASK]"):
+        assert tok.encode(text, add_special_tokens=False) == _generic_ids(tok, text), text
+    assert tok.get_command("sop") in tok.encode("a sop", add_special_tokens=False)
+
+
+def test_pad_token_id_follows_changes_to_the_pad_token(tiny):
+    tok = load_tokenizer(tiny.vocab_file)
+    assert tok.pad_token_id == 0
+    tok.pad_token = tok.eos_token
+    assert tok.pad_token_id == tok.eos_token_id == 2
+    assert tok.pad({"input_ids": [[5, 6], [7]]})["input_ids"] == [[5, 6], [2, 7]]
+    tok.pad_token = None
+    assert tok.pad_token_id is None
