@@ -103,6 +103,78 @@ def preprocess(
     typer.echo(f"wrote {output_dir} (report: {output_dir / data.REPORT_FILE})")
 
 
+def _both(name: str) -> tuple[str, str]:
+    """A flag in kebab case and in the official snake_case spelling."""
+    return f"--{name.replace('_', '-')}", f"--{name}"
+
+
+def _switch(name: str) -> tuple[str, str]:
+    kebab = name.replace("_", "-")
+    return f"--{kebab}/--no-{kebab}", f"--{name}/--no_{name}"
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of settings (keys = flag names); flags given here override it."),
+    model_path: Optional[str] = typer.Option(None, *_both("model_path"), "--model_name_or_path", help="ChatGLM2 model folder (official layout)."),
+    train_file: Optional[str] = typer.Option(None, *_both("train_file"), help="Raw training data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="A folder written by `glmtune preprocess` (instead of --train-file)."),
+    output_dir: Optional[str] = typer.Option(None, *_both("output_dir"), help="Checkpoints, metrics.jsonl, loss_curve.png."),
+    pre_seq_len: Optional[int] = typer.Option(None, *_both("pre_seq_len"), help="Prefix length [default: 128]."),
+    prefix_projection: Optional[bool] = typer.Option(None, *_switch("prefix_projection"), help="Prefix through the 2-layer MLP [default: off]."),
+    quantization_bit: Optional[int] = typer.Option(None, *_both("quantization_bit"), help="Quantize the frozen weights to 4 or 8 bits."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Frozen weights' dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda [default: auto]."),
+    prompt_column: Optional[str] = typer.Option(None, *_both("prompt_column"), help="[default: content]"),
+    response_column: Optional[str] = typer.Option(None, *_both("response_column"), help="[default: summary]"),
+    history_column: Optional[str] = typer.Option(None, *_both("history_column"), help="Column of [query, answer] pairs."),
+    source_prefix: Optional[str] = typer.Option(None, *_both("source_prefix")),
+    max_source_length: Optional[int] = typer.Option(None, *_both("max_source_length"), help="[default: 64]"),
+    max_target_length: Optional[int] = typer.Option(None, *_both("max_target_length"), help="[default: 128]"),
+    max_train_samples: Optional[int] = typer.Option(None, *_both("max_train_samples"), help="Use the first N rows."),
+    preprocessing_num_workers: Optional[int] = typer.Option(None, *_both("preprocessing_num_workers"), help="Tokenizing processes."),
+    per_device_train_batch_size: Optional[int] = typer.Option(None, *_both("per_device_train_batch_size"), help="[default: 8]"),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, *_both("gradient_accumulation_steps"), help="[default: 1]"),
+    num_train_epochs: Optional[float] = typer.Option(None, *_both("num_train_epochs"), help="[default: 3]"),
+    max_steps: Optional[int] = typer.Option(None, *_both("max_steps"), help="Total optimizer steps; > 0 overrides --num-train-epochs."),
+    learning_rate: Optional[float] = typer.Option(None, *_both("learning_rate"), help="[default: 2e-2], decayed linearly to 0."),
+    weight_decay: Optional[float] = typer.Option(None, *_both("weight_decay"), help="[default: 0]"),
+    adam_beta1: Optional[float] = typer.Option(None, *_both("adam_beta1"), help="[default: 0.9]"),
+    adam_beta2: Optional[float] = typer.Option(None, *_both("adam_beta2"), help="[default: 0.999]"),
+    adam_epsilon: Optional[float] = typer.Option(None, *_both("adam_epsilon"), help="[default: 1e-8]"),
+    max_grad_norm: Optional[float] = typer.Option(None, *_both("max_grad_norm"), help="Gradient-norm clip [default: 1.0]; 0 = off."),
+    warmup_steps: Optional[int] = typer.Option(None, *_both("warmup_steps"), help="[default: 0]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="[default: 42]"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, *_switch("gradient_checkpointing"), help="Recompute layers in backward to save memory [default: on, as the official]."),
+    logging_steps: Optional[int] = typer.Option(None, *_both("logging_steps"), help="[default: 10]"),
+    save_steps: Optional[int] = typer.Option(None, *_both("save_steps"), help="Checkpoint every N steps, and always at the end [default: 500]."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the latest checkpoint in --output-dir."),
+    resume_from_checkpoint: Optional[str] = typer.Option(None, *_both("resume_from_checkpoint"), help="Continue from this checkpoint folder."),
+    overwrite_output_dir: Optional[bool] = typer.Option(None, *_both("overwrite_output_dir"), help="Delete a previous run's checkpoints and logs in --output-dir."),
+    disable_tqdm: Optional[bool] = typer.Option(None, *_both("disable_tqdm"), help="No progress bar."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", "--nproc-per-node", help="Data-parallel processes on this machine (runs torchrun)."),
+) -> None:
+    """P-tuning v2: train a prefix for a frozen ChatGLM2 (official defaults; resumable; torchrun data parallel)."""
+    import os
+
+    from glmtune.train_config import build_config, launch_torchrun
+
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "os", "build_config", "launch_torchrun")}
+    settings = build_config(config, overrides)
+    if settings.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        code = launch_torchrun(settings)
+        if code:
+            raise typer.Exit(code)
+        return
+    from glmtune.train import train as run_training
+
+    result = run_training(settings)
+    if result.final_checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"trained to step {result.global_step}; checkpoint: {result.final_checkpoint}")
+        if result.loss_curve is not None:
+            typer.echo(f"loss curve: {result.loss_curve}")
+
+
 # --- eval / score (evaluate, metrics) ---
 
 
@@ -203,6 +275,8 @@ def chat(
         raise GlmtuneError("--history-file and --json need --query (one-shot mode)")
     if query is not None and not query.strip():
         raise GlmtuneError("--query: empty")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        raise GlmtuneError(f"sampling needs --temperature > 0 and 0 < --top-p <= 1 (found {temperature}, {top_p}); or pass --greedy")
     import json
 
     from glmtune import chat as chat_lib
@@ -263,6 +337,21 @@ def merge(
 
 
 # --- quantize (quantization) ---
+@app.command()
+def quantize(
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Full-precision model folder."),
+    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder to write (must be empty or absent unless --force)."),
+    bits: int = typer.Option(..., "--bits", "--quantization-bit", "--quantization_bit", help="4 or 8."),
+    dtype: str = typer.Option("float16", help="dtype of the tensors left unquantized (the official releases use float16)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output-dir."),
+) -> None:
+    """Write an int4/int8 copy of a model in the official ChatGLM2 quantized layout, shard by shard."""
+    from glmtune.quantization import quantize_checkpoint
+
+    out = quantize_checkpoint(model_path, output_dir, bits, force=force, dtype=dtype)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    typer.echo(f"wrote {out}: {bits}-bit weights, {size / 1e6:,.1f} MB")
+
 
 
 def main() -> None:

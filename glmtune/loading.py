@@ -394,6 +394,7 @@ def save_model(
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; a model folder is not
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,0 +1,425 @@
+"""Chat with a ChatGLM2 model (optionally with a P-tuning v2 prefix): Python API and terminal REPL.
+
+Reproduces `ChatGLMForConditionalGeneration.chat` / `stream_chat` of THUDM/chatglm2-6b
+(modeling_chatglm.py) on transformers' `generate`:
+
+* the prompt is the official `[Round N]\\n\\n问：...\\n\\n答：` template (`tokenizer.build_prompt`), encoded
+  with `[gMASK] sop` in front;
+* sampling defaults top_p 0.8, temperature 0.8 and top_k 50 (transformers 4.30's default, which the
+  official chat inherited; transformers 5 has none, so it is passed explicitly);
+* `InvalidScoreLogitsProcessor`: NaN/inf scores are replaced by a one-hot on token 5;
+* `process_response`: strip, and the `[[训练时间]]` placeholder becomes `2023年` (ChatGLM2 does no
+  punctuation swapping, unlike ChatGLM-6B);
+* `chat` returns `(response, history + [(query, response)])`; `stream_chat` yields that pair after
+  every generated token.
+
+Additions: when the prompt would not fit the window (`seq_length` of the model, or `max_length` if
+smaller, minus room for the answer) the oldest rounds are dropped and a `HistoryTruncatedWarning`
+says so; the returned history is then the kept rounds plus the new one. The REPL follows the official
+`cli_demo.py` (`clear`, `stop`), plus Ctrl-D to exit and Ctrl-C to stop one answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from glmtune.errors import GlmtuneError
+
+DEFAULT_MAX_LENGTH = 8192
+# Room kept for the answer when fitting the history, unless max_new_tokens says otherwise.
+DEFAULT_ANSWER_ROOM = 1024
+INVALID_SCORE_TOKEN = 5  # the official guard's token id
+
+History = list[tuple[str, str]]
+
+
+class HistoryTruncatedWarning(UserWarning):
+    """The oldest rounds of a chat history were dropped so that the prompt fits the window."""
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    """The official guard: if any score is NaN or inf, all scores become 0 except token 5 (5e4).
+
+    Sampling from NaN probabilities would raise inside `torch.multinomial`; this turns a numerically
+    broken step (typically fp16 overflow) into one harmless token instead of a crash.
+    """
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not torch.isfinite(scores).all():
+            scores = torch.zeros_like(scores)
+            scores[..., INVALID_SCORE_TOKEN] = 5e4
+        return scores
+
+
+def process_response(response: str) -> str:
+    """The official ChatGLM2 post-processing of a decoded answer."""
+    return response.strip().replace("[[训练时间]]", "2023年")
+
+
+def normalize_history(history, source: str = "history") -> History:
+    """`[[q, a], ...]` or `[(q, a), ...]` as a list of string tuples; anything else is an error."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise GlmtuneError(f"{source}: expected a list of [query, answer] pairs, found {type(history).__name__}")
+    rounds: History = []
+    for i, item in enumerate(history):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
+            raise GlmtuneError(f"{source}[{i}]: expected a [query, answer] pair of strings, found {item!r:.80}")
+        rounds.append((item[0], item[1]))
+    return rounds
+
+
+def read_history_file(path: str | Path) -> History:
+    """A JSON file holding a list of [query, answer] pairs (what `--json` prints as "history")."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"{path}: history file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if isinstance(data, dict) and "history" in data:  # accept `--json` output as is
+        data = data["history"]
+    return normalize_history(data, source=str(path))
+
+
+def find_tokenizer(*folders: str | Path | None):
+    """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint)."""
+    from glmtune.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    candidates = [Path(f) for f in folders if f is not None]
+    for folder in candidates:
+        if not folder.is_dir():
+            raise GlmtuneError(f"{folder}: folder not found")
+    for folder in candidates:
+        if (folder / TOKENIZER_FILE).is_file():
+            return load_tokenizer(folder)
+    raise GlmtuneError(
+        f"no {TOKENIZER_FILE} in {' or '.join(map(str, candidates))}: the tokenizer of ChatGLM2 is needed "
+        "(copy it from the base model folder)"
+    )
+
+
+def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """`auto` picks CUDA when available; the default dtype is fp16 on GPU (as the official demos) else fp32."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype in (None, "auto"):
+        dtype = "float16" if torch.device(device).type == "cuda" else "float32"
+    return device, dtype
+
+
+def load_chat_model(
+    model_path: str | Path,
+    ptuning_checkpoint: str | Path | None = None,
+    *,
+    quantization_bit: int | None = None,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+):
+    """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint."""
+    from glmtune.loading import load_model, read_chatglm_config
+
+    read_chatglm_config(model_path)  # "not a model folder" says more than "no tokenizer"
+    tokenizer = find_tokenizer(model_path, ptuning_checkpoint)
+    device, dtype = resolve_device(device, dtype)
+    model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
+                       dtype=dtype, device=device)
+    return model, tokenizer
+
+
+# --- prompt ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatPrompt:
+    """The prompt actually sent to the model, and which history rounds it contains."""
+
+    prompt: str
+    input_ids: list[int]
+    history: History  # the rounds included in the prompt
+    dropped: int  # how many of the oldest rounds were left out
+    window: int  # tokens the prompt and answer may use together
+
+
+def context_window(model, max_length: int = DEFAULT_MAX_LENGTH) -> int:
+    """Prompt + answer tokens allowed: the model's `seq_length`, or `max_length` if smaller.
+
+    The prefix does not count: its keys carry no position, as in the official model.
+    """
+    seq_length = (getattr(model, "chatglm_config", None) or {}).get("seq_length") or model.config.max_position_embeddings
+    return min(int(max_length), int(seq_length))
+
+
+def build_chat_prompt(
+    tokenizer, query: str, history=None, *, window: int, answer_room: int
+) -> ChatPrompt:
+    """The official prompt with as many of the latest rounds as fit in `window - answer_room` tokens."""
+    rounds = normalize_history(history)
+    limit = window - answer_room
+    if limit <= 0:
+        raise GlmtuneError(f"no room for a prompt: window {window} tokens, {answer_room} kept for the answer")
+
+    def attempt(start: int) -> ChatPrompt | None:
+        prompt = tokenizer.build_prompt(query, rounds[start:])
+        ids = tokenizer(prompt)["input_ids"]
+        return ChatPrompt(prompt, ids, rounds[start:], start, window) if len(ids) <= limit else None
+
+    best = attempt(0)
+    if best is not None:
+        return best
+    best = attempt(len(rounds))
+    if best is None:
+        alone = len(tokenizer(tokenizer.build_prompt(query))["input_ids"])
+        raise GlmtuneError(
+            f"the query alone is {alone} tokens; at most {limit} fit (window {window} minus {answer_room} "
+            "for the answer; raise --max-length or lower --max-new-tokens)"
+        )
+    # Fewer rounds never make a longer prompt: binary-search the first round that can stay.
+    lo, hi = 0, len(rounds)  # attempt(lo) does not fit, attempt(hi) does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        fitted = attempt(mid)
+        if fitted is None:
+            lo = mid
+        else:
+            hi, best = mid, fitted
+    return best
+
+
+def _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p, temperature, top_k,
+             logits_processor, on_prompt, extra) -> tuple[ChatPrompt, dict]:
+    window = context_window(model, max_length)
+    room = max_new_tokens if max_new_tokens else min(DEFAULT_ANSWER_ROOM, max(1, window // 4))
+    prepared = build_chat_prompt(tokenizer, query, history, window=window, answer_room=room)
+    if on_prompt is not None:
+        on_prompt(prepared)
+    elif prepared.dropped:
+        warnings.warn(truncation_message(prepared), HistoryTruncatedWarning, stacklevel=3)
+    input_ids = torch.tensor([prepared.input_ids], dtype=torch.long, device=model.device)
+    processors = LogitsProcessorList(logits_processor or [])
+    processors.append(InvalidScoreLogitsProcessor())
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "max_new_tokens": max_new_tokens or window - len(prepared.input_ids),
+        "do_sample": do_sample,
+        "logits_processor": processors,
+    }
+    if do_sample:  # greedy ignores them, and transformers warns when they are set without sampling
+        kwargs.update(top_p=top_p, temperature=temperature, top_k=top_k)
+    kwargs.update(extra)
+    return prepared, kwargs
+
+
+def truncation_message(prepared: ChatPrompt) -> str:
+    return (
+        f"chat history too long for the {prepared.window}-token window: dropped the oldest "
+        f"{prepared.dropped} round(s), kept {len(prepared.history)}"
+    )
+
+
+# --- chat / stream_chat ------------------------------------------------------------------------
+
+
+def chat(
+    model,
+    tokenizer,
+    query: str,
+    history=None,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_new_tokens: int | None = None,
+    do_sample: bool = True,
+    top_p: float = 0.8,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    logits_processor=None,
+    on_prompt: Callable[[ChatPrompt], None] | None = None,
+    **generate_kwargs,
+) -> tuple[str, History]:
+    """One answer to `query` after `history`: `(response, history + [(query, response)])`.
+
+    `max_new_tokens` caps the answer (default: whatever the window leaves). `on_prompt` receives the
+    `ChatPrompt` before generation (then no warning is issued for dropped rounds: the callback decides).
+    """
+    prepared, kwargs = _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p,
+                                temperature, top_k, logits_processor, on_prompt, generate_kwargs)
+    output = model.generate(**kwargs)
+    response = process_response(tokenizer.decode(output[0, len(prepared.input_ids):].tolist()))
+    return response, prepared.history + [(query, response)]
+
+
+class _TokenQueue(BaseStreamer):
+    """Hands the ids `generate` produces to the consuming thread; the first `put` is the prompt."""
+
+    DONE = object()
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(self.DONE)
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation after the current token once the consumer is gone (closed or interrupted)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_chat(
+    model,
+    tokenizer,
+    query: str,
+    history=None,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_new_tokens: int | None = None,
+    do_sample: bool = True,
+    top_p: float = 0.8,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    logits_processor=None,
+    on_prompt: Callable[[ChatPrompt], None] | None = None,
+    **generate_kwargs,
+) -> Iterator[tuple[str, History]]:
+    """Like `chat`, yielding `(partial_response, history + [(query, partial_response)])` per token.
+
+    `generate` runs in a worker thread feeding a queue, so the consumer can stop at any time: closing
+    the generator (or an exception such as KeyboardInterrupt while it waits) stops generation after
+    the token being computed and joins the thread.
+    """
+    prepared, kwargs = _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p,
+                                temperature, top_k, logits_processor, on_prompt, generate_kwargs)
+    tokens = _TokenQueue()
+    stop = threading.Event()
+    criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+    criteria.append(_StopWhenSet(stop))
+
+    def work() -> None:
+        try:
+            model.generate(**kwargs, streamer=tokens, stopping_criteria=criteria)
+        except BaseException as exc:  # re-raised in the consumer's thread
+            tokens.queue.put(exc)
+
+    worker = threading.Thread(target=work, name="glmtune-generate", daemon=True)
+    worker.start()
+    ids: list[int] = []
+    try:
+        while True:
+            try:
+                # A timeout keeps the wait interruptible by Ctrl-C on every platform.
+                item = tokens.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _TokenQueue.DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            ids.extend(item)
+            response = process_response(tokenizer.decode(ids))
+            yield response, prepared.history + [(query, response)]
+    finally:
+        stop.set()
+        worker.join()
+
+
+# --- terminal REPL -----------------------------------------------------------------------------
+
+BANNER = "glmtune chat: type a message and press Enter. 'clear' resets the history, 'stop' or Ctrl-D exits, Ctrl-C stops an answer."
+
+
+def run_repl(
+    model,
+    tokenizer,
+    *,
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    debug_prompt: bool = False,
+    **chat_kwargs,
+) -> History:
+    """The interactive loop; returns the history at exit. `chat_kwargs` go to `stream_chat`."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+
+    def show_prompt(prepared: ChatPrompt) -> None:
+        if prepared.dropped:
+            err.write(f"note: {truncation_message(prepared)}\n")
+        if debug_prompt:
+            err.write(f"[prompt {len(prepared.input_ids)} tokens] {json.dumps(prepared.prompt, ensure_ascii=False)}\n")
+        err.flush()
+        # The label comes after the notes, so they never land inside the answer.
+        out.write("\nChatGLM: ")
+        out.flush()
+
+    out.write(BANNER + "\n")
+    history: History = []
+    while True:
+        try:
+            query = read("\nUser: ")
+        except EOFError:
+            out.write("\n")
+            break
+        except KeyboardInterrupt:
+            out.write("\n(type 'stop' or press Ctrl-D to exit)\n")
+            continue
+        query = query.strip()
+        if not query:
+            continue
+        if query == "stop":
+            break
+        if query == "clear":
+            history = []
+            out.write("history cleared\n")
+            continue
+        printed, latest = "", None
+        try:
+            with contextlib.closing(
+                stream_chat(model, tokenizer, query, history, on_prompt=show_prompt, **chat_kwargs)
+            ) as stream:
+                for response, latest in stream:
+                    # Hold back a trailing U+FFFD: the rest of that character's bytes are still coming.
+                    shown = response.rstrip("\ufffd")
+                    if shown.startswith(printed) and len(shown) > len(printed):
+                        out.write(shown[len(printed):])
+                        out.flush()
+                        printed = shown
+            if latest is not None and latest[-1][1].startswith(printed):  # the held-back tail, if any
+                out.write(latest[-1][1][len(printed):])
+            out.write("\n")
+        except KeyboardInterrupt:
+            out.write(" [stopped]\n")
+        except GlmtuneError as exc:
+            err.write(f"error: {exc}\n")
+            continue
+        if latest is not None:  # an interrupted answer stays in the history as far as it got
+            history = latest
+    out.flush()
+    return history
