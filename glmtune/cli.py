@@ -180,7 +180,7 @@ def train(
 
 @app.command("eval")
 def eval_command(
-    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder (official layout, or written by `glmtune merge`)."),
+    model_path: Path = typer.Option(..., "--model-path", "--model_path", "--model_name_or_path", help="Base model folder (official layout, or written by `glmtune merge`)."),
     output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder for generated_predictions.jsonl and predict_results.json."),
     test_file: Optional[Path] = typer.Option(None, "--test-file", "--test_file", help="Raw eval data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="A folder written by `glmtune preprocess --mode eval` (its settings apply)."),
@@ -193,7 +193,7 @@ def eval_command(
     source_prefix: Optional[str] = typer.Option(None, "--source-prefix", "--source_prefix"),
     max_source_length: Optional[int] = typer.Option(None, "--max-source-length", "--max_source_length", help="[default: 64]"),
     max_target_length: Optional[int] = typer.Option(None, "--max-target-length", "--max_target_length", help="Also the default --max-new-tokens. [default: 128]"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--max_predict_samples", "--max_eval_samples", help="Evaluate the first N rows."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--max_samples", "--max_predict_samples", "--max_eval_samples", help="Evaluate the first N rows."),
     batch_size: int = typer.Option(16, "--batch-size", "--per-device-eval-batch-size", "--per_device_eval_batch_size", help="Prompts generated together (left-padded)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--max_new_tokens", help="Answer tokens at most (default: --max-target-length)."),
     do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="Sample instead of greedy decoding (the official run samples)."),

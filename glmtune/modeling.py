@@ -193,7 +193,8 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
                 hidden = hidden[:, -logits_to_keep:]
             elif isinstance(logits_to_keep, torch.Tensor):
                 hidden = hidden[:, logits_to_keep]
-            logits = self.lm_head(hidden)
+            # contiguous: a strided 3-D input makes F.linear expand the weight into a batched matmul.
+            logits = self.lm_head(hidden.contiguous())
             if labels is not None:
                 loss = F.cross_entropy(
                     logits[:, :-1].float().reshape(-1, logits.shape[-1]),

@@ -1,0 +1,319 @@
+"""Batched generation and official BLEU-4 / ROUGE scoring of a ChatGLM2 (+ P-tuning v2) model.
+
+Reproduces the `--do_predict --predict_with_generate` path of THUDM/ChatGLM2-6B `ptuning/main.py`
+(run by `ptuning/evaluate.sh`): prompts are `source_prefix + build_prompt(query, history)` cut to
+`max_source_length` tokens (see `glmtune.data`), the model generates after the prompt, predictions and
+references are decoded without special tokens and stripped, scored by `glmtune.metrics`, and written as
+`generated_predictions` lines `{"labels", "predict"}` and `predict_results.json` with the official keys.
+
+Differences from the official run, on purpose:
+- greedy decoding by default (the official run samples with top_p 0.7 / temperature 0.95, so its scores
+  change from run to run); `do_sample` with a seed is reproducible;
+- prompts are generated in batches, left-padded, longest first (the official batch size is 1);
+- the references are the full target texts; `official_truncation` scores against the official labels
+  instead (`[gMASK] sop` + target ids cut to `max_target_length`, decoded), for published numbers;
+- the generation budget is `max_new_tokens` (default: `max_target_length`) instead of the official
+  `max_length = max_source_length + max_target_length + 1` counted over prompt and answer together;
+- an empty prediction scores 0 with a warning (the official `rouge_chinese` call crashed on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from glmtune.errors import GlmtuneError
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+RESULTS_FILE = "predict_results.json"
+# The official evaluate.sh samples with these; `--do-sample` uses them unless told otherwise.
+OFFICIAL_TOP_P = 0.7
+OFFICIAL_TEMPERATURE = 0.95
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding options for `model.generate`; greedy unless `do_sample` or `num_beams > 1`."""
+
+    max_new_tokens: int | None = 128  # None: the caller fills it in (run_eval: max_target_length)
+    do_sample: bool = False
+    top_p: float = OFFICIAL_TOP_P
+    temperature: float = OFFICIAL_TEMPERATURE
+    num_beams: int = 1
+    seed: int = 42
+
+    def validate(self) -> None:
+        if self.max_new_tokens is None or self.max_new_tokens < 1:
+            raise GlmtuneError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise GlmtuneError(f"num_beams must be at least 1, got {self.num_beams}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GlmtuneError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0.0:
+            raise GlmtuneError(f"temperature must be positive, got {self.temperature}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                                  "num_beams": self.num_beams}
+        if self.do_sample:
+            # Passed only when sampling: transformers warns about sampling flags on greedy decoding.
+            kwargs.update(top_p=self.top_p, temperature=self.temperature)
+        return kwargs
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first.
+
+    Similar lengths keep left padding (wasted work) small; longest first makes an out-of-memory batch
+    show up at once rather than at the end. The sort is stable, so the batching is deterministic.
+    """
+    if batch_size < 1:
+        raise GlmtuneError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_token_ids(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    settings: GenerationSettings | None = None,
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+    eos_token_id: int = 2,
+    progress: bool = True,
+) -> list[list[int]]:
+    """The tokens generated after each prompt (ids incl. `[gMASK] sop`), in the order of `prompts`.
+
+    Batches are left-padded; the model derives positions from the mask and keeps the prefix in the KV
+    cache, so a batched greedy answer is the answer the prompt gets alone. A row that stops early is
+    filled with `pad_token_id` up to the batch's longest answer (as the official trainer pads).
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    settings = settings or GenerationSettings()
+    settings.validate()
+    if any(len(p) == 0 for p in prompts):
+        raise GlmtuneError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    kwargs = settings.generate_kwargs()
+    # One seed for the whole run: sampling is reproducible for a given seed and batch size.
+    set_seed(settings.seed)
+
+    answers: list[list[int]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc="generating", unit="sample", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+            width = max(len(prompts[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                n = len(prompts[i])
+                input_ids[row, width - n :] = torch.as_tensor(list(prompts[i]), dtype=torch.long)
+                attention_mask[row, width - n :] = 1
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs,
+                )
+            # As the official trainer: keep what follows the (padded) prompt.
+            for i, ids in zip(batch, output[:, width:].tolist()):
+                answers[i] = ids
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return answers
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    settings: GenerationSettings | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """`generate_token_ids`, decoded without special tokens (eos, padding) and stripped, as the official
+    `generated_predictions`."""
+    ids = generate_token_ids(model, prompts, settings, batch_size, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                             progress)
+    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def write_predictions(path: str | os.PathLike, predictions: Sequence[str], labels: Sequence[str]) -> Path:
+    """The official `generated_predictions` format: one `{"labels", "predict"}` JSON line per sample,
+    UTF-8 with the Chinese unescaped; written to a temp file and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            for predict, label in zip(predictions, labels):
+                handle.write(json.dumps({"labels": label, "predict": predict}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def results_json(result: Any, runtime: float) -> dict[str, Any]:
+    """`predict_results.json`: the official metric keys and the Trainer's runtime keys (same rounding)."""
+    out = result.to_json("predict")
+    out["predict_runtime"] = round(runtime, 4)
+    out["predict_samples_per_second"] = round(result.samples / runtime, 3) if runtime > 0 else None
+    return out
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    """The terminal table: scores, sample count, runtime and throughput."""
+    rows = [(key, f"{results[f'predict_{key}']:.4f}") for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")]
+    rows += [("samples", str(results["predict_samples"])), ("empty", str(results.get("empty_predictions", 0))),
+             ("runtime s", f"{results['predict_runtime']:.2f}"),
+             ("samples/s", f"{results['predict_samples_per_second']}")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"{'metric':<{width}}  {'value':>10}"] + [f"{k:<{width}}  {v:>10}" for k, v in rows])
+
+
+# --- the whole evaluation ------------------------------------------------------------------------
+
+
+@dataclass
+class EvalOutput:
+    results: dict[str, Any]
+    predictions: list[str]
+    labels: list[str]
+    predictions_file: Path
+    results_file: Path
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    output_dir: str | os.PathLike,
+    settings: GenerationSettings | None = None,
+    batch_size: int = 16,
+    official_truncation: bool = False,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> EvalOutput:
+    """Generate for every row of an eval `dataset` (from `glmtune.data.tokenize_eval` / `load_or_build_dataset`),
+    score against its references, write `OUT/generated_predictions.jsonl` and `OUT/predict_results.json`."""
+    from glmtune import data, metrics
+
+    if len(dataset) == 0:
+        raise GlmtuneError("the eval data has no rows to generate for")
+    labels = [text.strip() for text in data.eval_references(dataset, tokenizer, official_truncation)]
+    start = time.perf_counter()
+    predictions = generate_texts(model, tokenizer, list(dataset["input_ids"]), settings, batch_size, progress)
+    result = metrics.compute_metrics(predictions, labels, num_workers=num_workers)
+    runtime = time.perf_counter() - start
+
+    out = Path(output_dir)
+    predictions_file = write_predictions(out / PREDICTIONS_FILE, predictions, labels)
+    results = results_json(result, runtime)
+    results_file = metrics.write_json(results, out / RESULTS_FILE)
+    return EvalOutput(results, predictions, labels, predictions_file, results_file)
+
+
+def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """`auto`: CUDA when available; fp16 there (the official evaluation runs the model in half), fp32 on CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype in (None, "auto"):
+        dtype = "float16" if torch.device(device).type == "cuda" else "float32"
+    return device, dtype
+
+
+def load_eval_data(
+    tokenizer: Any,
+    test_file: str | os.PathLike | None,
+    dataset_dir: str | os.PathLike | None,
+    config: Any,
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int = 1,
+) -> tuple[Any, Any]:
+    """(dataset, effective DataConfig) from a raw file (tokenized once and cached) or a folder written by
+    `glmtune preprocess --mode eval`. A preprocessed folder keeps the settings it was made with; only
+    `max_samples` still applies.
+    """
+    from glmtune import data
+
+    if (test_file is None) == (dataset_dir is None):
+        raise GlmtuneError("give exactly one of --test-file (raw data) or --dataset (a `glmtune preprocess` folder)")
+    if test_file is not None:
+        if Path(test_file).is_dir():
+            raise GlmtuneError(f"{test_file}: is a folder; pass a preprocessed folder with --dataset")
+        dataset, _ = data.load_or_build_dataset(test_file, tokenizer, config, mode="eval", cache_dir=cache_dir,
+                                                num_workers=num_workers)
+        return dataset, config
+    dataset, _ = data.load_preprocessed(dataset_dir, tokenizer, mode="eval")
+    stored = json.loads((Path(dataset_dir) / data.META_FILE).read_text(encoding="utf-8"))["config"]
+    config = data.DataConfig(**{**stored, "max_samples": config.max_samples})
+    if config.max_samples is not None and config.max_samples < len(dataset):
+        dataset = dataset.select(range(config.max_samples))
+    return dataset, config
+
+
+def run_eval(
+    model_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    test_file: str | os.PathLike | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    config: Any = None,
+    ptuning_checkpoint: str | os.PathLike | None = None,
+    pre_seq_len: int | None = None,
+    prefix_projection: bool | None = None,
+    quantization_bit: int | None = None,
+    settings: GenerationSettings | None = None,
+    batch_size: int = 16,
+    official_truncation: bool = False,
+    dtype: str | None = "auto",
+    device: str | None = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> EvalOutput:
+    """Load the model (and P-tuning checkpoint), read the eval data, and `evaluate`; what `glmtune eval` runs.
+
+    `settings.max_new_tokens` of None means `config.max_target_length`.
+    """
+    from glmtune import data
+    from glmtune.loading import load_model
+    from glmtune.tokenizer import load_tokenizer
+
+    config = config or data.DataConfig()
+    config.validate()
+    settings = settings or GenerationSettings(max_new_tokens=None)
+    if batch_size < 1:
+        raise GlmtuneError(f"--batch-size must be at least 1, got {batch_size}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise GlmtuneError(f"{out}: exists and is not a folder")
+
+    tokenizer = load_tokenizer(model_path)
+    # Data first: a wrong column or a malformed line fails before the (slow) model load.
+    dataset, config = load_eval_data(tokenizer, test_file, dataset_dir, config, cache_dir, num_workers)
+    if settings.max_new_tokens is None:
+        settings = dataclasses.replace(settings, max_new_tokens=config.max_target_length)
+    settings.validate()
+    device, dtype = resolve_device(device, dtype)
+    model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len,
+                       prefix_projection=prefix_projection, quantization_bit=quantization_bit, dtype=dtype,
+                       device=device)
+    return evaluate(model, tokenizer, dataset, out, settings, batch_size, official_truncation, num_workers, progress)
