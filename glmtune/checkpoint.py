@@ -1,0 +1,231 @@
+"""Training checkpoints of `glmtune train`: written atomically, found again, and read back for `--resume`.
+
+A checkpoint `OUT/checkpoint-N/` holds what the official P-tuning trainer (THUDM/ChatGLM2-6B
+`ptuning/trainer.py` with `save_prefixencoder=True`) writes, readable by the official loader snippet
+(`torch.load(.../pytorch_model.bin)`, keys `transformer.prefix_encoder.*`, config.json with
+`pre_seq_len`/`prefix_projection`), the tokenizer files, and the state needed to continue exactly:
+`optimizer.pt`, `scheduler.pt`, `rng_state.pt` (every process) and `trainer_state.json`.
+
+Atomicity: everything is written into `checkpoint-N.tmp/`, `trainer_state.json` last, and the folder is
+renamed into place; a run killed mid-write leaves only a `.tmp` folder, which is never taken for a
+checkpoint and is cleared at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glmtune.errors import GlmtuneError
+
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss_curve.png"
+RESULTS_FILE = "train_results.json"
+REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", STATE_FILE)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_PARTIAL = re.compile(r"^checkpoint-\d+\.(tmp|old)$")
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _CHECKPOINT.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def has_run_artifacts(output_dir: str | Path) -> list[str]:
+    """Names of things a previous `glmtune train` left in `output_dir` (checkpoints, logs)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        c.name for c in folder.iterdir()
+        if _CHECKPOINT.match(c.name) or _PARTIAL.match(c.name) or c.name in (METRICS_FILE, LOSS_PLOT, RESULTS_FILE)
+    )
+
+
+def clear_partial(output_dir: str | Path) -> None:
+    """Remove half-written `checkpoint-N.tmp` folders left by a killed run."""
+    for child in Path(output_dir).iterdir():
+        if _PARTIAL.match(child.name):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """`--overwrite-output-dir`: remove a previous run's checkpoints and logs (and nothing else)."""
+    for name in has_run_artifacts(output_dir):
+        path = Path(output_dir) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# --- RNG state ---------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict:
+    """This process's RNG states, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value):
+    # torch.save keeps tuples, but be lenient with lists (random.setstate insists on tuples).
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --- save / load -------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, rng_states: list[dict], state: dict
+) -> Path:
+    """Write `output_dir/checkpoint-{step}` atomically (see the module docstring); returns its path."""
+    from glmtune.loading import save_prefix_checkpoint
+
+    out = Path(output_dir)
+    final = out / f"checkpoint-{step}"
+    tmp = out / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_prefix_checkpoint(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save({"ranks": rng_states}, tmp / "rng_state.pt")
+    # The completeness marker goes last: a folder without it is never resumed from.
+    _write_json(tmp / STATE_FILE, state)
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step after resuming from an earlier checkpoint
+        old = out / f"checkpoint-{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint_state(checkpoint: str | Path) -> dict:
+    """trainer_state.json + optimizer/scheduler/RNG states of a checkpoint, with errors naming what is missing."""
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise GlmtuneError(f"{folder}: checkpoint folder not found")
+    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    if missing:
+        raise GlmtuneError(f"{folder}: not a complete glmtune training checkpoint (missing {missing})")
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{folder / STATE_FILE}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    for field in ("global_step", "samples_seen", "global_batch_size", "seed", "train_rows"):
+        if field not in state:
+            raise GlmtuneError(f"{folder / STATE_FILE}: field {field} missing")
+    rng = folder / "rng_state.pt"
+    return {
+        "state": state,
+        "optimizer": torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
+        "scheduler": torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True),
+        "rng": torch.load(rng, map_location="cpu", weights_only=True)["ranks"] if rng.is_file() else [],
+    }
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Drop log lines after `step` (a resumed run rewrites them), atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
+    """Loss against step from metrics.jsonl as a PNG (matplotlib, headless); None when there is nothing to plot."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o" if len(rows) < 50 else None, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "glmtune train")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def write_results(path: str | Path, results: dict) -> None:
+    _write_json(Path(path), results)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    # Data on disk before the rename, so a crash cannot leave a renamed folder with empty files.
+    for child in folder.iterdir():
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,222 @@
+"""Settings of `glmtune train`: one dataclass, read from flags and/or a YAML/JSON file, validated.
+
+The names and defaults are those of THUDM/ChatGLM2-6B `ptuning/main.py` (its `ModelArguments`,
+`DataTrainingArguments` and transformers' `Seq2SeqTrainingArguments`), except where the P-tuning recipe
+of `ptuning/train.sh` is the better default: learning rate 2e-2 (transformers' 5e-5 does not move a
+prefix), and logging every 10 steps. So `train.sh` habits carry over: every flag is accepted in kebab
+case and in the official snake_case spelling, and a config file may use either as keys.
+
+No torch import here: the `--nproc` launcher builds the config without loading the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from glmtune.errors import GlmtuneError
+
+# Official spellings that differ from ours beyond kebab/snake case.
+ALIASES = {"model_name_or_path": "model_path", "train_dataset": "dataset"}
+DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    # model and prefix
+    model_path: str | None = None
+    pre_seq_len: int = 128
+    prefix_projection: bool = False
+    quantization_bit: int | None = None
+    dtype: str = "auto"  # float32 on CPU; bfloat16 (or float16 without bf16 support) on CUDA
+    device: str = "auto"
+    # data (the official ADGEN columns and lengths)
+    train_file: str | None = None
+    dataset: str | None = None
+    prompt_column: str = "content"
+    response_column: str = "summary"
+    history_column: str | None = None
+    source_prefix: str = ""
+    max_source_length: int = 64
+    max_target_length: int = 128
+    max_train_samples: int | None = None
+    preprocessing_num_workers: int = 1
+    # optimisation: AdamW, linear decay to 0, no warmup, no weight decay, clip 1.0 (transformers' defaults)
+    output_dir: str | None = None
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs, as in transformers
+    learning_rate: float = 2e-2
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    seed: int = 42
+    gradient_checkpointing: bool = True  # the official main.py always enables it
+    # bookkeeping
+    logging_steps: int = 10
+    save_steps: int = 500
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False
+    disable_tqdm: bool = False
+    nproc: int = 1  # > 1: relaunch through torchrun with this many processes
+
+    def validate(self) -> None:
+        if not self.model_path:
+            raise GlmtuneError("train: --model-path is required (the ChatGLM2 model folder)")
+        if not self.output_dir:
+            raise GlmtuneError("train: --output-dir is required")
+        if bool(self.train_file) == bool(self.dataset):
+            raise GlmtuneError("train: give exactly one of --train-file (raw JSON/JSONL/CSV) or --dataset (a `glmtune preprocess` folder)")
+        positive = ("pre_seq_len", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                    "save_steps", "max_source_length", "max_target_length", "preprocessing_num_workers", "nproc")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GlmtuneError(f"train: --{_flag(name)} must be at least 1, found {getattr(self, name)}")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise GlmtuneError("train: set --max-steps > 0 or --num-train-epochs > 0")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise GlmtuneError(f"train: --max-train-samples must be at least 1, found {self.max_train_samples}")
+        if self.quantization_bit not in (None, 4, 8):
+            raise GlmtuneError(f"train: --quantization-bit must be 4 or 8, found {self.quantization_bit}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise GlmtuneError(f"train: --dtype must be one of {list(DTYPE_CHOICES)}, found {self.dtype!r}")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "adam_epsilon", "warmup_steps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise GlmtuneError(f"train: --{_flag(name)} must be a finite number >= 0, found {value}")
+        if self.resume and self.resume_from_checkpoint:
+            raise GlmtuneError("train: give --resume (latest checkpoint in the output dir) or --resume-from-checkpoint DIR, not both")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def canonical_key(key: str) -> str:
+    """`--per-device-train-batch-size`, `per_device_train_batch_size`, `model_name_or_path` -> field names."""
+    name = key.strip().lstrip("-").replace("-", "_")
+    return ALIASES.get(name, name)
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value, source: str):
+    """Check a config-file value against the field's type; numbers written as text (YAML `2e-2`) are accepted."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        if optional:
+            return None
+        raise GlmtuneError(f"{source}: key {name!r}: expected {base.__name__}, found null")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise GlmtuneError(f"{source}: key {name!r}: expected {base.__name__}, found {type(value).__name__} {value!r}")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Settings from a YAML (.yaml/.yml) or JSON file; keys are flag names in either spelling."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            raise GlmtuneError(f"{path}: {where}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    else:
+        raise GlmtuneError(f"{path}: config file must end in .yaml, .yml or .json, found {path.suffix!r}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise GlmtuneError(f"{path}: expected a mapping of flag names to values, found {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = canonical_key(str(key))
+        if name not in _FIELDS:
+            known = ", ".join(sorted(_FIELDS))
+            raise GlmtuneError(f"{path}: unknown key {key!r} (known keys: {known})")
+        out[name] = _coerce(name, value, str(path))
+    return out
+
+
+def build_config(config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults < config file < flags given on the command line (`overrides`, None = not given)."""
+    values = read_config_file(config_file) if config_file else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[canonical_key(key)] = value
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise GlmtuneError(f"train: unknown settings {unknown}")
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def launch_torchrun(config: TrainConfig) -> int:
+    """`glmtune train --nproc N`: rerun this command as N local processes under torchrun; returns the exit code.
+
+    The resolved settings travel as a JSON config file, so every process sees exactly what was asked.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    settings = dict(config.to_json(), nproc=1)
+    handle, path = tempfile.mkstemp(prefix="glmtune-train-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        json.dump(settings, file, indent=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
+               "-m", "glmtune", "train", "--config", path]
+    try:
+        return subprocess.call(command)
+    finally:
+        os.unlink(path)
