@@ -19,7 +19,7 @@ glmtune preprocess --model-path "$OUT/model" --train-file data/adgen_sample/trai
 
 echo "== 3/5 P-tuning v2 training (only the prefix trains)"
 glmtune train --model-path "$OUT/model" --dataset "$OUT/data-train" --output-dir "$OUT/ptuning" \
-  --pre-seq-len 16 --per-device-train-batch-size 16 --max-steps "$STEPS" --learning-rate 2e-2 \
+  --pre-seq-len 32 --prefix-projection --per-device-train-batch-size 16 --max-steps "$STEPS" --learning-rate 2e-2 \
   --logging-steps 25 --save-steps 100 --no-gradient-checkpointing --overwrite-output-dir
 
 CKPT="$OUT/ptuning/checkpoint-$STEPS"

@@ -1,0 +1,213 @@
+"""Speed (and, with --full-6b, memory) of weight-only int8/int4 quantization (`glmtune.quantization`).
+
+(a) model: a mid-size ChatGLM2 (4 layers, hidden 1024, 16 heads, kv_channels 64, 2 groups, ffn 2736;
+    vocab 4096 so the unquantized lm_head does not hide the layers) — forward time of int8/int4 in
+    the default `auto` mode relative to the dense model, fp32 and bf16, 1 and 64 tokens.
+(b) layers: one linear at each full ChatGLM2-6B shape (qkv 4096→4608, o 4096→4096, gate_up
+    4096→27392, down 13696→4096), 1 and 64 tokens: dense vs the exact path vs the kernel path.
+(c) crossover: kernel vs exact path over the number of rows at the down shape, which is what
+    `AUTO_KERNEL_MAX_ROWS` in glmtune/quantization.py is set from.
+(d) --full-6b: a random 7-shard fp16 checkpoint of the real 6B shape (~12.5 GB, written once to the
+    cache), loaded with `glmtune.loading.load_model(..., quantization_bit=4)`, then one P-tuning
+    training step (pre_seq_len 128); peak RSS of each, in a fresh interpreter.
+
+    python bench/quant.py [--only model,layers,crossover] [--full-6b] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, RESULTS, print_table, run_isolated, write_random_checkpoint, write_results  # noqa: E402
+
+from glmtune.quantization import QuantizedLinear, quantize_model, quantize_weight  # noqa: E402
+
+MID = dict(num_layers=4, hidden_size=1024, num_attention_heads=16, kv_channels=64, multi_query_group_num=2,
+           ffn_hidden_size=2736, padded_vocab_size=4096)
+SIX_B = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, kv_channels=128, multi_query_group_num=2,
+             ffn_hidden_size=13696, padded_vocab_size=65024)
+SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096)}
+
+
+def chatglm_cfg(dims: dict) -> dict:
+    return dict(dims, model_type="chatglm", multi_query_attention=True, add_qkv_bias=True, seq_length=32768,
+                layernorm_epsilon=1e-5, eos_token_id=2, pad_token_id=0)
+
+
+def timed(fn, min_time: float = 0.3, max_reps: int = 20) -> float:
+    """Median milliseconds of `fn()` after one warm-up call (which also does one-time repacking)."""
+    fn()
+    times: list[float] = []
+    while len(times) < max_reps and (len(times) < 3 or sum(times) < min_time):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+def bench_model() -> list[dict]:
+    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+
+    torch.manual_seed(0)
+    dense = ChatGLM2ForCausalLM(glm_config_from_chatglm(chatglm_cfg(MID))).eval()
+    models = {"dense": dense}
+    for bits in (8, 4):
+        models[f"int{bits}"] = quantize_model(_copy(dense), bits)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens in (1, 64):
+            ids = torch.randint(0, MID["padded_vocab_size"], (1, tokens))
+            base = None
+            for name, model in models.items():
+                model.to(dtype)
+                with torch.no_grad():
+                    ms = timed(lambda: model(input_ids=ids))
+                base = base or ms
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "weights": name,
+                             "forward_ms": ms, "vs_dense": round(ms / base, 2)})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _layer(k: int, n: int, bits: int) -> QuantizedLinear:
+    layer = QuantizedLinear(k, n, bits, bias=False)
+    q, scale = quantize_weight((torch.randn(n, k) * 0.02).half(), bits)
+    layer.weight, layer.weight_scale = q, scale
+    return layer
+
+
+def bench_layers() -> list[dict]:
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        weight = torch.randn(n, k) * 0.02
+        layers = {bits: _layer(k, n, bits) for bits in (8, 4)}
+        for tokens in (1, 64):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(tokens, k).to(dtype)
+                w = weight.to(dtype)
+                row = {"layer": name, "in→out": f"{k}→{n}", "tokens": tokens,
+                       "dtype": str(dtype).removeprefix("torch."), "dense_ms": timed(lambda: x @ w.t())}
+                for bits, layer in layers.items():
+                    for mode in ("exact", "kernel"):
+                        layer.mode = mode
+                        with torch.no_grad():
+                            row[f"int{bits}_{mode}_ms"] = timed(lambda: layer(x), max_reps=5 if tokens > 1 else 20)
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def bench_crossover() -> list[dict]:
+    k, n = SHAPES["down"]
+    layers = {bits: _layer(k, n, bits) for bits in (8, 4)}
+    rows = []
+    for dtype, counts in ((torch.bfloat16, (1, 16, 64, 128, 256, 512)), (torch.float32, (1, 2, 4, 8)),
+                          (torch.float16, (1, 2, 4, 8))):
+        for tokens in counts:
+            x = torch.randn(tokens, k).to(dtype)
+            row = {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens}
+            for bits, layer in layers.items():
+                for mode in ("exact", "kernel"):
+                    layer.mode = mode
+                    with torch.no_grad():
+                        row[f"int{bits}_{mode}_ms"] = timed(lambda: layer(x), max_reps=5)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+FULL_CHILD = r"""
+import json, sys, time, resource, torch
+import glmtune.loading as L
+torch.set_num_threads(int(sys.argv[4]))
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = rss()
+t0 = time.perf_counter()
+model = L.load_model(sys.argv[1], quantization_bit=4, dtype=sys.argv[2], pre_seq_len=128)
+load_s = time.perf_counter() - t0
+load_peak = rss()
+tokens = int(sys.argv[3])
+ids = torch.randint(5, 60000, (1, tokens))
+labels = ids.clone(); labels[:, : tokens // 2] = -100
+model.train()
+t0 = time.perf_counter()
+loss = model(input_ids=ids, labels=labels).loss
+loss.backward()
+step_s = time.perf_counter() - t0
+print(json.dumps({"baseline": base, "load_peak": load_peak, "step_peak": rss(), "load_s": load_s, "step_s": step_s,
+                  "prefix_grad_norm": float(model.prefix_encoder.embedding.weight.grad.norm())}))
+"""
+
+
+def bench_full_6b(tokens: int) -> list[dict]:
+    try:
+        import glmtune.loading as loading
+    except ImportError:
+        loading = None
+    if loading is None or not hasattr(loading, "load_model"):
+        print("glmtune.loading.load_model not available: skipping --full-6b")
+        return []
+    free = shutil.disk_usage(CACHE.parent if CACHE.parent.exists() else Path.home()).free
+    folder = CACHE / "chatglm2-6b-random-fp16-7"
+    if not (folder / "pytorch_model.bin.index.json").is_file() and free < 14e9:
+        raise SystemExit(f"--full-6b needs ~12.5 GB free for the checkpoint cache; {free / 1e9:.1f} GB free")
+    write_random_checkpoint(folder, chatglm_cfg(SIX_B), n_shards=7, dtype="float16")
+    rows = []
+    for dtype in ("bfloat16", "float32"):
+        r = run_isolated(FULL_CHILD, str(folder), dtype, str(tokens), str(torch.get_num_threads()))
+        rows.append({"dtype": dtype, "tokens": tokens, "load_s": round(r["load_s"], 1), "step_s": round(r["step_s"], 1),
+                     "load_peak_GB": round((r["load_peak"] - r["baseline"]) / 1e9, 2),
+                     "step_peak_GB": round((r["step_peak"] - r["baseline"]) / 1e9, 2),
+                     "step_peak_abs_GB": round(r["step_peak"] / 1e9, 2)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="model,layers,crossover", help="comma-separated parts to run")
+    ap.add_argument("--full-6b", action="store_true", help="also load a random 6B checkpoint and train one step")
+    ap.add_argument("--tokens", type=int, default=192, help="sequence length of the --full-6b training step")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). On a shared machine 1 gives stable figures: with "
+                         "more threads than free cores every parallel region waits for descheduled threads")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = set(args.only.split(",")) if args.only else set()
+    # Parts not run this time keep their previous figures.
+    previous = RESULTS / "quant.json"
+    payload = json.loads(previous.read_text()) if previous.is_file() else {}
+    payload |= {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "torch": torch.__version__}
+    sections = [("model", bench_model), ("layers", bench_layers), ("crossover", bench_crossover)]
+    for name, fn in sections:
+        if name in parts:
+            print(f"\n== {name} ==", flush=True)
+            payload[name] = fn()
+            print_table(payload[name], list(payload[name][0]))
+    if args.full_6b:
+        print("\n== full-6b ==", flush=True)
+        payload["full_6b"] = bench_full_6b(args.tokens)
+        if payload["full_6b"]:
+            print_table(payload["full_6b"], list(payload["full_6b"][0]))
+    print("results:", write_results("quant", payload))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,463 @@
+"""Weight-only int8 / int4 quantization of the frozen ChatGLM2 linear layers (official scheme and layout).
+
+Reproduces THUDM/chatglm2-6b `quantization.py`: per output row, scale = absmax / (2**(bits-1) - 1)
+stored as fp16, q = round(w / scale) as int8; int4 packs two values a byte along the input dimension,
+even column in the high nibble. State-dict names are the official `*.weight` (int8) and
+`*.weight_scale` (fp16), so official int4/int8 checkpoints load as they are and ours load there.
+
+`QuantizedLinear` keeps one copy of the weight and computes with one of two paths:
+
+* exact: dequantize (q * scale in the activation dtype) then matmul, row block by row block. This is
+  what the official fp32 outputs are (the golden int4/int8 logits match it to 1e-5);
+* kernel: torch's CPU weight-only kernels (`_weight_int8pack_mm` on the official int8 layout,
+  `_weight_int4pack_mm_for_cpu` after a one-time lossless repack, see `glmtune.qkernels`). In fp32 they
+  form the same products as the exact path (only the summation order differs) but are scalar loops;
+  with bf16 activations they are vectorised, 5-20x faster than dequantizing for a few tokens (the
+  scale is then rounded to bf16).
+
+`mode="auto"` (default) picks per call from bits, activation dtype and row count (`AUTO_KERNEL_MAX_ROWS`,
+measured by bench/quant.py): fp32 always runs exact, bf16 runs the kernels up to 64 (int8) / 128
+(int4) rows. "exact", "kernel" and "bf16" (fp32/fp16 activations cast to bf16 for the kernels:
+fastest, least exact) force a path. CUDA always uses the exact path (no cpm_kernels).
+
+The backward pass gives the input gradient (a P-tuning prefix trains through the frozen model) from
+column blocks of the integer weight, so no full dequantized or transposed weight is ever kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmtune import qkernels as qk
+from glmtune.errors import GlmtuneError
+
+MODES = ("auto", "exact", "kernel", "bf16")
+# auto mode: the kernels run when a call has at most this many rows (tokens), per (bits, dtype);
+# crossovers measured at the 6B shapes by bench/quant.py (section "crossover", quiet 2-core AVX512
+# CPU). The bf16 kernels are vectorised and win up to ~100 rows; the fp32 ones are scalar loops,
+# slower than dequantize + BLAS even for one token, so fp32 always runs the exact path.
+AUTO_KERNEL_MAX_ROWS = {
+    (8, torch.bfloat16): 64, (4, torch.bfloat16): 128,
+    (8, torch.float32): 0, (4, torch.float32): 0,
+    (8, torch.float16): 1, (4, torch.float16): 1,
+}
+# Dequantized blocks stay under this many elements (16 MB in fp32) in the exact path and backward.
+CHUNK_ELEMENTS = 1 << 22
+
+# The six linear kinds of every decoder layer: native GlmForCausalLM names and official ChatGLM2 ones.
+DECODER_LINEAR = re.compile(
+    r"(?:^|\.)layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate_up|down)_proj"
+    r"|self_attention\.(?:query_key_value|dense)|mlp\.(?:dense_h_to_4h|dense_4h_to_h))$"
+)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (4, 8):
+        raise GlmtuneError(f"quantization bits: expected 4 or 8, found {bits!r}")
+
+
+def _check_width(in_features: int, bits: int) -> None:
+    if bits == 4 and in_features % 2:
+        raise GlmtuneError(f"int4 packs two input columns a byte: input width must be even, found {in_features}")
+
+
+def is_quantizable_key(key: str) -> bool:
+    """Whether a state-dict key is the weight of a decoder-layer linear (official or native name)."""
+    return key.endswith(".weight") and bool(DECODER_LINEAR.search(key[: -len(".weight")]))
+
+
+# --- tensors -----------------------------------------------------------------------------------
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official quantization of a [out, in] weight -> (int8 [out, in] or packed [out, in/2], fp16 scale [out]).
+
+    The arithmetic is the official one, in the weight's own dtype: absmax / qmax computed in that dtype
+    and rounded to fp16, then w / scale with torch's type promotion (fp32 weights divide in fp32 by the
+    fp16 scale; fp16 weights divide in fp16, as `model.half().quantize(bits)` did). Quantizing the
+    golden fp32 weights this way reproduces the golden int8/int4 tensors bit for bit. Rows are
+    processed in blocks so no full-size temporary is made; all-zero rows get q = 0 (the official code
+    would divide 0 by 0).
+    """
+    _check_bits(bits)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise GlmtuneError(
+            f"quantize_weight: expected a 2-D floating weight, found {weight.dtype} {tuple(weight.shape)}"
+        )
+    n, k = weight.shape
+    _check_width(k, bits)
+    qmax = 2 ** (bits - 1) - 1
+    weight = weight.detach()
+    scale = torch.empty(n, dtype=torch.float16, device=weight.device)
+    out = torch.empty(n, k if bits == 8 else k // 2, dtype=torch.int8, device=weight.device)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for r0 in range(0, n, step):
+        w = weight[r0: r0 + step]
+        s = (w.abs().amax(dim=-1) / qmax).half()
+        if not torch.isfinite(s).all():
+            raise GlmtuneError("quantize_weight: weight has non-finite values or values too large for an fp16 scale")
+        scale[r0: r0 + step] = s
+        safe = torch.where(s == 0, torch.ones_like(s), s)
+        # The clamp never binds (the fp16 scale is within 2**-11 of absmax/qmax); it only guards the cast.
+        q = torch.round(w / safe[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+        out[r0: r0 + step] = q if bits == 8 else qk.pack_int4(q)
+    return out, scale
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+                      ) -> torch.Tensor:
+    """Official-layout int8/int4 weight + fp16 scale -> [out, in] weight in `dtype` (q * scale in `dtype`)."""
+    _check_bits(bits)
+    if qweight.dtype != torch.int8 or qweight.dim() != 2 or scale.shape != (qweight.shape[0],):
+        raise GlmtuneError(
+            f"dequantize_weight: expected int8 [out, in{'/2' if bits == 4 else ''}] and scale [out], "
+            f"found {qweight.dtype} {tuple(qweight.shape)} and {tuple(scale.shape)}"
+        )
+    q = qweight.to(dtype) if bits == 8 else qk.unpack_int4(qweight, dtype)
+    return q.mul_(scale.to(dtype)[:, None])
+
+
+# --- module ------------------------------------------------------------------------------------
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """y = x @ W^T + b with W frozen and quantized; backward gives dx (and db if asked), never dW."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, path):
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return layer._matmul(x, bias, path)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grad_x = ctx.layer._grad_input(grad) if ctx.needs_input_grad[0] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_b, None, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer with an int8 or int4 weight in the official ChatGLM2 layout.
+
+    Buffers `weight` (int8 [out, in] or [out, in/2]) and `weight_scale` (fp16 [out]); optional frozen
+    `bias` in `dtype`. On CPU the int4 weight is repacked once, in place, into torch's kernel layout
+    (uint8) the first time a kernel runs; `state_dict()` and device moves give the official layout back.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, bias: bool,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        _check_bits(bits)
+        _check_width(in_features, bits)
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.mode = "auto"
+        width = in_features if bits == 8 else in_features // 2
+        self.register_buffer("weight", torch.empty(out_features, width, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._kernel_scale: tuple[torch.dtype, torch.Tensor] | None = None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
+        """Quantize an `nn.Linear` (official arithmetic in its weight dtype); the bias is kept as it is."""
+        q, scale = quantize_weight(linear.weight, bits)
+        module = cls(linear.in_features, linear.out_features, bits, bias=False, device="meta")
+        module.weight, module.weight_scale = q, scale
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return module
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"bias={self.bias is not None}, mode={self.mode}")
+
+    # -- weight access, whichever layout holds it --
+
+    @property
+    def _cpu_layout(self) -> bool:
+        return self.weight.dtype == torch.uint8  # torch's CPU int4 kernel layout; int8 = official
+
+    def _chunk(self, length: int, other: int) -> int:
+        step = max(64, CHUNK_ELEMENTS // max(other, 1) // 64 * 64)  # multiple of 64: int4 pairs, kernel blocks
+        return length if step >= length else step
+
+    def _rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Integer values of rows r0:r1 in `dtype` (unscaled)."""
+        if self.bits == 8:
+            return self.weight[r0:r1].to(dtype)
+        if self._cpu_layout:
+            return qk.cpu_int4_rows(self.weight, qk.cpu_int4_layout(), r0, r1)[:, : self.in_features].to(dtype)
+        return qk.unpack_int4(self.weight[r0:r1], dtype)
+
+    def _cols(self, k0: int, k1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Integer values of columns k0:k1 (k0 even) in `dtype` (unscaled)."""
+        if self.bits == 8:
+            return self.weight[:, k0:k1].to(dtype)
+        if self._cpu_layout:
+            return qk.cpu_int4_cols(self.weight, qk.cpu_int4_layout(), k0, k1).to(dtype)
+        return qk.unpack_int4(self.weight[:, k0 // 2: k1 // 2], dtype)
+
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._rows(r0, r1, dtype).mul_(self.weight_scale[r0:r1].to(dtype)[:, None])
+
+    def official_weight(self) -> torch.Tensor:
+        """The weight in the official layout (a fresh tensor only when the CPU kernel layout holds it)."""
+        if not self._cpu_layout:
+            return self.weight
+        chunk = self._chunk(self.out_features, self.in_features)
+        return qk.cpu_int4_to_official(self.weight, qk.cpu_int4_layout(), chunk, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._dequant_rows(0, self.out_features, dtype)
+
+    def _to_official_layout(self) -> None:
+        if self._cpu_layout:
+            self.weight = self.official_weight()
+        self._kernel_scale = None
+
+    def _to_kernel_layout(self) -> None:
+        if self.bits == 4 and not self._cpu_layout:
+            # Replace, not add: the module keeps one copy of the weight (the same bytes, plus zero
+            # columns up to a multiple of 32 when the input width needs them).
+            self.weight = qk.official_to_cpu_int4(self.weight, qk.cpu_int4_layout(),
+                                                  self._chunk(self.out_features, self.in_features))
+
+    # -- keep the official representation at the module's boundaries --
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._cpu_layout:
+            destination[prefix + "weight"] = self.official_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._cpu_layout:
+            width = self.in_features // 2
+            self.weight = torch.empty(self.out_features, width, dtype=torch.int8, device=self.weight.device)
+        self._kernel_scale = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # Device moves see the official layout (the CPU kernel layout means nothing elsewhere), and the
+        # scale stays fp16 whatever dtype the model is cast to: it is the official value, and a bf16
+        # copy would lose 3 of its bits.
+        self._to_official_layout()
+        scale = self.weight_scale
+        result = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return result
+
+    # -- compute --
+
+    def _choose_path(self, x: torch.Tensor) -> str:
+        if self.mode not in MODES:
+            raise GlmtuneError(f"QuantizedLinear.mode: expected one of {MODES}, found {self.mode!r}")
+        if (self.mode == "exact" or x.device.type != "cpu" or self.weight.device.type != "cpu"
+                or x.dtype not in qk.KERNEL_DTYPES
+                or not qk.kernel_supported(self.bits, self.out_features, self.in_features)):
+            return "exact"
+        if self.mode in ("kernel", "bf16"):
+            return self.mode
+        return "kernel" if x.shape[0] <= AUTO_KERNEL_MAX_ROWS[self.bits, x.dtype] else "exact"
+
+    def _scale_for(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._kernel_scale is None or self._kernel_scale[0] != dtype:
+            if self.bits == 8:
+                scale = self.weight_scale.to(dtype)
+            else:
+                scale = qk.int4_scales_and_zeros(self.weight_scale, qk.int4_kernel_width(self.in_features), dtype)
+            self._kernel_scale = (dtype, scale)
+        return self._kernel_scale[1]
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self.bits == 8:
+            return qk.int8_mm(x, self.weight, self._scale_for(x.dtype))
+        self._to_kernel_layout()
+        pad = qk.int4_kernel_width(self.in_features) - self.in_features
+        if pad:  # the kernel's copy has zero columns up to a multiple of 32
+            x = F.pad(x, (0, pad))
+        return qk.int4_mm(x, self.weight, self._scale_for(x.dtype))
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None, path: str) -> torch.Tensor:
+        b = None if bias is None else bias.to(x.dtype)
+        if path == "kernel":
+            y = self._kernel(x)
+            return y if b is None else y.add_(b)
+        if path == "bf16":
+            y = self._kernel(x.to(torch.bfloat16)).to(x.dtype)
+            return y if b is None else y.add_(b)
+        step = self._chunk(self.out_features, self.in_features)
+        if step >= self.out_features:
+            return F.linear(x, self.dequantized_weight(x.dtype), b)
+        outs = []
+        for r0 in range(0, self.out_features, step):
+            r1 = min(self.out_features, r0 + step)
+            outs.append(F.linear(x, self._dequant_rows(r0, r1, x.dtype), None if b is None else b[r0:r1]))
+        return torch.cat(outs, dim=-1)
+
+    def _grad_input(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad @ W = (grad * scale) @ q, over column blocks of q so only one block exists at a time.
+
+        Folding the per-row scale into the [tokens, out] gradient instead of the [out, in] weight saves
+        a pass over the weight; it only reassociates one product (differences of an ulp)."""
+        grad = grad * self.weight_scale.to(grad.dtype)
+        step = self._chunk(self.in_features, self.out_features)
+        if step >= self.in_features:
+            return grad.mm(self._rows(0, self.out_features, grad.dtype))
+        out = torch.empty(grad.shape[0], self.in_features, dtype=grad.dtype, device=grad.device)
+        for k0 in range(0, self.in_features, step):
+            k1 = min(self.in_features, k0 + step)
+            out[:, k0:k1] = grad.mm(self._cols(k0, k1, grad.dtype))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(f"QuantizedLinear: input width {x.shape[-1]}, expected {self.in_features}")
+        x2 = x.reshape(-1, self.in_features)
+        path = self._choose_path(x2)
+        if torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            y = _QuantizedMatmul.apply(x2, self.bias, self, path)
+        else:
+            y = self._matmul(x2, self.bias, path)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+# --- models and checkpoints --------------------------------------------------------------------
+
+
+def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and DECODER_LINEAR.search(name):
+            parent_name, _, attr = name.rpartition(".")
+            found.append((model.get_submodule(parent_name), attr, module))
+    if not found:
+        raise GlmtuneError("no decoder-layer linear layers (q/k/v/o, gate_up, down) found to quantize")
+    return found
+
+
+def replace_linears_with_quantized(model: nn.Module, bits: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap every decoder layer's q/k/v/o, gate_up and down `nn.Linear` for an empty `QuantizedLinear`
+    (on the linear's device, meta included) for a quantized state dict to be loaded into. Embeddings,
+    norms and lm_head stay as they are. `dtype` is the bias dtype (default: the linear's)."""
+    _check_bits(bits)
+    for parent, attr, linear in _decoder_linears(model):
+        setattr(parent, attr, QuantizedLinear(linear.in_features, linear.out_features, bits, linear.bias is not None,
+                                              dtype=dtype or linear.weight.dtype, device=linear.weight.device))
+    return model
+
+
+def quantize_model(model: nn.Module, bits: int) -> nn.Module:
+    """Quantize a loaded full-precision model in place, layer by layer (each float weight is freed as
+    its quantized copy replaces it)."""
+    _check_bits(bits)
+    for parent, attr, linear in _decoder_linears(model):
+        setattr(parent, attr, QuantizedLinear.from_float(linear, bits))
+    return model
+
+
+def set_quantized_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Set the compute path ("auto", "exact", "kernel", "bf16") of every QuantizedLinear in `model`."""
+    if mode not in MODES:
+        raise GlmtuneError(f"quantized compute mode: expected one of {MODES}, found {mode!r}")
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.mode = mode
+    return model
+
+
+def quantize_state_dict_shard(state: dict[str, torch.Tensor], bits: int,
+                              key_filter: Callable[[str], bool] = is_quantizable_key) -> dict[str, torch.Tensor]:
+    """Quantize the decoder-layer linear weights of one checkpoint shard (official or native names).
+
+    Each selected `X.weight` becomes int8 `X.weight` + fp16 `X.weight_scale`; other tensors pass
+    through untouched. Meant for loaders and converters that go shard by shard, so the full-precision
+    model never has to be in memory at once.
+    """
+    _check_bits(bits)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key_filter(key) and tensor.dim() == 2 and tensor.is_floating_point():
+            try:
+                out[key], out[key + "_scale"] = quantize_weight(tensor, bits)
+            except GlmtuneError as exc:
+                raise GlmtuneError(f"{key}: {exc}") from None
+        else:
+            out[key] = tensor
+    return out
+
+
+def quantize_checkpoint(model_path: str | Path, output_dir: str | Path, bits: int, *, force: bool = False,
+                        dtype: str = "float16") -> Path:
+    """Write an official-layout int8/int4 copy of a full-precision ChatGLM2 folder, shard by shard.
+
+    As the official int4/int8 releases: quantized decoder linears, every other tensor in `dtype`
+    (fp16), `quantization_bit` in config.json; tokenizer files are copied (never `*.py` code).
+    Weights are written as safetensors, one output shard per input shard, into a temporary folder
+    renamed into place at the end.
+    """
+    from safetensors.torch import save_file
+
+    from glmtune.loading import iter_shard, parse_dtype, read_chatglm_config, weight_files
+    from glmtune.merge import check_output_dir
+
+    _check_bits(bits)
+    src = Path(model_path)
+    if not src.is_dir():
+        raise GlmtuneError(f"--model-path {src}: model folder not found")
+    cfg = read_chatglm_config(src)
+    if cfg.get("quantization_bit"):
+        raise GlmtuneError(f"{src}/config.json: field quantization_bit: the model is already quantized "
+                           f"({cfg['quantization_bit']} bits); expected a full-precision model")
+    store = parse_dtype(dtype)
+    out = check_output_dir(output_dir, force, src)
+    files = weight_files(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(files, 1):
+            name = "model.safetensors" if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            state = quantize_state_dict_shard(dict(iter_shard(shard)), bits)
+            state = {k: (v.to(store) if v.is_floating_point() and not k.endswith("_scale") else v).contiguous()
+                     for k, v in state.items()}
+            save_file(state, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(state, name))
+            total += sum(t.numel() * t.element_size() for t in state.values())
+            del state  # one shard in memory at a time
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        cfg.update(quantization_bit=bits, torch_dtype=str(store).removeprefix("torch."))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        skip = {p.name for p in files} | {"config.json", "pytorch_model.bin.index.json", "model.safetensors.index.json"}
+        for path in src.iterdir():
+            if path.is_file() and path.name not in skip and path.suffix != ".py":
+                shutil.copy2(path, tmp / path.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.iterdir():  # mkdtemp (and safetensors) create owner-only modes
+            path.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
