@@ -290,12 +290,18 @@ def _place(model, name, value, expected, bits, compute_dtype, device, shard, key
         # full-precision model never exists in memory.
         from glmtune.quantization import quantize_weight
 
-        value, scale = quantize_weight(value.to(torch.float16), bits)
+        # In the checkpoint's own dtype: the official scheme's arithmetic depends on it (see quantize_weight).
+        value, scale = quantize_weight(value, bits)
         _check_shape(name, value, target, shard, key)
         _set_tensor(model, name + "_scale", scale.to(device))
         _set_tensor(model, name, value.to(device))
         return [name, name + "_scale"]
     _check_shape(name, value, target, shard, key)
+    if bits and value.is_floating_point() and not name.endswith("_scale"):
+        # The official quantized model keeps its unquantized tensors (embeddings, norms, biases, output
+        # layer) in half precision; round them the same way so quantizing at load equals loading the
+        # official quantized release.
+        value = value.to(torch.float16)
     if value.is_floating_point():
         # Quantization scales keep their fp16 storage; everything else computes in the chosen dtype.
         keep = target.dtype if target.dtype == torch.float16 and name.endswith("_scale") else compute_dtype

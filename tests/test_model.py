@@ -281,3 +281,18 @@ def test_prefix_checkpoint_for_another_model_shape_is_an_error(golden, tmp_path)
     torch.save({"transformer.prefix_encoder.embedding.weight": torch.zeros(4, 3 * 2 * 2 * 16)}, ckpt / "pytorch_model.bin")
     with pytest.raises(GlmtuneError, match=r"shape \(4, 192\), the model expects \(4, 128\).*layers 2"):
         load_model(root / "model", ptuning_checkpoint=ckpt)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantizing_at_load_equals_the_official_quantized_release(golden, bits):
+    root, exp = golden
+    model = load_model(root / "model", quantization_bit=bits)
+    with torch.no_grad():
+        logits = model(input_ids=exp["input_ids"]).logits
+    assert (logits - exp[f"int{bits}/logits"]).abs().max().item() <= TOL
+
+
+def test_quantization_bit_disagreeing_with_a_quantized_folder_is_an_error(golden):
+    root, _ = golden
+    with pytest.raises(GlmtuneError, match="quantization_bit 4, but --quantization-bit 8"):
+        load_model(root / "model-int4", quantization_bit=8)
