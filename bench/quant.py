@@ -9,7 +9,8 @@
     `AUTO_KERNEL_MAX_ROWS` in glmtune/quantization.py is set from.
 (d) --full-6b: a random 7-shard fp16 checkpoint of the real 6B shape (~12.5 GB, written once to the
     cache), loaded with `glmtune.loading.load_model(..., quantization_bit=4)`, then one P-tuning
-    training step (pre_seq_len 128); peak RSS of each, in a fresh interpreter.
+    training step (pre_seq_len 128, --tokens tokens); absolute peak RSS (VmHWM) of each, in a fresh
+    interpreter.
 
     python bench/quant.py [--only model,layers,crossover] [--full-6b] [--threads 1]
 """
@@ -132,15 +133,26 @@ def bench_crossover() -> list[dict]:
 
 
 FULL_CHILD = r"""
-import json, sys, time, resource, torch
+import json, sys, time, torch
 import glmtune.loading as L
 torch.set_num_threads(int(sys.argv[4]))
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-base = rss()
+
+
+def status(field):
+    # VmHWM is this process's own peak: unlike ru_maxrss it does not inherit the parent's size at fork.
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+base = status("VmRSS")
 t0 = time.perf_counter()
 model = L.load_model(sys.argv[1], quantization_bit=4, dtype=sys.argv[2], pre_seq_len=128)
 load_s = time.perf_counter() - t0
-load_peak = rss()
+load_peak, after_load = status("VmHWM"), status("VmRSS")
+model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM, so the next peak is the training step's own
 tokens = int(sys.argv[3])
 ids = torch.randint(5, 60000, (1, tokens))
 labels = ids.clone(); labels[:, : tokens // 2] = -100
@@ -149,9 +161,14 @@ t0 = time.perf_counter()
 loss = model(input_ids=ids, labels=labels).loss
 loss.backward()
 step_s = time.perf_counter() - t0
-print(json.dumps({"baseline": base, "load_peak": load_peak, "step_peak": rss(), "load_s": load_s, "step_s": step_s,
+print(json.dumps({"baseline": base, "load_peak": load_peak, "after_load": after_load, "step_peak": status("VmHWM"),
+                  "model_bytes": model_bytes, "load_s": load_s, "step_s": step_s,
                   "prefix_grad_norm": float(model.prefix_encoder.embedding.weight.grad.norm())}))
 """
+
+
+def _gb(nbytes: int) -> float:
+    return round(nbytes / 1e9, 2)
 
 
 def bench_full_6b(tokens: int) -> list[dict]:
@@ -171,9 +188,9 @@ def bench_full_6b(tokens: int) -> list[dict]:
     for dtype in ("bfloat16", "float32"):
         r = run_isolated(FULL_CHILD, str(folder), dtype, str(tokens), str(torch.get_num_threads()))
         rows.append({"dtype": dtype, "tokens": tokens, "load_s": round(r["load_s"], 1), "step_s": round(r["step_s"], 1),
-                     "load_peak_GB": round((r["load_peak"] - r["baseline"]) / 1e9, 2),
-                     "step_peak_GB": round((r["step_peak"] - r["baseline"]) / 1e9, 2),
-                     "step_peak_abs_GB": round(r["step_peak"] / 1e9, 2)})
+                     "model_GB": _gb(r["model_bytes"]), "rss_after_load_GB": _gb(r["after_load"]),
+                     "load_peak_GB": _gb(r["load_peak"]), "step_peak_GB": _gb(r["step_peak"]),
+                     "import_baseline_GB": _gb(r["baseline"]), "prefix_grad_norm": round(r["prefix_grad_norm"], 4)})
         print(rows[-1], flush=True)
     return rows
 

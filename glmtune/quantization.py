@@ -16,9 +16,10 @@ even column in the high nibble. State-dict names are the official `*.weight` (in
   scale is then rounded to bf16).
 
 `mode="auto"` (default) picks per call from bits, activation dtype and row count (`AUTO_KERNEL_MAX_ROWS`,
-measured by bench/quant.py): fp32 always runs exact, bf16 runs the kernels up to 64 (int8) / 128
-(int4) rows. "exact", "kernel" and "bf16" (fp32/fp16 activations cast to bf16 for the kernels:
-fastest, least exact) force a path. CUDA always uses the exact path (no cpm_kernels).
+measured by bench/quant.py): fp32 and fp16 always run exact, bf16 runs the kernels up to 32 (int8) /
+128 (int4) rows, i.e. decoding and short prompts. "exact", "kernel" and "bf16" (fp32/fp16 activations
+cast to bf16 for the kernels: fastest, least exact) force a path. CUDA always uses the exact path (no
+cpm_kernels).
 
 The backward pass gives the input gradient (a P-tuning prefix trains through the frozen model) from
 column blocks of the integer weight, so no full dequantized or transposed weight is ever kept.
@@ -43,13 +44,13 @@ from glmtune.errors import GlmtuneError
 
 MODES = ("auto", "exact", "kernel", "bf16")
 # auto mode: the kernels run when a call has at most this many rows (tokens), per (bits, dtype);
-# crossovers measured at the 6B shapes by bench/quant.py (section "crossover", quiet 2-core AVX512
-# CPU). The bf16 kernels are vectorised and win up to ~100 rows; the fp32 ones are scalar loops,
-# slower than dequantize + BLAS even for one token, so fp32 always runs the exact path.
+# crossovers measured at the 6B shapes by bench/quant.py (section "crossover", AVX512 CPU, 1 and 2
+# threads). The bf16 kernels are vectorised: int4 beats dequantize + BLAS up to ~128 rows, int8 up to
+# 16-64. The fp32/fp16 ones are scalar loops, slower than the exact path even for one token.
 AUTO_KERNEL_MAX_ROWS = {
-    (8, torch.bfloat16): 64, (4, torch.bfloat16): 128,
+    (8, torch.bfloat16): 32, (4, torch.bfloat16): 128,
     (8, torch.float32): 0, (4, torch.float32): 0,
-    (8, torch.float16): 1, (4, torch.float16): 1,
+    (8, torch.float16): 0, (4, torch.float16): 0,
 }
 # Dequantized blocks stay under this many elements (16 MB in fp32) in the exact path and backward.
 CHUNK_ELEMENTS = 1 << 22
