@@ -228,17 +228,6 @@ def evaluate(
     return EvalOutput(results, predictions, labels, predictions_file, results_file)
 
 
-def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """`auto`: CUDA when available; fp16 there (the official evaluation runs the model in half), fp32 on CPU."""
-    import torch
-
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype in (None, "auto"):
-        dtype = "float16" if torch.device(device).type == "cuda" else "float32"
-    return device, dtype
-
-
 def load_eval_data(
     tokenizer: Any,
     test_file: str | os.PathLike | None,
@@ -312,6 +301,8 @@ def run_eval(
     if settings.max_new_tokens is None:
         settings = dataclasses.replace(settings, max_new_tokens=config.max_target_length)
     settings.validate()
+    from glmtune.chat import resolve_device  # one definition of the auto device/dtype rule
+
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len,
                        prefix_projection=prefix_projection, quantization_bit=quantization_bit, dtype=dtype,
