@@ -149,6 +149,8 @@ base = status("VmRSS")
 t0 = time.perf_counter()
 model = L.load_model(sys.argv[1], quantization_bit=4, dtype=sys.argv[2], pre_seq_len=128)
 load_s = time.perf_counter() - t0
+if sys.argv[5] == "1":
+    model.enable_gradient_checkpointing()
 load_peak, after_load = status("VmHWM"), status("VmRSS")
 model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 with open("/proc/self/clear_refs", "w") as f:
@@ -171,7 +173,7 @@ def _gb(nbytes: int) -> float:
     return round(nbytes / 1e9, 2)
 
 
-def bench_full_6b(tokens: int) -> list[dict]:
+def bench_full_6b(tokens: int, dtypes: list[str], checkpointing: bool) -> list[dict]:
     try:
         import glmtune.loading as loading
     except ImportError:
@@ -185,9 +187,10 @@ def bench_full_6b(tokens: int) -> list[dict]:
         raise SystemExit(f"--full-6b needs ~12.5 GB free for the checkpoint cache; {free / 1e9:.1f} GB free")
     write_random_checkpoint(folder, chatglm_cfg(SIX_B), n_shards=7, dtype="float16")
     rows = []
-    for dtype in ("bfloat16", "float32"):
-        r = run_isolated(FULL_CHILD, str(folder), dtype, str(tokens), str(torch.get_num_threads()))
-        rows.append({"dtype": dtype, "tokens": tokens, "load_s": round(r["load_s"], 1), "step_s": round(r["step_s"], 1),
+    for dtype in dtypes:
+        r = run_isolated(FULL_CHILD, str(folder), dtype, str(tokens), str(torch.get_num_threads()),
+                         str(int(checkpointing)))
+        rows.append({"dtype": dtype, "tokens": tokens, "grad_ckpt": checkpointing, "load_s": round(r["load_s"], 1), "step_s": round(r["step_s"], 1),
                      "model_GB": _gb(r["model_bytes"]), "rss_after_load_GB": _gb(r["after_load"]),
                      "load_peak_GB": _gb(r["load_peak"]), "step_peak_GB": _gb(r["step_peak"]),
                      "import_baseline_GB": _gb(r["baseline"]), "prefix_grad_norm": round(r["prefix_grad_norm"], 4)})
@@ -200,6 +203,8 @@ def main() -> None:
     ap.add_argument("--only", default="model,layers,crossover", help="comma-separated parts to run")
     ap.add_argument("--full-6b", action="store_true", help="also load a random 6B checkpoint and train one step")
     ap.add_argument("--tokens", type=int, default=192, help="sequence length of the --full-6b training step")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes of the --full-6b runs")
+    ap.add_argument("--grad-ckpt", action="store_true", help="--full-6b training step with gradient checkpointing")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared machine 1 gives stable figures: with "
                          "more threads than free cores every parallel region waits for descheduled threads")
@@ -210,19 +215,23 @@ def main() -> None:
     # Parts not run this time keep their previous figures.
     previous = RESULTS / "quant.json"
     payload = json.loads(previous.read_text()) if previous.is_file() else {}
-    payload |= {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "torch": torch.__version__}
+    payload |= {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    payload.pop("threads", None)
+    threads = payload.setdefault("threads_by_section", {})
     sections = [("model", bench_model), ("layers", bench_layers), ("crossover", bench_crossover)]
     for name, fn in sections:
         if name in parts:
             print(f"\n== {name} ==", flush=True)
             payload[name] = fn()
+            threads[name] = torch.get_num_threads()
             print_table(payload[name], list(payload[name][0]))
     if args.full_6b:
         print("\n== full-6b ==", flush=True)
-        payload["full_6b"] = bench_full_6b(args.tokens)
-        if payload["full_6b"]:
-            print_table(payload["full_6b"], list(payload["full_6b"][0]))
+        key = "full_6b_grad_ckpt" if args.grad_ckpt else "full_6b"
+        payload[key] = bench_full_6b(args.tokens, args.dtypes.split(","), args.grad_ckpt)
+        threads[key] = torch.get_num_threads()
+        if payload[key]:
+            print_table(payload[key], list(payload[key][0]))
     print("results:", write_results("quant", payload))
 
 
