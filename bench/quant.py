@@ -160,7 +160,7 @@ ids = torch.randint(5, 60000, (1, tokens))
 labels = ids.clone(); labels[:, : tokens // 2] = -100
 model.train()
 t0 = time.perf_counter()
-loss = model(input_ids=ids, labels=labels).loss
+loss = model(input_ids=ids, labels=labels, loss_only=True).loss  # as glmtune train calls it
 loss.backward()
 step_s = time.perf_counter() - t0
 print(json.dumps({"baseline": base, "load_peak": load_peak, "after_load": after_load, "step_peak": status("VmHWM"),

@@ -99,20 +99,54 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one weight file, memory-mapped where the format allows it."""
+def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, memory_mapped) for each tensor of one weight file, mapped where the format allows."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                yield key, handle.get_tensor(key)
+                yield key, handle.get_tensor(key), False
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError:  # legacy (non-zip) .bin files cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        yield from state.items()
+            state, mapped = torch.load(path, map_location="cpu", weights_only=True), False
+        for key, tensor in state.items():
+            yield key, tensor, mapped
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop a memory-mapped tensor's resident pages once it has been converted (Linux; else a no-op).
+
+    A memory-mapped shard's pages stay resident, and counted in RSS, until the whole shard is
+    unmapped, so converting a 1.8 GB shard of the 6B release would hold all of it next to the growing
+    model. torch has no per-tensor unmap, hence madvise(MADV_DONTNEED) on the tensor's whole pages:
+    for a private read-only file mapping this only forgets the cached copy; reading the tensor again
+    would fault it back in from the file, so it is safe even if something still referenced it.
+    """
+    global _MADVISE
+    if _MADVISE is None:
+        try:
+            import ctypes
+            import mmap
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _MADVISE = (libc.madvise, mmap.PAGESIZE, getattr(mmap, "MADV_DONTNEED", 4))
+        except (OSError, AttributeError):
+            _MADVISE = False
+    if not _MADVISE or tensor.device.type != "cpu":
+        return
+    madvise, page, dontneed = _MADVISE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        madvise(first, last - first, dontneed)
+
+
+_MADVISE = None
 
 
 # --- name mapping ------------------------------------------------------------------------------
@@ -252,17 +286,22 @@ def load_model(
     folder_prefix: dict[str, torch.Tensor] = {}
 
     for shard in weight_files(folder):
-        for key, tensor in iter_shard(shard):
+        for key, tensor, mapped in iter_shard(shard):
             try:
                 pairs = official_to_native(key, tensor, cfg)
             except KeyError:
                 raise GlmtuneError(f"{shard}: unexpected weight {key!r} (not part of a ChatGLM2 model)") from None
+            kept_mapped = False
             for name, value in pairs:
                 if name.startswith("prefix_encoder."):
                     folder_prefix[name[len("prefix_encoder."):]] = value.clone()
                 else:
-                    seen.update(_place(model, name, value, expected, bits, compute_dtype, device, shard, key))
-            del tensor, pairs  # let the shard's memory go before the next one is read
+                    placed = _place(model, name, value, expected, bits, compute_dtype, device, shard, key)
+                    seen.update(placed)
+                    kept_mapped |= any(_shares_memory(model, n, tensor) for n in placed)
+            if mapped and not kept_mapped:
+                release_pages(tensor)  # converted: the mapped original is no longer needed
+            del tensor, pairs
 
     missing = sorted(set(expected) - seen)
     if missing:
@@ -279,6 +318,14 @@ def load_model(
     if bits:
         model.chatglm_config["quantization_bit"] = bits
     return model
+
+
+def _shares_memory(model, name: str, source: torch.Tensor) -> bool:
+    placed = model.get_submodule(name.rsplit(".", 1)[0])
+    placed = getattr(placed, name.rsplit(".", 1)[1])
+    lo = source.data_ptr()
+    hi = lo + source.numel() * source.element_size()
+    return placed.device.type == "cpu" and lo <= placed.data_ptr() < hi
 
 
 def _place(model, name, value, expected, bits, compute_dtype, device, shard, key) -> list[str]:

@@ -434,7 +434,7 @@ def quantize_checkpoint(model_path: str | Path, output_dir: str | Path, bits: in
         weight_map, total = {}, 0
         for i, shard in enumerate(files, 1):
             name = "model.safetensors" if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
-            state = quantize_state_dict_shard(dict(iter_shard(shard)), bits)
+            state = quantize_state_dict_shard({k: t for k, t, _ in iter_shard(shard)}, bits)
             state = {k: (v.to(store) if v.is_floating_point() and not k.endswith("_scale") else v).contiguous()
                      for k, v in state.items()}
             save_file(state, str(tmp / name), metadata={"format": "pt"})
