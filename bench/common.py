@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -78,11 +77,6 @@ def write_random_checkpoint(out: Path, cfg: dict, n_shards: int = 7, dtype: str 
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     index_file.write_text(json.dumps(index, indent=2))
     return out
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_isolated(code: str, *args: str) -> dict:

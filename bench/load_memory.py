@@ -18,16 +18,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, print_table, run_isolated, write_random_checkpoint, write_results  # noqa: E402
 
 CHILD = r"""
-import json, sys, resource, torch, transformers
+import json, sys, torch, transformers
 import glmtune.loading as L
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+base = status("VmRSS")
 model = L.load_model(sys.argv[1], dtype=sys.argv[2])
 # Weights that needed no conversion stay memory-mapped from the shard files; touch every tensor so
 # the figure counts the model as it is when used, not only what loading itself allocated.
 with torch.no_grad():
     for t in model.state_dict().values():
         t.sum()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")  # this process's own peak (ru_maxrss would inherit the parent's at fork)
 model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 print(json.dumps({"baseline": base, "peak": peak, "model_bytes": model_bytes}))
 """

@@ -147,7 +147,7 @@ def status(field):
 
 base = status("VmRSS")
 t0 = time.perf_counter()
-model = L.load_model(sys.argv[1], quantization_bit=4, dtype=sys.argv[2], pre_seq_len=128)
+model = L.load_model(sys.argv[1], quantization_bit=int(sys.argv[6]), dtype=sys.argv[2], pre_seq_len=128)
 load_s = time.perf_counter() - t0
 if sys.argv[5] == "1":
     model.enable_gradient_checkpointing()
@@ -169,11 +169,47 @@ print(json.dumps({"baseline": base, "load_peak": load_peak, "after_load": after_
 """
 
 
+DECODE_CHILD = r"""
+import json, sys, time, torch
+import glmtune.loading as L
+torch.set_num_threads(int(sys.argv[3]))
+model = L.load_model(sys.argv[1], quantization_bit=int(sys.argv[2]), dtype="bfloat16")
+prompt = torch.randint(5, 60000, (1, 64), generator=torch.Generator().manual_seed(0))
+kwargs = dict(do_sample=False, min_new_tokens=64, max_new_tokens=64)
+with torch.inference_mode():
+    model.generate(input_ids=prompt, do_sample=False, max_new_tokens=4)  # warm-up (kernel repacking)
+    t0 = time.perf_counter()
+    model.generate(input_ids=prompt, do_sample=False, max_new_tokens=1)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=prompt, **kwargs)
+    total_s = time.perf_counter() - t0
+new = out.shape[1] - prompt.shape[1]
+print(json.dumps({"new_tokens": new, "prefill_s": prefill_s, "total_s": total_s,
+                  "decode_tokens_per_s": (new - 1) / (total_s - prefill_s), "overall_tokens_per_s": new / total_s}))
+"""
+
+
+def bench_decode_6b(bits_list: list[int]) -> list[dict]:
+    """Greedy decoding of the random 6B model on CPU: 64 new tokens after a 64-token prompt, bf16 compute."""
+    folder = CACHE / "chatglm2-6b-random-fp16-7"
+    write_random_checkpoint(folder, chatglm_cfg(SIX_B), n_shards=7, dtype="float16")
+    rows = []
+    for bits in bits_list:
+        r = run_isolated(DECODE_CHILD, str(folder), str(bits), str(torch.get_num_threads()))
+        rows.append({"bits": bits, "threads": torch.get_num_threads(), "prompt_tokens": 64,
+                     "new_tokens": r["new_tokens"], "prefill_s": round(r["prefill_s"], 2),
+                     "decode_tokens_per_s": round(r["decode_tokens_per_s"], 2),
+                     "overall_tokens_per_s": round(r["overall_tokens_per_s"], 2)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def _gb(nbytes: int) -> float:
     return round(nbytes / 1e9, 2)
 
 
-def bench_full_6b(tokens: int, dtypes: list[str], checkpointing: bool) -> list[dict]:
+def bench_full_6b(tokens: int, dtypes: list[str], checkpointing: bool, bits_list: list[int]) -> list[dict]:
     try:
         import glmtune.loading as loading
     except ImportError:
@@ -187,10 +223,10 @@ def bench_full_6b(tokens: int, dtypes: list[str], checkpointing: bool) -> list[d
         raise SystemExit(f"--full-6b needs ~12.5 GB free for the checkpoint cache; {free / 1e9:.1f} GB free")
     write_random_checkpoint(folder, chatglm_cfg(SIX_B), n_shards=7, dtype="float16")
     rows = []
-    for dtype in dtypes:
+    for bits, dtype in [(b, d) for b in bits_list for d in dtypes]:
         r = run_isolated(FULL_CHILD, str(folder), dtype, str(tokens), str(torch.get_num_threads()),
-                         str(int(checkpointing)))
-        rows.append({"dtype": dtype, "tokens": tokens, "grad_ckpt": checkpointing, "load_s": round(r["load_s"], 1), "step_s": round(r["step_s"], 1),
+                         str(int(checkpointing)), str(bits))
+        rows.append({"bits": bits, "dtype": dtype, "tokens": tokens, "grad_ckpt": checkpointing, "load_s": round(r["load_s"], 1), "step_s": round(r["step_s"], 1),
                      "model_GB": _gb(r["model_bytes"]), "rss_after_load_GB": _gb(r["after_load"]),
                      "load_peak_GB": _gb(r["load_peak"]), "step_peak_GB": _gb(r["step_peak"]),
                      "import_baseline_GB": _gb(r["baseline"]), "prefix_grad_norm": round(r["prefix_grad_norm"], 4)})
@@ -204,7 +240,10 @@ def main() -> None:
     ap.add_argument("--full-6b", action="store_true", help="also load a random 6B checkpoint and train one step")
     ap.add_argument("--tokens", type=int, default=192, help="sequence length of the --full-6b training step")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes of the --full-6b runs")
+    ap.add_argument("--bits", default="4,8", help="comma-separated bits of the --full-6b runs")
     ap.add_argument("--grad-ckpt", action="store_true", help="--full-6b training step with gradient checkpointing")
+    ap.add_argument("--decode-6b", action="store_true", help="greedy decode speed of the random 6B model (bf16)")
+    ap.add_argument("--decode-bits", default="4", help="comma-separated bits for --decode-6b")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared machine 1 gives stable figures: with "
                          "more threads than free cores every parallel region waits for descheduled threads")
@@ -228,10 +267,16 @@ def main() -> None:
     if args.full_6b:
         print("\n== full-6b ==", flush=True)
         key = "full_6b_grad_ckpt" if args.grad_ckpt else "full_6b"
-        payload[key] = bench_full_6b(args.tokens, args.dtypes.split(","), args.grad_ckpt)
+        payload[key] = bench_full_6b(args.tokens, args.dtypes.split(","), args.grad_ckpt,
+                                     [int(b) for b in args.bits.split(",")])
         threads[key] = torch.get_num_threads()
         if payload[key]:
             print_table(payload[key], list(payload[key][0]))
+    if args.decode_6b:
+        print("\n== decode-6b ==", flush=True)
+        payload["decode_6b"] = bench_decode_6b([int(b) for b in args.decode_bits.split(",")])
+        threads["decode_6b"] = torch.get_num_threads()
+        print_table(payload["decode_6b"], list(payload["decode_6b"][0]))
     print("results:", write_results("quant", payload))
 
 
