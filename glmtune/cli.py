@@ -146,6 +146,7 @@ def train(
     warmup_steps: Optional[int] = typer.Option(None, *_both("warmup_steps"), help="[default: 0]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="[default: 42]"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, *_switch("gradient_checkpointing"), help="Recompute layers in backward to save memory [default: on, as the official]."),
+    group_by_length: Optional[bool] = typer.Option(None, *_switch("group_by_length"), help="Batch rows of similar length together (less padding, faster) [default: off]."),
     logging_steps: Optional[int] = typer.Option(None, *_both("logging_steps"), help="[default: 10]"),
     save_steps: Optional[int] = typer.Option(None, *_both("save_steps"), help="Checkpoint every N steps, and always at the end [default: 500]."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the latest checkpoint in --output-dir."),

@@ -133,17 +133,27 @@ def seed_everything(seed: int) -> None:
 
 
 class DataStream:
-    """Global sample positions -> dataset rows; epoch e is a permutation seeded by seed + e."""
+    """Global sample positions -> dataset rows; epoch e is a permutation seeded by seed + e.
 
-    def __init__(self, rows: int, seed: int):
+    With `lengths` and `group_size` (transformers' `group_by_length`): the permutation is cut into
+    mega-batches of `group_size` rows, each sorted by length (longest first), so a global batch holds
+    rows of similar length and per-batch padding shrinks; still a pure function of (seed, epoch).
+    """
+
+    def __init__(self, rows: int, seed: int, lengths: list[int] | None = None, group_size: int = 0):
         self.rows, self.seed = rows, seed
+        self.lengths, self.group_size = lengths, group_size
         self._epoch, self._perm = -1, []
 
     def row(self, position: int) -> int:
         epoch, offset = divmod(position, self.rows)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm, self._epoch = torch.randperm(self.rows, generator=generator).tolist(), epoch
+            perm = torch.randperm(self.rows, generator=generator).tolist()
+            if self.lengths is not None and self.group_size > 1:
+                perm = [i for start in range(0, self.rows, self.group_size)
+                        for i in sorted(perm[start: start + self.group_size], key=lambda r: -self.lengths[r])]
+            self._perm, self._epoch = perm, epoch
         return self._perm[offset]
 
 
@@ -319,7 +329,12 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         f" x {accum} accumulation) = {total_steps * global_batch / rows:.2f} epochs; {sum(p.numel() for p in params):,}"
         f" trainable prefix parameters; {dist.device}, {dtype}, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}")
 
-    stream = DataStream(rows, config.seed)
+    if config.group_by_length:
+        # Mega-batches of 50 global batches, as transformers' LengthGroupedSampler.
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        stream = DataStream(rows, config.seed, lengths, group_size=50 * global_batch)
+    else:
+        stream = DataStream(rows, config.seed)
     pad_id = tokenizer.pad_token_id
     last_checkpoint = resume_dir
     losses: list[tuple[int, float]] = []
@@ -366,7 +381,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
                 state = {"global_step": step, "total_steps": total_steps, "samples_seen": step * global_batch,
                          "epoch": step * global_batch / rows, "global_batch_size": global_batch,
                          "world_size": dist.world, "seed": config.seed, "train_rows": rows,
-                         "loss": result.loss, "config": config.to_json()}
+                         "group_by_length": config.group_by_length, "loss": result.loss, "config": config.to_json()}
                 rng = dist.gather(capture_rng())
                 if dist.main:
                     save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, rng, state)
@@ -404,7 +419,8 @@ def _restore(resume_dir: Path, config: TrainConfig, dist: Dist, optimizer, sched
     ckpt = load_checkpoint_state(resume_dir)
     state = ckpt["state"]
     for name, saved, now in (("seed", state["seed"], config.seed), ("global batch size", state["global_batch_size"], global_batch),
-                             ("number of training rows", state["train_rows"], rows)):
+                             ("number of training rows", state["train_rows"], rows),
+                             ("group_by_length", state.get("group_by_length", False), config.group_by_length)):
         if saved != now:
             raise GlmtuneError(f"{resume_dir}: {name} was {saved} in the interrupted run, now {now}; "
                                "resuming needs the same data, seed and processes x batch x accumulation")

@@ -59,6 +59,7 @@ class TrainConfig:
     warmup_steps: int = 0
     seed: int = 42
     gradient_checkpointing: bool = True  # the official main.py always enables it
+    group_by_length: bool = False  # transformers' flag: batch rows of similar length (less padding)
     # bookkeeping
     logging_steps: int = 10
     save_steps: int = 500
