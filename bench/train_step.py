@@ -223,8 +223,11 @@ def worker_official(code_dir: str, gc: bool, steps: int, warmup: int, spec: dict
 # --- the adgen length distribution (driver only) --------------------------------------------------
 
 
-def adgen_spec(reference: Path, n_batches: int) -> dict:
-    """Train-mode (prompt, answer + eos) token lengths of ADGEN dev, and `n_batches` seeded draws of them."""
+def adgen_spec(reference: Path, n_batches: int, grouped: bool = False) -> dict:
+    """Train-mode (prompt, answer + eos) token lengths of ADGEN dev, and `n_batches` seeded draws of them.
+
+    `grouped` models `glmtune train --group-by-length`: 50 batches' worth of rows drawn, sorted by length,
+    cut into batches, and `n_batches` of them taken evenly spaced from longest to shortest."""
     import numpy as np
 
     from glmtune.data import DataConfig, load_rows, tokenize_train
@@ -237,7 +240,13 @@ def adgen_spec(reference: Path, n_batches: int) -> dict:
     prompts = [min(n, config.max_source_length) for n in dataset["prompt_tokens"]]
     pairs = [(p, len(ids) - p) for p, ids in zip(prompts, dataset["input_ids"])]
     rng = random.Random(ADGEN["seed"])
-    batches = [[list(rng.choice(pairs)) for _ in range(CONFIG["batch"])] for _ in range(n_batches)]
+    if grouped:
+        pool = sorted((list(rng.choice(pairs)) for _ in range(50 * CONFIG["batch"])), key=lambda r: -(r[0] + r[1]))
+        cut = [pool[i: i + CONFIG["batch"]] for i in range(0, len(pool), CONFIG["batch"])]
+        picks = [round(k * (len(cut) - 1) / max(1, n_batches - 1)) for k in range(n_batches)]
+        batches = [cut[i] for i in picks]
+    else:
+        batches = [[list(rng.choice(pairs)) for _ in range(CONFIG["batch"])] for _ in range(n_batches)]
     # Official rows are padded to max_source + max_target; a 193-long row (both parts cut) cannot be padded.
     fixed = ADGEN["max_source_length"] + ADGEN["max_target_length"]
     widths = [max([fixed] + [p + a for p, a in rows]) for rows in batches]
@@ -350,7 +359,8 @@ def print_table(name: str, scenario: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenario", choices=["fixed", "adgen", "both"], default="both")
+    ap.add_argument("--scenario", choices=["fixed", "adgen", "adgen-grouped", "both", "all"], default="both",
+                    help="both = fixed + adgen; all adds adgen-grouped (glmtune --group-by-length batches)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement (adgen: distinct batches)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the alternating measurements")
@@ -386,19 +396,23 @@ def main() -> None:
     impls = ["glmtune"] + (["official"] if args.official_code else [])
     versions: dict[str, dict] = {}
     scenarios: dict[str, dict] = {}
-    if args.scenario in ("fixed", "both"):
+    if args.scenario in ("fixed", "both", "all"):
         scenarios["fixed"] = run_scenario("fixed", None, impls, args, versions)
-    if args.scenario in ("adgen", "both"):
+    wanted = {"both": ["adgen"], "all": ["adgen", "adgen-grouped"]}.get(args.scenario, [args.scenario])
+    for name in [n for n in wanted if n != "fixed"]:
         needed = [args.reference / "AdvertiseGen" / "dev.json", args.reference / "chatglm2-6b" / "tokenizer.model"]
         absent = [str(p) for p in needed if not p.is_file()]
         if absent:
             reason = f"reference data absent ({', '.join(absent)}); pass --reference"
-            print(f"adgen scenario skipped: {reason}", file=sys.stderr)
-            scenarios["adgen"] = {"skipped": reason}
+            print(f"{name} scenario skipped: {reason}", file=sys.stderr)
+            scenarios[name] = {"skipped": reason}
         else:
-            scenarios["adgen"] = run_scenario("adgen", adgen_spec(args.reference, args.warmup + args.steps),
-                                              impls, args, versions)
+            spec = adgen_spec(args.reference, args.warmup + args.steps, grouped=name == "adgen-grouped")
+            scenarios[name] = run_scenario(name, spec, impls, args, versions)
 
+    if args.output.is_file():  # scenarios not run this time keep their previous figures
+        previous = json.loads(args.output.read_text()).get("scenarios", {})
+        scenarios = {**{k: v for k, v in previous.items() if k not in scenarios}, **scenarios}
     payload = {
         "benchmark": "train_step", "config": CONFIG, "dtype": "float32", "device": "cpu",
         "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
