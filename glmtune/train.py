@@ -61,6 +61,9 @@ from glmtune.modeling import IGNORE_INDEX
 from glmtune.train_config import TrainConfig
 
 
+DEFAULT_PRE_SEQ_LEN = 128  # the official train.sh
+
+
 class TrainingDiverged(GlmtuneError):
     """The loss or the gradient norm stopped being finite."""
 
@@ -290,8 +293,12 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     dataset = _load_dataset(config, tokenizer, dist, say)
     dtype = resolve_dtype(config.dtype, dist.device)
     torch.manual_seed(config.seed)  # a fresh prefix starts from the same values on every process
-    model = load_model(config.model_path, ptuning_checkpoint=resume_dir, pre_seq_len=config.pre_seq_len,
-                       prefix_projection=config.prefix_projection, quantization_bit=config.quantization_bit,
+    # Resuming reads the prefix shape from the checkpoint (flags given must agree with it).
+    pre_seq_len, projection = config.pre_seq_len, config.prefix_projection
+    if resume_dir is None:
+        pre_seq_len, projection = pre_seq_len or DEFAULT_PRE_SEQ_LEN, bool(projection)
+    model = load_model(config.model_path, ptuning_checkpoint=resume_dir, pre_seq_len=pre_seq_len,
+                       prefix_projection=projection, quantization_bit=config.quantization_bit,
                        dtype=dtype, device=dist.device)
     model.train()
     if config.gradient_checkpointing:
@@ -314,7 +321,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
 
     step = 0
     if resume_dir is not None:
-        step = _restore(resume_dir, config, dist, optimizer, scheduler, global_batch, rows)
+        step = _restore(resume_dir, config, dist, optimizer, scheduler, global_batch, rows, total_steps)
         say(f"resuming from {resume_dir} at step {step}")
     # Only now that data, model and state have loaded does anything in the output folder change.
     dist.barrier()
@@ -414,13 +421,15 @@ def _resume_dir(config: TrainConfig, out: Path) -> Path | None:
     return None
 
 
-def _restore(resume_dir: Path, config: TrainConfig, dist: Dist, optimizer, scheduler, global_batch: int, rows: int) -> int:
+def _restore(resume_dir: Path, config: TrainConfig, dist: Dist, optimizer, scheduler, global_batch: int, rows: int,
+             total_steps: int) -> int:
     """Load optimizer/scheduler/RNG state; the run must see the same data stream to continue exactly."""
     ckpt = load_checkpoint_state(resume_dir)
     state = ckpt["state"]
     for name, saved, now in (("seed", state["seed"], config.seed), ("global batch size", state["global_batch_size"], global_batch),
                              ("number of training rows", state["train_rows"], rows),
-                             ("group_by_length", state.get("group_by_length", False), config.group_by_length)):
+                             ("group_by_length", state.get("group_by_length", False), config.group_by_length),
+                             ("total steps (the learning-rate schedule)", state["total_steps"], total_steps)):
         if saved != now:
             raise GlmtuneError(f"{resume_dir}: {name} was {saved} in the interrupted run, now {now}; "
                                "resuming needs the same data, seed and processes x batch x accumulation")

@@ -28,8 +28,9 @@ DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16
 class TrainConfig:
     # model and prefix
     model_path: str | None = None
-    pre_seq_len: int = 128
-    prefix_projection: bool = False
+    # None = not given: 128 / off for a new run, the checkpoint's values when resuming.
+    pre_seq_len: int | None = None
+    prefix_projection: bool | None = None
     quantization_bit: int | None = None
     dtype: str = "auto"  # float32 on CPU; bfloat16 (or float16 without bf16 support) on CUDA
     device: str = "auto"
@@ -76,7 +77,9 @@ class TrainConfig:
             raise GlmtuneError("train: --output-dir is required")
         if bool(self.train_file) == bool(self.dataset):
             raise GlmtuneError("train: give exactly one of --train-file (raw JSON/JSONL/CSV) or --dataset (a `glmtune preprocess` folder)")
-        positive = ("pre_seq_len", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+        if self.pre_seq_len is not None and self.pre_seq_len < 1:
+            raise GlmtuneError(f"train: --pre-seq-len must be at least 1, found {self.pre_seq_len}")
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                     "save_steps", "max_source_length", "max_target_length", "preprocessing_num_workers", "nproc")
         for name in positive:
             if getattr(self, name) < 1:

@@ -239,6 +239,27 @@ def test_resume_after_sigkill_gives_the_same_losses_and_prefix(tiny_model, tmp_p
     assert not list(cut.glob("checkpoint-*.tmp"))
 
 
+def test_resume_takes_the_prefix_shape_from_the_checkpoint_and_survives_a_cut_log_line(tiny_model, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    _train(tiny_model, out, max_steps=4, save_steps=2, prefix_projection=True)
+    shutil.rmtree(out / "checkpoint-4")
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:
+        log.write('{"step": 5, "lo')  # a run killed in the middle of a log write
+    resumed = _train(tiny_model, out, max_steps=4, save_steps=2, resume=True, pre_seq_len=None)
+    assert resumed.global_step == 4
+    cfg = json.loads((out / "checkpoint-4" / "config.json").read_text())
+    assert cfg["pre_seq_len"] == 4 and cfg["prefix_projection"] is True
+    assert [s for s, _ in _losses(out)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_schedule_length(tiny_model, tmp_path):
+    _train(tiny_model, tmp_path / "out", max_steps=2, save_steps=1)
+    with pytest.raises(GlmtuneError, match=r"total steps \(the learning-rate schedule\) was 2 .* now 6"):
+        _train(tiny_model, tmp_path / "out", max_steps=6, resume=True)
+
+
 def test_resume_refuses_a_different_global_batch(tiny_model, tmp_path):
     _train(tiny_model, tmp_path / "out", max_steps=2, save_steps=1)
     with pytest.raises(GlmtuneError, match="global batch size was 4 .* now 8"):
