@@ -12,15 +12,13 @@ quantized shard by shard while it loads.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import atomic_dir
 from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
 from glmtune.prefix import (
     OFFICIAL_PREFIX,
@@ -415,8 +413,7 @@ def save_model(
         cfg["pre_seq_len"] = model.prefix_config.pre_seq_len
         cfg["prefix_projection"] = model.prefix_config.prefix_projection
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with atomic_dir(out) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for key, tensor in official.items():
@@ -447,13 +444,6 @@ def save_model(
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; a model folder is not
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -28,10 +28,8 @@ column blocks of the integer weight, so no full dequantized or transposed weight
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from torch import nn
 
 from glmtune import qkernels as qk
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import atomic_dir
 
 MODES = ("auto", "exact", "kernel", "bf16")
 # auto mode: the kernels run when a call has at most this many rows (tokens), per (bits, dtype);
@@ -428,9 +427,7 @@ def quantize_checkpoint(model_path: str | Path, output_dir: str | Path, bits: in
     store = parse_dtype(dtype)
     out = check_output_dir(output_dir, force, src)
     files = weight_files(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         weight_map, total = {}, 0
         for i, shard in enumerate(files, 1):
             name = "model.safetensors" if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
@@ -446,19 +443,9 @@ def quantize_checkpoint(model_path: str | Path, output_dir: str | Path, bits: in
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         cfg.update(quantization_bit=bits, torch_dtype=str(store).removeprefix("torch."))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
-        skip = {p.name for p in files} | {"config.json", "pytorch_model.bin.index.json", "model.safetensors.index.json"}
+        # Tokenizer and other side files travel; weights (also unused duplicates in another format) and code do not.
+        skip = {"config.json", "pytorch_model.bin.index.json", "model.safetensors.index.json"}
         for path in src.iterdir():
-            if path.is_file() and path.name not in skip and path.suffix != ".py":
+            if path.is_file() and path.name not in skip and path.suffix not in (".py", ".bin", ".safetensors"):
                 shutil.copy2(path, tmp / path.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in tmp.iterdir():  # mkdtemp (and safetensors) create owner-only modes
-            path.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import atomic_dir
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 BUNDLED_FILES = ("adgen_sample/train.json", "adgen_sample/dev.json", "multiturn_sample.json")
@@ -316,9 +315,7 @@ def init_model(
         raise GlmtuneError(f"{out_dir}: folder exists and is not empty (choose another path or pass --overwrite)")
     texts = bundled_texts() if texts is None else list(texts)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         train_tokenizer(texts, tmp, vocab_size=vocab_size)
         from glmtune.tokenizer import load_tokenizer
 
@@ -326,18 +323,4 @@ def init_model(
         config = official_config(cfg, padded)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         write_weights(random_state_dict(cfg, padded, seed), tmp, weights_format, shards)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
-        if out_dir.exists():
-            # Move the old folder aside first so the new one appears in a single rename.
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

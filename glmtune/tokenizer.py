@@ -368,6 +368,9 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(self._model_proto)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; a tokenizer is not private
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -296,3 +297,17 @@ def test_quantization_bit_disagreeing_with_a_quantized_folder_is_an_error(golden
     root, _ = golden
     with pytest.raises(GlmtuneError, match="quantization_bit 4, but --quantization-bit 8"):
         load_model(root / "model-int4", quantization_bit=8)
+
+
+def test_save_model_creates_missing_parents_and_replaces_an_old_folder_whole(golden, tmp_path):
+    root, exp = golden
+    model = _load(root, "base")
+    out = tmp_path / "a" / "b" / "saved"
+    save_model(model, out)
+    (out / "stale.txt").write_text("from the previous save")
+    save_model(model, out)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["saved"]  # no temp or old folders left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkdtemp's owner-only mode
