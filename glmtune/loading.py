@@ -65,6 +65,8 @@ def read_chatglm_config(path: str | Path) -> dict:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise GlmtuneError(f"{cfg_file}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(cfg, dict):
+        raise GlmtuneError(f"{cfg_file}: expected a JSON object, found {type(cfg).__name__}")
     if cfg.get("model_type") != "chatglm":
         raise GlmtuneError(
             f"{cfg_file}: field model_type: expected 'chatglm' (ChatGLM2), found {cfg.get('model_type')!r}"
@@ -83,8 +85,11 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = list(dict.fromkeys(weight_map.values()))
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                names = list(dict.fromkeys(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise GlmtuneError(f"{index}: expected an HF index with a weight_map object ({exc!r})") from None
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise GlmtuneError(f"{index}: shard files listed but not found: {missing}")
@@ -102,14 +107,21 @@ def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # a truncated or foreign file: one message, whatever the library raised
+            raise GlmtuneError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
+        with handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key), False
     else:
         try:
-            state, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
-        except RuntimeError:  # legacy (non-zip) .bin files cannot be memory-mapped
-            state, mapped = torch.load(path, map_location="cpu", weights_only=True), False
+            try:
+                state, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+            except RuntimeError:  # legacy (non-zip) .bin files cannot be memory-mapped
+                state, mapped = torch.load(path, map_location="cpu", weights_only=True), False
+        except Exception as exc:
+            raise GlmtuneError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
         for key, tensor in state.items():
             yield key, tensor, mapped
 
@@ -210,8 +222,9 @@ def native_to_official(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, t
             raise KeyError(name)
     kv = cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]
     rotary_dim = kv // 2
+    base = 10000.0 * float(cfg.get("rope_ratio", 1.0))
     out["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (
-        10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+        base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
     )
     return out
 

@@ -189,6 +189,8 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         if labels is not None and loss_only:
             loss = self._label_only_loss(hidden, labels)
         else:
+            if labels is not None:
+                logits_to_keep = 0  # the loss needs every position's logits
             if isinstance(logits_to_keep, int) and logits_to_keep > 0:
                 hidden = hidden[:, -logits_to_keep:]
             elif isinstance(logits_to_keep, torch.Tensor):

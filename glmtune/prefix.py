@@ -99,19 +99,32 @@ def read_prefix_checkpoint(path: str | Path) -> tuple[PrefixConfig, dict[str, to
         raise GlmtuneError(f"P-tuning checkpoint {folder}: not a folder")
     if not cfg_file.is_file():
         raise GlmtuneError(f"P-tuning checkpoint {folder}: no config.json (expected pre_seq_len in it)")
-    raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    if not raw.get("pre_seq_len"):
-        raise GlmtuneError(f"{cfg_file}: field pre_seq_len missing or empty; not a P-tuning checkpoint")
-    cfg = PrefixConfig(int(raw["pre_seq_len"]), bool(raw.get("prefix_projection", False)))
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GlmtuneError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise GlmtuneError(f"{cfg_file}: expected a JSON object, found {type(raw).__name__}")
+    pre = raw.get("pre_seq_len")
+    if not isinstance(pre, int) or isinstance(pre, bool) or pre <= 0:
+        raise GlmtuneError(f"{cfg_file}: field pre_seq_len: expected a positive integer, found {pre!r}"
+                           + ("; not a P-tuning checkpoint" if pre is None else ""))
+    cfg = PrefixConfig(pre, bool(raw.get("prefix_projection", False)))
 
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(folder / "model.safetensors"))
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    if weights is None:
         raise GlmtuneError(f"P-tuning checkpoint {folder}: no model.safetensors or pytorch_model.bin")
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors / pickle / zip errors all mean the same to the user
+        raise GlmtuneError(f"{weights}: cannot read the checkpoint weights ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise GlmtuneError(f"{weights}: expected a dict of tensors, found {type(state).__name__}")
     prefix_state = {k[len(OFFICIAL_PREFIX):]: v for k, v in state.items() if k.startswith(OFFICIAL_PREFIX)}
     if not prefix_state:
         raise GlmtuneError(

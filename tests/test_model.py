@@ -311,3 +311,43 @@ def test_save_model_creates_missing_parents_and_replaces_an_old_folder_whole(gol
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkdtemp's owner-only mode
+
+
+@pytest.mark.parametrize("config_text,message", [
+    ("{not json", "not valid JSON"),
+    ('{"pre_seq_len": "abc"}', "field pre_seq_len: expected a positive integer, found 'abc'"),
+    ('{"prefix_projection": false}', "found None; not a P-tuning checkpoint"),
+])
+def test_bad_prefix_checkpoint_config_is_a_clear_error(golden, tmp_path, config_text, message):
+    root, _ = golden
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ptuning", ckpt)
+    (ckpt / "config.json").write_text(config_text)
+    with pytest.raises(GlmtuneError, match=message):
+        load_model(root / "model", ptuning_checkpoint=ckpt)
+
+
+def test_corrupt_checkpoint_weights_and_index_are_clear_errors(golden, tmp_path):
+    root, _ = golden
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ptuning", ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(GlmtuneError, match="model.safetensors: cannot read the checkpoint weights"):
+        load_model(root / "model", ptuning_checkpoint=ckpt)
+    dst = _copy_model(root, tmp_path)
+    (dst / "pytorch_model.bin.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(GlmtuneError, match="expected an HF index with a weight_map"):
+        load_model(dst)
+    dst2 = tmp_path / "model2"
+    shutil.copytree(root / "model", dst2)
+    sorted(dst2.glob("*.bin"))[0].write_bytes(b"truncated")
+    with pytest.raises(GlmtuneError, match="cannot read the weights"):
+        load_model(dst2)
+
+
+def test_labels_with_logits_to_keep_still_give_the_full_loss(golden):
+    root, exp = golden
+    model = _load(root, "base")
+    with torch.no_grad():
+        out = model(input_ids=exp["input_ids"], labels=exp["labels"], logits_to_keep=1)
+    assert abs(out.loss.item() - exp["base/loss"].item()) <= TOL
