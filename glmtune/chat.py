@@ -114,15 +114,6 @@ def find_tokenizer(*folders: str | Path | None):
     )
 
 
-def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """`auto` picks CUDA when available; the default dtype is fp16 on GPU (as the official demos) else fp32."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype in (None, "auto"):
-        dtype = "float16" if torch.device(device).type == "cuda" else "float32"
-    return device, dtype
-
-
 def load_chat_model(
     model_path: str | Path,
     ptuning_checkpoint: str | Path | None = None,
@@ -136,6 +127,8 @@ def load_chat_model(
 
     read_chatglm_config(model_path)  # "not a model folder" says more than "no tokenizer"
     tokenizer = find_tokenizer(model_path, ptuning_checkpoint)
+    from glmtune.loading import resolve_device
+
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
                        dtype=dtype, device=device)

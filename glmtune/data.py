@@ -12,14 +12,20 @@ Reproduces `preprocess_function_train` / `preprocess_function_eval` in THUDM/Cha
   (`[gMASK] sop` + ids, cut to `max_target_length`, pad id -> -100); `reference` keeps the full target text,
   which glmtune scores by default (the official labels are a truncated re-decoding of it).
 
+`max_samples` follows the official `max_train_samples` / `max_eval_samples`: the first N rows *read* (empty ones
+included) are kept, then empty rows are dropped, so fewer than N may remain. A preprocessed folder records which
+rows it dropped, so the same N on it selects the same rows as on the raw file.
+
 Unlike the official code nothing is padded here: `collate_train` pads right and `collate_eval` pads left per
 batch, so the unpadded ids and labels are identical and batches are shorter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -32,7 +38,7 @@ from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the stored columns or their meaning change: it invalidates caches
+FORMAT_VERSION = 2  # bump when the stored columns or their meaning change: it invalidates caches
 META_FILE = "glmtune_data.json"
 REPORT_FILE = "preprocess_report.json"
 MODES = ("train", "eval")
@@ -50,7 +56,7 @@ class DataConfig:
     source_prefix: str = ""
     max_source_length: int = 64
     max_target_length: int = 128
-    max_samples: int | None = None
+    max_samples: int | None = None  # first N rows read, before empty ones are dropped (see the module docstring)
 
     def validate(self) -> None:
         # The prompt always starts with the two tokens `[gMASK] sop`; fewer than 3 leaves no text at all.
@@ -65,29 +71,50 @@ class DataConfig:
 # --- reading -------------------------------------------------------------------------------------
 
 
+def _text_lines(path: Path):
+    """The file's lines as text, line endings kept; a UTF-8 BOM is dropped (as `utf-8-sig`).
+
+    Decoding line by line (a UTF-8 character never contains the byte \\n) lets a non-UTF-8 file be reported
+    with its line and byte offset instead of a bare UnicodeDecodeError.
+    """
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise GlmtuneError(
+                    f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte offset {offset + exc.start}); "
+                    "save the file as UTF-8"
+                ) from None
+            offset += len(raw)
+
+
 def _iter_records(path: Path):
     """Yield (where, record) from JSON Lines, a JSON array, or CSV; `where` is 'file:line' (or ':item N')."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise GlmtuneError(f"{path}: unsupported file type {suffix!r} (expected .json, .jsonl or .csv)")
+    with contextlib.closing(_text_lines(path)) as lines:
+        if suffix == ".csv":
+            reader = csv.DictReader(lines)
             for record in reader:
                 yield f"{path}:{reader.line_num}", record
-        return
-    if suffix not in (".json", ".jsonl"):
-        raise GlmtuneError(f"{path}: unsupported file type {suffix!r} (expected .json, .jsonl or .csv)")
-    with path.open(encoding="utf-8") as handle:
-        head = handle.read(4096).lstrip("\ufeff \t\r\n")
-        handle.seek(0)
-        if head.startswith("["):  # one JSON array of objects
+            return
+        head: list[str] = []  # lines up to the first non-blank one, which tells an array from JSON Lines
+        for line in lines:
+            head.append(line)
+            if line.strip():
+                break
+        if "".join(head).lstrip().startswith("["):  # one JSON array of objects
             try:
-                items = json.load(handle)
+                items = json.loads("".join(head) + "".join(lines))
             except json.JSONDecodeError as exc:
                 raise GlmtuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             for index, record in enumerate(items):
                 yield f"{path}: item {index}", record
             return
-        for number, line in enumerate(handle, start=1):
+        for number, line in enumerate(itertools.chain(head, lines), start=1):
             if not line.strip():
                 continue
             try:
@@ -159,9 +186,13 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
 # --- tokenizing ----------------------------------------------------------------------------------
 
 
-def _usable(rows: Sequence[dict]) -> list[dict]:
+def _is_usable(row: dict) -> bool:
     # The official filter is truthiness: "" and None are dropped, whitespace-only text is kept.
-    return [row for row in rows if row["prompt"] and row["response"]]
+    return bool(row["prompt"] and row["response"])
+
+
+def _usable(rows: Sequence[dict]) -> list[dict]:
+    return [row for row in rows if _is_usable(row)]
 
 
 def _encode_batch(batch: dict, tokenizer: Any, config: DataConfig, mode: str) -> dict:
@@ -373,6 +404,83 @@ def is_preprocessed(path: str | os.PathLike) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
+def _read_json(file: Path) -> Any:
+    if not file.is_file():
+        raise GlmtuneError(f"{file}: missing; preprocess again")
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise GlmtuneError(f"{file}: not UTF-8 text; preprocess again") from None
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); preprocess again") from None
+
+
+# What each stored DataConfig field may hold (bool is excluded from int: JSON `true` is not a length).
+_CONFIG_TYPES = {
+    "prompt_column": (str,), "response_column": (str,), "history_column": (str, type(None)), "source_prefix": (str,),
+    "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
+}
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The checked `glmtune_data.json` of a folder written by `preprocess`; `meta["config"]` is a DataConfig.
+
+    A missing, corrupt or foreign file raises GlmtuneError naming the file and the field (expected vs found).
+    """
+    path = Path(path)
+    file = path / META_FILE
+    if not file.is_file():
+        raise GlmtuneError(f"{path}: not a glmtune dataset folder (no {META_FILE}; make one with `glmtune preprocess`)")
+    meta = _read_json(file)
+    if not isinstance(meta, dict):
+        raise GlmtuneError(f"{file}: expected a JSON object, found {type(meta).__name__}")
+
+    def bad(field: str, expected: str, found: Any = None) -> GlmtuneError:
+        found = "nothing" if found is None and field not in meta else repr(found)
+        return GlmtuneError(f"{file}: field {field!r} should be {expected}, found {found}; preprocess again")
+
+    if meta.get("format") != FORMAT_VERSION:  # first: an older layout may fail the checks below for no real fault
+        raise bad("format", str(FORMAT_VERSION), meta.get("format"))
+    if meta.get("mode") not in MODES:
+        raise bad("mode", f"one of {MODES}", meta.get("mode"))
+    sha = meta.get("tokenizer_sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise bad("tokenizer_sha256", "a sha256 hex string", sha)
+    skipped = meta.get("skipped_rows")
+    if not (isinstance(skipped, list) and all(type(i) is int and i >= 0 for i in skipped)
+            and all(a < b for a, b in zip(skipped, skipped[1:]))):
+        raise bad("skipped_rows", "increasing row numbers", skipped)
+    stored = meta.get("config")
+    if not isinstance(stored, dict):
+        raise bad("config", "an object of settings", stored)
+    unknown, missing = sorted(set(stored) - set(_CONFIG_TYPES)), sorted(set(_CONFIG_TYPES) - set(stored))
+    if unknown or missing:
+        problem = f"has unknown setting(s) {unknown}" if unknown else f"lacks setting(s) {missing}"
+        raise GlmtuneError(f"{file}: field 'config' {problem} (expected {sorted(_CONFIG_TYPES)}); preprocess again")
+    for name, types in _CONFIG_TYPES.items():
+        if not isinstance(stored[name], types) or isinstance(stored[name], bool):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise GlmtuneError(f"{file}: field 'config.{name}' should be {expected}, "
+                               f"found {type(stored[name]).__name__} ({stored[name]!r:.40})")
+    config = DataConfig(**stored)
+    try:
+        config.validate()
+    except GlmtuneError as exc:
+        raise GlmtuneError(f"{file}: field 'config': {exc}") from None
+    return {**meta, "config": config}
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    # Checked before any tokenizing, so a wrong path fails at once rather than after minutes of work.
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise GlmtuneError(f"{folder}: exists and is not a folder")
+            break
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not is_preprocessed(output_dir):
+        raise GlmtuneError(f"{output_dir}: exists and is not a glmtune dataset folder; refusing to overwrite it")
+
+
 def preprocess(
     source: str | os.PathLike, tokenizer: Any, output_dir: str | os.PathLike, config: DataConfig | None = None,
     mode: str = "train", num_workers: int = 1,
@@ -383,14 +491,15 @@ def preprocess(
     """
     config = config or DataConfig()
     source, output_dir = Path(source), Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not is_preprocessed(output_dir):
-        raise GlmtuneError(f"{output_dir}: exists and is not a glmtune dataset folder; refusing to overwrite it")
+    _check_output_dir(output_dir)
     rows = load_rows(source, config)
     dataset = _tokenize(rows, tokenizer, config, mode, num_workers)
     report = build_report(rows, dataset, config, mode, source)
     meta = {
         "format": FORMAT_VERSION, "mode": mode, "config": asdict(config), "source": str(source),
         "source_sha256": _file_sha256(source), "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        # Which rows read were dropped as empty: lets a later max_samples pick rows as on the raw file.
+        "skipped_rows": [i for i, row in enumerate(rows) if not _is_usable(row)],
     }
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
@@ -409,22 +518,35 @@ def preprocess(
     return report
 
 
-def load_preprocessed(path: str | os.PathLike, tokenizer: Any | None = None, mode: str | None = None):
-    """Open a folder written by `preprocess`; checks its mode and that it was made with the same tokenizer."""
+def _first_samples(dataset, skipped_rows: list[int], max_samples: int | None):
+    """The kept rows among the first `max_samples` rows read (the raw-file rule), from the stored kept rows."""
+    if max_samples is None:
+        return dataset
+    count = max_samples - sum(1 for i in skipped_rows if i < max_samples)
+    return dataset if count >= len(dataset) else dataset.select(range(max(count, 0)))
+
+
+def load_preprocessed(
+    path: str | os.PathLike, tokenizer: Any | None = None, mode: str | None = None, max_samples: int | None = None,
+):
+    """(dataset, report, meta) of a folder written by `preprocess`, checking its mode and tokenizer.
+
+    `max_samples` keeps the rows the same number would keep on the raw file; `meta` is `read_meta`'s.
+    """
     import datasets
 
     path = Path(path)
-    if not is_preprocessed(path):
-        raise GlmtuneError(f"{path}: not a glmtune dataset folder (no {META_FILE}; make one with `glmtune preprocess`)")
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT_VERSION:
-        raise GlmtuneError(f"{path}: dataset format {meta.get('format')}, this glmtune reads {FORMAT_VERSION}; preprocess again")
+    meta = read_meta(path)
     if mode is not None and meta["mode"] != mode:
         raise GlmtuneError(f"{path}: tokenized for {meta['mode']!r}, but {mode!r} data is needed (preprocess with --mode {mode})")
     if tokenizer is not None and meta["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
         raise GlmtuneError(f"{path}: tokenized with a different tokenizer.model than the model's; preprocess again")
-    report = json.loads((path / REPORT_FILE).read_text(encoding="utf-8"))
-    return datasets.load_from_disk(str(path)), report
+    report = _read_json(path / REPORT_FILE)
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise GlmtuneError(f"{path}: dataset files missing ({exc}); preprocess again") from None
+    return _first_samples(dataset, meta["skipped_rows"], max_samples), report, meta
 
 
 def default_cache_dir() -> Path:
@@ -439,14 +561,17 @@ def load_or_build_dataset(
     """(dataset, report) for a preprocessed folder, or for a raw file tokenized once and cached.
 
     The cache entry is keyed by the file's content, the tokenizer model, the settings and the mode, so an
-    edited file or a changed flag builds a new entry and an unchanged one is reused.
+    edited file or a changed flag builds a new entry and an unchanged one is reused. A folder keeps the
+    settings it was made with; only `config.max_samples` applies to it, by the raw-file rule.
     """
     config = config or DataConfig()
     source = Path(source)
     if source.is_dir():
-        dataset, report = load_preprocessed(source, tokenizer, mode)
-        stored = json.loads((source / META_FILE).read_text(encoding="utf-8"))["config"]
-        differing = {k: (v, getattr(config, k)) for k, v in stored.items() if getattr(config, k) != v}
+        dataset, report, meta = load_preprocessed(source, tokenizer, mode, config.max_samples)
+        differing = {
+            k: (v, getattr(config, k)) for k, v in asdict(meta["config"]).items()
+            if k != "max_samples" and getattr(config, k) != v  # max_samples is applied, not a stored setting
+        }
         if differing:
             logger.warning("%s was preprocessed with other settings; using the stored ones: %s", source, differing)
         return dataset, report
@@ -460,4 +585,5 @@ def load_or_build_dataset(
         preprocess(source, tokenizer, entry, config, mode, num_workers)
     else:
         logger.info("using cached tokenized data %s", entry)
-    return load_preprocessed(entry, tokenizer, mode)
+    dataset, report, _ = load_preprocessed(entry, tokenizer, mode)
+    return dataset, report

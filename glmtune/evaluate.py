@@ -238,7 +238,7 @@ def load_eval_data(
 ) -> tuple[Any, Any]:
     """(dataset, effective DataConfig) from a raw file (tokenized once and cached) or a folder written by
     `glmtune preprocess --mode eval`. A preprocessed folder keeps the settings it was made with; only
-    `max_samples` still applies.
+    `max_samples` still applies (the first N rows read, before empty ones were dropped, as on a raw file).
     """
     from glmtune import data
 
@@ -250,12 +250,9 @@ def load_eval_data(
         dataset, _ = data.load_or_build_dataset(test_file, tokenizer, config, mode="eval", cache_dir=cache_dir,
                                                 num_workers=num_workers)
         return dataset, config
-    dataset, _ = data.load_preprocessed(dataset_dir, tokenizer, mode="eval")
-    stored = json.loads((Path(dataset_dir) / data.META_FILE).read_text(encoding="utf-8"))["config"]
-    config = data.DataConfig(**{**stored, "max_samples": config.max_samples})
-    if config.max_samples is not None and config.max_samples < len(dataset):
-        dataset = dataset.select(range(config.max_samples))
-    return dataset, config
+    # `read_meta` (inside) checks the stored settings; max_samples picks rows as it would on the raw file.
+    dataset, _, meta = data.load_preprocessed(dataset_dir, tokenizer, mode="eval", max_samples=config.max_samples)
+    return dataset, dataclasses.replace(meta["config"], max_samples=config.max_samples)
 
 
 def run_eval(
@@ -301,7 +298,7 @@ def run_eval(
     if settings.max_new_tokens is None:
         settings = dataclasses.replace(settings, max_new_tokens=config.max_target_length)
     settings.validate()
-    from glmtune.chat import resolve_device  # one definition of the auto device/dtype rule
+    from glmtune.loading import resolve_device  # one auto device/dtype rule for train, eval and chat
 
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len,

@@ -56,6 +56,19 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """The one `auto` rule of train, eval and chat: CUDA when available; there bf16 where the card
+    supports it (safer than fp16 for the prefix's gradients), else fp16; fp32 on CPU."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype in (None, "auto"):
+        if torch.device(device).type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    return device, dtype
+
+
 def read_chatglm_config(path: str | Path) -> dict:
     folder = Path(path)
     cfg_file = folder / "config.json"

@@ -118,14 +118,6 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local, target)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    if dtype != "auto":
-        return dtype
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -291,7 +283,9 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
 
     tokenizer = load_tokenizer(config.model_path)
     dataset = _load_dataset(config, tokenizer, dist, say)
-    dtype = resolve_dtype(config.dtype, dist.device)
+    from glmtune.loading import resolve_device
+
+    _, dtype = resolve_device(str(dist.device), config.dtype)
     torch.manual_seed(config.seed)  # a fresh prefix starts from the same values on every process
     # Resuming reads the prefix shape from the checkpoint (flags given must agree with it).
     pre_seq_len, projection = config.pre_seq_len, config.prefix_projection

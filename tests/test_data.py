@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -243,6 +244,53 @@ def test_failed_preprocess_writes_nothing_and_refuses_foreign_folders(tmp_path, 
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("name", ["bom.json", "bom.jsonl", "bom.csv", "array.json"])
+def test_a_utf8_bom_is_accepted_in_every_format(tmp_path, name):
+    body = {
+        "bom.json": '{"content": "甲", "summary": "乙"}\n',
+        "bom.jsonl": '{"content": "甲", "summary": "乙"}\n',
+        "bom.csv": "content,summary\n甲,乙\n",
+        "array.json": '[{"content": "甲", "summary": "乙"}]',
+    }[name]
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    assert data.load_rows(path) == [{"prompt": "甲", "response": "乙", "history": []}]
+
+
+@pytest.mark.parametrize(
+    "name, body, message",
+    [
+        ("gbk.jsonl", b'{"content": "a", "summary": "b"}\n{"content": "\xc0\xe0", "summary": "b"}\n', r"gbk\.jsonl:2: not UTF-8 text \(byte 0xc0 at byte offset 46\)"),
+        ("gbk.json", b'[{"content": "a", "summary": "b"},\n {"content": "\xc0\xe0", "summary": "b"}]', r"gbk\.json:2: not UTF-8 text"),
+        ("gbk.csv", b"content,summary\na,b\n\xc0\xe0,b\n", r"gbk\.csv:3: not UTF-8 text \(byte 0xc0 at byte offset 20\)"),
+    ],
+    ids=["jsonl", "json-array", "csv"],
+)
+def test_non_utf8_input_names_the_file_line_and_byte(tmp_path, name, body, message):
+    path = tmp_path / name
+    path.write_bytes(body)
+    with pytest.raises(GlmtuneError, match=message):
+        data.load_rows(path)
+
+
+def test_max_samples_counts_rows_read_before_empty_rows_are_dropped_as_officially(tmp_path):
+    lines = [{"content": "甲", "summary": ""}, {"content": "乙", "summary": "好"}, {"content": "丙", "summary": "好"}]
+    path = _write(tmp_path / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    rows = data.load_rows(path, data.DataConfig(max_samples=2))
+    assert [r["prompt"] for r in rows] == ["甲", "乙"]  # 2 rows read; the empty one is dropped later, leaving 1
+
+
+def test_preprocess_into_an_existing_file_is_refused_clearly(tmp_path):
+    good = _write(tmp_path / "good.jsonl", '{"content": "a", "summary": "b"}\n')
+    taken = _write(tmp_path / "taken", "a file")
+    # The tokenizer is never reached: the output path is checked before any work.
+    with pytest.raises(GlmtuneError, match=r"taken: exists and is not a folder"):
+        data.preprocess(good, None, taken)
+    with pytest.raises(GlmtuneError, match=r"taken: exists and is not a folder"):
+        data.preprocess(good, None, taken / "sub")
+    assert taken.read_text() == "a file"
+
+
 # --- saved datasets and the cache ----------------------------------------------------------------
 
 
@@ -272,6 +320,84 @@ def test_preprocessed_folder_is_taken_instead_of_a_raw_file_and_checked(dev150, 
     (out / data.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(GlmtuneError, match="different tokenizer"):
         data.load_or_build_dataset(out, tokenizer, mode="train")
+
+
+def _valid_meta(**changes):
+    meta = {
+        "format": data.FORMAT_VERSION, "mode": "train", "config": dataclasses.asdict(data.DataConfig()),
+        "source": "x.json", "source_sha256": "0" * 64, "tokenizer_sha256": "0" * 64, "skipped_rows": [],
+    }
+    meta.update(changes)
+    return meta
+
+
+def _folder(tmp_path, meta_text, report=True):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / data.META_FILE).write_text(meta_text, encoding="utf-8")
+    if report:
+        (folder / data.REPORT_FILE).write_text("{}", encoding="utf-8")
+    return folder
+
+
+def test_read_meta_returns_the_stored_settings_as_a_data_config(tmp_path):
+    folder = _folder(tmp_path, json.dumps(_valid_meta(config={**dataclasses.asdict(data.DataConfig()), "max_source_length": 256})))
+    meta = data.read_meta(folder)
+    assert meta["mode"] == "train" and meta["config"] == data.DataConfig(max_source_length=256)
+
+
+@pytest.mark.parametrize(
+    "meta_text, message",
+    [
+        ('{"format": 1,\n "mode": ', r"glmtune_data\.json:2: not valid JSON"),
+        ("[]", r"glmtune_data\.json: expected a JSON object, found list"),
+        (json.dumps({k: v for k, v in _valid_meta().items() if k != "mode"}), r"glmtune_data\.json: field 'mode' should be one of \('train', 'eval'\), found nothing"),
+        (json.dumps(_valid_meta(mode="test")), r"field 'mode' should be one of \('train', 'eval'\), found 'test'"),
+        (json.dumps(_valid_meta(format=0)), r"field 'format' should be \d+, found 0; preprocess again"),
+        (json.dumps(_valid_meta(config={**dataclasses.asdict(data.DataConfig()), "shuffle": True})), r"field 'config' has unknown setting\(s\) \['shuffle'\] \(expected "),
+        (json.dumps(_valid_meta(config={"prompt_column": "content"})), r"field 'config' lacks setting\(s\) \['history_column'"),
+        (json.dumps(_valid_meta(config={**dataclasses.asdict(data.DataConfig()), "max_source_length": "64"})), r"field 'config\.max_source_length' should be int, found str"),
+        (json.dumps(_valid_meta(tokenizer_sha256=None)), r"field 'tokenizer_sha256' should be a sha256 hex string, found None"),
+        (json.dumps(_valid_meta(skipped_rows=[3, 1])), r"field 'skipped_rows' should be increasing row numbers"),
+    ],
+    ids=["corrupt", "not-object", "no-mode", "bad-mode", "old-format", "unknown-key", "missing-keys", "bad-type", "no-tokenizer", "skipped"],
+)
+def test_damaged_dataset_metadata_names_the_file_and_the_field(tmp_path, meta_text, message):
+    folder = _folder(tmp_path, meta_text)
+    for read in (lambda: data.read_meta(folder), lambda: data.load_or_build_dataset(folder, None, mode="train")):
+        with pytest.raises(GlmtuneError, match=message):
+            read()
+
+
+def test_eval_reads_a_damaged_dataset_folder_through_the_same_checks(tmp_path):
+    from glmtune import evaluate
+
+    folder = _folder(tmp_path, json.dumps(_valid_meta(mode="eval", config={**dataclasses.asdict(data.DataConfig()), "seed": 1})))
+    with pytest.raises(GlmtuneError, match=r"glmtune_data\.json: field 'config' has unknown setting\(s\) \['seed'\]"):
+        evaluate.load_eval_data(None, None, folder, data.DataConfig())
+
+
+def test_a_dataset_folder_without_its_report_is_a_clear_error(tmp_path):
+    folder = _folder(tmp_path, json.dumps(_valid_meta()), report=False)
+    with pytest.raises(GlmtuneError, match=r"preprocess_report\.json: missing; preprocess again"):
+        data.load_preprocessed(folder)
+
+
+def test_max_samples_on_a_preprocessed_folder_follows_the_raw_file_rule_without_a_warning(tmp_path, tokenizer, caplog):
+    lines = [{"content": f"问{i}", "summary": "" if i in (1, 2) else f"答{i}"} for i in range(6)]
+    raw = _write(tmp_path / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    out = tmp_path / "tok"
+    data.preprocess(raw, tokenizer, out, data.DataConfig(max_samples=5), mode="train")  # rows 0..4 read, 1 and 2 dropped
+    assert data.read_meta(out)["skipped_rows"] == [1, 2]
+    for n in (1, 2, 3, 4, 9):
+        config = data.DataConfig(max_samples=n)
+        from_raw, _ = data.load_or_build_dataset(raw, tokenizer, config, "train", cache_dir=tmp_path / "cache")
+        with caplog.at_level("WARNING", logger="glmtune.data"):
+            caplog.clear()
+            from_folder, _ = data.load_or_build_dataset(out, tokenizer, config, "train")
+        assert not caplog.records  # only max_samples differs from the stored settings: nothing to warn about
+        expected = from_raw["input_ids"] if n <= 5 else from_raw["input_ids"][:3]
+        assert from_folder["input_ids"] == expected, n
 
 
 # --- CLI -----------------------------------------------------------------------------------------
