@@ -19,7 +19,7 @@ import torch
 
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
-from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+from glmtune.modeling import ChatGLM2ForCausalLM, attention_dims, glm_config_from_chatglm
 from glmtune.prefix import (
     OFFICIAL_PREFIX,
     PrefixConfig,
@@ -31,7 +31,6 @@ from glmtune.prefix import (
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-LINEAR_KINDS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 _LAYER = "transformer.encoder.layers."
 _SIMPLE = {
     "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -189,9 +188,8 @@ def official_to_native(key: str, tensor: torch.Tensor, cfg: dict) -> list[tuple[
     base = f"model.layers.{idx}."
     if rest.startswith("self_attention.query_key_value."):
         suffix = rest.rsplit(".", 1)[1]  # weight, bias, weight_scale
-        kv = cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        groups = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else cfg["num_attention_heads"]
-        sizes = [cfg["num_attention_heads"] * kv, groups * kv, groups * kv]
+        heads, groups, kv = attention_dims(cfg)
+        sizes = [heads * kv, groups * kv, groups * kv]
         if tensor.shape[0] != sum(sizes):
             raise GlmtuneError(
                 f"{key}: shape {tuple(tensor.shape)}, expected {sum(sizes)} rows (q {sizes[0]} | k {sizes[1]} | v {sizes[2]})"
@@ -233,8 +231,7 @@ def native_to_official(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, t
             continue
         else:
             raise KeyError(name)
-    kv = cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    rotary_dim = kv // 2
+    rotary_dim = attention_dims(cfg)[2] // 2
     base = 10000.0 * float(cfg.get("rope_ratio", 1.0))
     out["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (
         base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)

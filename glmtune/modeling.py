@@ -29,11 +29,16 @@ from glmtune.prefix import PrefixConfig, PrefixEncoder, PrefixKV
 IGNORE_INDEX = -100
 
 
-def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
-    """The native GlmConfig equivalent to an official ChatGLM2 config.json (dict)."""
+def attention_dims(cfg: dict) -> tuple[int, int, int]:
+    """(query heads, key/value groups, kv_channels) of an official ChatGLM2 config dict."""
     heads = cfg["num_attention_heads"]
     groups = cfg["multi_query_group_num"] if cfg.get("multi_query_attention", False) else heads
-    kv_channels = cfg.get("kv_channels") or cfg["hidden_size"] // heads
+    return heads, groups, cfg.get("kv_channels") or cfg["hidden_size"] // heads
+
+
+def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
+    """The native GlmConfig equivalent to an official ChatGLM2 config.json (dict)."""
+    heads, groups, kv_channels = attention_dims(cfg)
     config = GlmConfig(
         vocab_size=cfg["padded_vocab_size"],
         hidden_size=cfg["hidden_size"],
