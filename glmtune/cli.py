@@ -82,7 +82,7 @@ def preprocess(
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1),
 ) -> None:
     """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
-    from glmtune import data
+    from glmtune import data, dataset_store
     from glmtune.tokenizer import load_tokenizer
 
     given = {name: path for name, path in (("train", train_file), ("validation", validation_file), ("test", test_file)) if path}
@@ -98,9 +98,9 @@ def preprocess(
         max_samples=max_samples,
     )
     config.validate()
-    report = data.preprocess(source, load_tokenizer(model_path), output_dir, config, mode, num_workers)
+    report = dataset_store.preprocess(source, load_tokenizer(model_path), output_dir, config, mode, num_workers)
     typer.echo(data.format_report(report))
-    typer.echo(f"wrote {output_dir} (report: {output_dir / data.REPORT_FILE})")
+    typer.echo(f"wrote {output_dir} (report: {output_dir / dataset_store.REPORT_FILE})")
 
 
 def _both(name: str) -> tuple[str, str]:

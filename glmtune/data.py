@@ -13,34 +13,27 @@ Reproduces `preprocess_function_train` / `preprocess_function_eval` in THUDM/Cha
   which glmtune scores by default (the official labels are a truncated re-decoding of it).
 
 `max_samples` follows the official `max_train_samples` / `max_eval_samples`: the first N rows *read* (empty ones
-included) are kept, then empty rows are dropped, so fewer than N may remain. A preprocessed folder records which
-rows it dropped, so the same N on it selects the same rows as on the raw file.
+included) are kept, then empty rows are dropped, so fewer than N may remain.
 
 Unlike the official code nothing is padded here: `collate_train` pads right and `collate_eval` pads left per
 batch, so the unpadded ids and labels are identical and batches are shorter.
+
+Saving tokenized rows to disk (`glmtune preprocess` folders, the raw-file cache) is `glmtune.dataset_store`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import itertools
 import json
-import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.errors import GlmtuneError
 
-logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 2  # bump when the stored columns or their meaning change: it invalidates caches
-META_FILE = "glmtune_data.json"
-REPORT_FILE = "preprocess_report.json"
 MODES = ("train", "eval")
 IGNORE_INDEX = -100
 MIN_ROWS_PER_WORKER = 4096
@@ -186,13 +179,13 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
 # --- tokenizing ----------------------------------------------------------------------------------
 
 
-def _is_usable(row: dict) -> bool:
+def is_usable(row: dict) -> bool:
     # The official filter is truthiness: "" and None are dropped, whitespace-only text is kept.
     return bool(row["prompt"] and row["response"])
 
 
 def _usable(rows: Sequence[dict]) -> list[dict]:
-    return [row for row in rows if _is_usable(row)]
+    return [row for row in rows if is_usable(row)]
 
 
 def _encode_batch(batch: dict, tokenizer: Any, config: DataConfig, mode: str) -> dict:
@@ -223,11 +216,16 @@ def _encode_batch(batch: dict, tokenizer: Any, config: DataConfig, mode: str) ->
     return out
 
 
-def _tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str, num_workers: int):
+def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str, num_workers: int = 1):
+    """The usable `rows` tokenized for `mode` ("train" or "eval"): what `tokenize_train` / `tokenize_eval` return."""
     if mode not in MODES:
         raise GlmtuneError(f"mode must be one of {MODES}, got {mode!r}")
     config.validate()
     import datasets
+
+    # The format version and fingerprints belong to dataset_store, which imports this module: importing them
+    # at call time, not at the top, keeps that from being a circular import.
+    from glmtune.dataset_store import FORMAT_VERSION, digest, tokenizer_fingerprint
 
     kept = _usable(rows)
     if not kept:
@@ -246,19 +244,19 @@ def _tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: st
         remove_columns=dataset.column_names,
         num_proc=workers if workers > 1 else None,
         # Our own cache key replaces datasets' fingerprint, which would hash the whole tokenizer.
-        new_fingerprint=_digest([FORMAT_VERSION, mode, asdict(config), tokenizer_fingerprint(tokenizer), len(texts)])[:32],
+        new_fingerprint=digest([FORMAT_VERSION, mode, asdict(config), tokenizer_fingerprint(tokenizer), len(texts)])[:32],
         desc=f"tokenizing ({mode})",
     )
 
 
 def tokenize_train(rows: Sequence[dict], tokenizer: Any, config: DataConfig | None = None, num_workers: int = 1):
     """A `datasets.Dataset` with unpadded `input_ids`, `labels` (+ `prompt_tokens`, `target_tokens` lengths)."""
-    return _tokenize(rows, tokenizer, config or DataConfig(), "train", num_workers)
+    return tokenize(rows, tokenizer, config or DataConfig(), "train", num_workers)
 
 
 def tokenize_eval(rows: Sequence[dict], tokenizer: Any, config: DataConfig | None = None, num_workers: int = 1):
     """A `datasets.Dataset` with unpadded prompt `input_ids`, official `labels`, full `reference` text, lengths."""
-    return _tokenize(rows, tokenizer, config or DataConfig(), "eval", num_workers)
+    return tokenize(rows, tokenizer, config or DataConfig(), "eval", num_workers)
 
 
 def eval_references(dataset, tokenizer: Any, official_truncation: bool = False) -> list[str]:
@@ -375,215 +373,3 @@ def format_report(report: dict) -> str:
         f"{report['targets_truncated']:>8}{report['targets_truncated_pct']:>8}",
     ]
     return "\n".join(lines)
-
-
-# --- saving, loading, caching --------------------------------------------------------------------
-
-
-def _digest(parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the SentencePiece model the tokenizer runs (what decides the ids)."""
-    sp_model = getattr(tokenizer, "sp_model", None)
-    if sp_model is not None:
-        return hashlib.sha256(sp_model.serialized_model_proto()).hexdigest()
-    return hashlib.sha256(Path(tokenizer.vocab_file).read_bytes()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_preprocessed(path: str | os.PathLike) -> bool:
-    return (Path(path) / META_FILE).is_file()
-
-
-def _read_json(file: Path) -> Any:
-    if not file.is_file():
-        raise GlmtuneError(f"{file}: missing; preprocess again")
-    try:
-        return json.loads(file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise GlmtuneError(f"{file}: not UTF-8 text; preprocess again") from None
-    except json.JSONDecodeError as exc:
-        raise GlmtuneError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); preprocess again") from None
-
-
-# What each stored DataConfig field may hold (bool is excluded from int: JSON `true` is not a length).
-_CONFIG_TYPES = {
-    "prompt_column": (str,), "response_column": (str,), "history_column": (str, type(None)), "source_prefix": (str,),
-    "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
-}
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    """The checked `glmtune_data.json` of a folder written by `preprocess`; `meta["config"]` is a DataConfig.
-
-    A missing, corrupt or foreign file raises GlmtuneError naming the file and the field (expected vs found).
-    """
-    path = Path(path)
-    file = path / META_FILE
-    if not file.is_file():
-        raise GlmtuneError(f"{path}: not a glmtune dataset folder (no {META_FILE}; make one with `glmtune preprocess`)")
-    meta = _read_json(file)
-    if not isinstance(meta, dict):
-        raise GlmtuneError(f"{file}: expected a JSON object, found {type(meta).__name__}")
-
-    def bad(field: str, expected: str, found: Any = None) -> GlmtuneError:
-        found = "nothing" if found is None and field not in meta else repr(found)
-        return GlmtuneError(f"{file}: field {field!r} should be {expected}, found {found}; preprocess again")
-
-    if meta.get("format") != FORMAT_VERSION:  # first: an older layout may fail the checks below for no real fault
-        raise bad("format", str(FORMAT_VERSION), meta.get("format"))
-    if meta.get("mode") not in MODES:
-        raise bad("mode", f"one of {MODES}", meta.get("mode"))
-    sha = meta.get("tokenizer_sha256")
-    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-        raise bad("tokenizer_sha256", "a sha256 hex string", sha)
-    skipped = meta.get("skipped_rows")
-    if not (isinstance(skipped, list) and all(type(i) is int and i >= 0 for i in skipped)
-            and all(a < b for a, b in zip(skipped, skipped[1:]))):
-        raise bad("skipped_rows", "increasing row numbers", skipped)
-    stored = meta.get("config")
-    if not isinstance(stored, dict):
-        raise bad("config", "an object of settings", stored)
-    unknown, missing = sorted(set(stored) - set(_CONFIG_TYPES)), sorted(set(_CONFIG_TYPES) - set(stored))
-    if unknown or missing:
-        problem = f"has unknown setting(s) {unknown}" if unknown else f"lacks setting(s) {missing}"
-        raise GlmtuneError(f"{file}: field 'config' {problem} (expected {sorted(_CONFIG_TYPES)}); preprocess again")
-    for name, types in _CONFIG_TYPES.items():
-        if not isinstance(stored[name], types) or isinstance(stored[name], bool):
-            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise GlmtuneError(f"{file}: field 'config.{name}' should be {expected}, "
-                               f"found {type(stored[name]).__name__} ({stored[name]!r:.40})")
-    config = DataConfig(**stored)
-    try:
-        config.validate()
-    except GlmtuneError as exc:
-        raise GlmtuneError(f"{file}: field 'config': {exc}") from None
-    return {**meta, "config": config}
-
-
-def _check_output_dir(output_dir: Path) -> None:
-    # Checked before any tokenizing, so a wrong path fails at once rather than after minutes of work.
-    for folder in (output_dir, *output_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise GlmtuneError(f"{folder}: exists and is not a folder")
-            break
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not is_preprocessed(output_dir):
-        raise GlmtuneError(f"{output_dir}: exists and is not a glmtune dataset folder; refusing to overwrite it")
-
-
-def preprocess(
-    source: str | os.PathLike, tokenizer: Any, output_dir: str | os.PathLike, config: DataConfig | None = None,
-    mode: str = "train", num_workers: int = 1,
-) -> dict:
-    """Tokenize a raw file into `output_dir` (Arrow dataset + meta + report), atomically; returns the report.
-
-    An existing glmtune dataset folder at `output_dir` is replaced; any other non-empty folder is refused.
-    """
-    config = config or DataConfig()
-    source, output_dir = Path(source), Path(output_dir)
-    _check_output_dir(output_dir)
-    rows = load_rows(source, config)
-    dataset = _tokenize(rows, tokenizer, config, mode, num_workers)
-    report = build_report(rows, dataset, config, mode, source)
-    meta = {
-        "format": FORMAT_VERSION, "mode": mode, "config": asdict(config), "source": str(source),
-        "source_sha256": _file_sha256(source), "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
-        # Which rows read were dropped as empty: lets a later max_samples pick rows as on the raw file.
-        "skipped_rows": [i for i, row in enumerate(rows) if not _is_usable(row)],
-    }
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        dataset.save_to_disk(str(tmp))
-        (tmp / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        if output_dir.exists():  # a directory cannot be replaced in one step: move the old one aside first
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return report
-
-
-def _first_samples(dataset, skipped_rows: list[int], max_samples: int | None):
-    """The kept rows among the first `max_samples` rows read (the raw-file rule), from the stored kept rows."""
-    if max_samples is None:
-        return dataset
-    count = max_samples - sum(1 for i in skipped_rows if i < max_samples)
-    return dataset if count >= len(dataset) else dataset.select(range(max(count, 0)))
-
-
-def load_preprocessed(
-    path: str | os.PathLike, tokenizer: Any | None = None, mode: str | None = None, max_samples: int | None = None,
-):
-    """(dataset, report, meta) of a folder written by `preprocess`, checking its mode and tokenizer.
-
-    `max_samples` keeps the rows the same number would keep on the raw file; `meta` is `read_meta`'s.
-    """
-    import datasets
-
-    path = Path(path)
-    meta = read_meta(path)
-    if mode is not None and meta["mode"] != mode:
-        raise GlmtuneError(f"{path}: tokenized for {meta['mode']!r}, but {mode!r} data is needed (preprocess with --mode {mode})")
-    if tokenizer is not None and meta["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
-        raise GlmtuneError(f"{path}: tokenized with a different tokenizer.model than the model's; preprocess again")
-    report = _read_json(path / REPORT_FILE)
-    try:
-        dataset = datasets.load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise GlmtuneError(f"{path}: dataset files missing ({exc}); preprocess again") from None
-    return _first_samples(dataset, meta["skipped_rows"], max_samples), report, meta
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("GLMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmtune"
-    return Path(root) / "datasets"
-
-
-def load_or_build_dataset(
-    source: str | os.PathLike, tokenizer: Any, config: DataConfig | None = None, mode: str = "train",
-    cache_dir: str | os.PathLike | None = None, num_workers: int = 1,
-):
-    """(dataset, report) for a preprocessed folder, or for a raw file tokenized once and cached.
-
-    The cache entry is keyed by the file's content, the tokenizer model, the settings and the mode, so an
-    edited file or a changed flag builds a new entry and an unchanged one is reused. A folder keeps the
-    settings it was made with; only `config.max_samples` applies to it, by the raw-file rule.
-    """
-    config = config or DataConfig()
-    source = Path(source)
-    if source.is_dir():
-        dataset, report, meta = load_preprocessed(source, tokenizer, mode, config.max_samples)
-        differing = {
-            k: (v, getattr(config, k)) for k, v in asdict(meta["config"]).items()
-            if k != "max_samples" and getattr(config, k) != v  # max_samples is applied, not a stored setting
-        }
-        if differing:
-            logger.warning("%s was preprocessed with other settings; using the stored ones: %s", source, differing)
-        return dataset, report
-    if not source.is_file():
-        raise GlmtuneError(f"{source}: no such file or dataset folder")
-    config.validate()
-    key = _digest([FORMAT_VERSION, mode, asdict(config), tokenizer_fingerprint(tokenizer), _file_sha256(source)])
-    entry = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = entry / f"{source.stem}-{mode}-{key[:16]}"
-    if not is_preprocessed(entry):
-        preprocess(source, tokenizer, entry, config, mode, num_workers)
-    else:
-        logger.info("using cached tokenized data %s", entry)
-    dataset, report, _ = load_preprocessed(entry, tokenizer, mode)
-    return dataset, report

@@ -209,7 +209,7 @@ def evaluate(
     num_workers: int = 1,
     progress: bool = True,
 ) -> EvalOutput:
-    """Generate for every row of an eval `dataset` (from `glmtune.data.tokenize_eval` / `load_or_build_dataset`),
+    """Generate for every row of an eval `dataset` (from `glmtune.data.tokenize_eval` / `glmtune.dataset_store.load_or_build_dataset`),
     score against its references, write `OUT/generated_predictions.jsonl` and `OUT/predict_results.json`."""
     from glmtune import data, metrics
 
@@ -240,18 +240,18 @@ def load_eval_data(
     `glmtune preprocess --mode eval`. A preprocessed folder keeps the settings it was made with; only
     `max_samples` still applies (the first N rows read, before empty ones were dropped, as on a raw file).
     """
-    from glmtune import data
+    from glmtune import dataset_store
 
     if (test_file is None) == (dataset_dir is None):
         raise GlmtuneError("give exactly one of --test-file (raw data) or --dataset (a `glmtune preprocess` folder)")
     if test_file is not None:
         if Path(test_file).is_dir():
             raise GlmtuneError(f"{test_file}: is a folder; pass a preprocessed folder with --dataset")
-        dataset, _ = data.load_or_build_dataset(test_file, tokenizer, config, mode="eval", cache_dir=cache_dir,
-                                                num_workers=num_workers)
+        dataset, _ = dataset_store.load_or_build_dataset(test_file, tokenizer, config, mode="eval", cache_dir=cache_dir,
+                                                         num_workers=num_workers)
         return dataset, config
     # `read_meta` (inside) checks the stored settings; max_samples picks rows as it would on the raw file.
-    dataset, _, meta = data.load_preprocessed(dataset_dir, tokenizer, mode="eval", max_samples=config.max_samples)
+    dataset, _, meta = dataset_store.load_preprocessed(dataset_dir, tokenizer, mode="eval", max_samples=config.max_samples)
     return dataset, dataclasses.replace(meta["config"], max_samples=config.max_samples)
 
 

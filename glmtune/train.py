@@ -435,7 +435,8 @@ def _restore(resume_dir: Path, config: TrainConfig, dist: Dist, optimizer, sched
 
 
 def _load_dataset(config: TrainConfig, tokenizer, dist: Dist, say):
-    from glmtune.data import DataConfig, format_report, load_or_build_dataset
+    from glmtune.data import DataConfig, format_report
+    from glmtune.dataset_store import load_or_build_dataset
 
     if config.dataset and not Path(config.dataset).is_dir():
         raise GlmtuneError(f"--dataset {config.dataset}: not a folder (pass raw files with --train-file)")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from glmtune import data
+from glmtune import data, dataset_store
 from glmtune.cli import app
 from glmtune.errors import GlmtuneError
 
@@ -168,7 +168,7 @@ def test_collate_eval_left_pads_like_the_official_batch_encoding(tokenizer, gold
 def test_report_on_full_adgen_dev_matches_the_official_cut_rates(reference, tokenizer, tmp_path):
     source = reference / "AdvertiseGen" / "dev.json"
     config = data.DataConfig(max_source_length=64, max_target_length=64)
-    report = data.preprocess(source, tokenizer, tmp_path / "dev-eval", config, mode="eval")
+    report = dataset_store.preprocess(source, tokenizer, tmp_path / "dev-eval", config, mode="eval")
     rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
     prompt_lengths = [len(tokenizer.encode(tokenizer.build_prompt(r["content"], None))) for r in rows]
     target_lengths = [len(tokenizer.encode(r["summary"], add_special_tokens=False)) for r in rows]
@@ -179,7 +179,7 @@ def test_report_on_full_adgen_dev_matches_the_official_cut_rates(reference, toke
     assert 16 < report["prompts_truncated_pct"] < 18 and 79 < report["targets_truncated_pct"] < 81
     assert report["prompt_tokens"]["max"] == max(prompt_lengths)
     assert report["target_tokens"]["p90"] == pytest.approx(np.percentile(target_lengths, 90), abs=0.05)
-    saved = json.loads((tmp_path / "dev-eval" / data.REPORT_FILE).read_text(encoding="utf-8"))
+    saved = json.loads((tmp_path / "dev-eval" / dataset_store.REPORT_FILE).read_text(encoding="utf-8"))
     assert saved == report
 
 
@@ -233,14 +233,14 @@ def test_bad_input_names_file_line_and_what_was_expected(tmp_path, name, text, c
 def test_failed_preprocess_writes_nothing_and_refuses_foreign_folders(tmp_path, tokenizer):
     bad = _write(tmp_path / "bad.jsonl", '{"content": "a", "summary": "b"}\nnope\n')
     with pytest.raises(GlmtuneError, match="bad.jsonl:2"):
-        data.preprocess(bad, tokenizer, tmp_path / "out")
+        dataset_store.preprocess(bad, tokenizer, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     good = _write(tmp_path / "good.jsonl", '{"content": "a", "summary": "b"}\n')
     with pytest.raises(GlmtuneError, match="not a glmtune dataset folder"):
-        data.preprocess(good, tokenizer, foreign)
+        dataset_store.preprocess(good, tokenizer, foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -285,9 +285,9 @@ def test_preprocess_into_an_existing_file_is_refused_clearly(tmp_path):
     taken = _write(tmp_path / "taken", "a file")
     # The tokenizer is never reached: the output path is checked before any work.
     with pytest.raises(GlmtuneError, match=r"taken: exists and is not a folder"):
-        data.preprocess(good, None, taken)
+        dataset_store.preprocess(good, None, taken)
     with pytest.raises(GlmtuneError, match=r"taken: exists and is not a folder"):
-        data.preprocess(good, None, taken / "sub")
+        dataset_store.preprocess(good, None, taken / "sub")
     assert taken.read_text() == "a file"
 
 
@@ -297,34 +297,34 @@ def test_preprocess_into_an_existing_file_is_refused_clearly(tmp_path):
 def test_raw_file_is_tokenized_once_then_served_from_the_cache(dev150, tokenizer, tmp_path):
     config = data.DataConfig(max_source_length=64, max_target_length=64)
     cache = tmp_path / "cache"
-    first, report = data.load_or_build_dataset(dev150, tokenizer, config, "train", cache_dir=cache)
+    first, report = dataset_store.load_or_build_dataset(dev150, tokenizer, config, "train", cache_dir=cache)
     (entry,) = list(cache.iterdir())
-    stamp = (entry / data.META_FILE).stat().st_mtime_ns
-    again, _ = data.load_or_build_dataset(dev150, tokenizer, config, "train", cache_dir=cache)
+    stamp = (entry / dataset_store.META_FILE).stat().st_mtime_ns
+    again, _ = dataset_store.load_or_build_dataset(dev150, tokenizer, config, "train", cache_dir=cache)
     assert again["input_ids"] == first["input_ids"] and report["rows_read"] == 150
-    assert list(cache.iterdir()) == [entry] and (entry / data.META_FILE).stat().st_mtime_ns == stamp
-    data.load_or_build_dataset(dev150, tokenizer, data.DataConfig(max_source_length=32), "train", cache_dir=cache)
-    data.load_or_build_dataset(dev150, tokenizer, config, "eval", cache_dir=cache)
+    assert list(cache.iterdir()) == [entry] and (entry / dataset_store.META_FILE).stat().st_mtime_ns == stamp
+    dataset_store.load_or_build_dataset(dev150, tokenizer, data.DataConfig(max_source_length=32), "train", cache_dir=cache)
+    dataset_store.load_or_build_dataset(dev150, tokenizer, config, "eval", cache_dir=cache)
     assert len(list(cache.iterdir())) == 3  # other settings or mode: new entries
 
 
 def test_preprocessed_folder_is_taken_instead_of_a_raw_file_and_checked(dev150, tokenizer, tmp_path):
     out = tmp_path / "tok"
-    data.preprocess(dev150, tokenizer, out, data.DataConfig(max_samples=30), mode="train")
-    dataset, report = data.load_or_build_dataset(out, tokenizer, mode="train")
+    dataset_store.preprocess(dev150, tokenizer, out, data.DataConfig(max_samples=30), mode="train")
+    dataset, report = dataset_store.load_or_build_dataset(out, tokenizer, mode="train")
     assert len(dataset) == 30 and report["rows_read"] == 30
     with pytest.raises(GlmtuneError, match="tokenized for 'train'"):
-        data.load_or_build_dataset(out, tokenizer, mode="eval")
-    meta = json.loads((out / data.META_FILE).read_text(encoding="utf-8"))
+        dataset_store.load_or_build_dataset(out, tokenizer, mode="eval")
+    meta = json.loads((out / dataset_store.META_FILE).read_text(encoding="utf-8"))
     meta["tokenizer_sha256"] = "0" * 64
-    (out / data.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    (out / dataset_store.META_FILE).write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(GlmtuneError, match="different tokenizer"):
-        data.load_or_build_dataset(out, tokenizer, mode="train")
+        dataset_store.load_or_build_dataset(out, tokenizer, mode="train")
 
 
 def _valid_meta(**changes):
     meta = {
-        "format": data.FORMAT_VERSION, "mode": "train", "config": dataclasses.asdict(data.DataConfig()),
+        "format": dataset_store.FORMAT_VERSION, "mode": "train", "config": dataclasses.asdict(data.DataConfig()),
         "source": "x.json", "source_sha256": "0" * 64, "tokenizer_sha256": "0" * 64, "skipped_rows": [],
     }
     meta.update(changes)
@@ -334,15 +334,15 @@ def _valid_meta(**changes):
 def _folder(tmp_path, meta_text, report=True):
     folder = tmp_path / "tok"
     folder.mkdir()
-    (folder / data.META_FILE).write_text(meta_text, encoding="utf-8")
+    (folder / dataset_store.META_FILE).write_text(meta_text, encoding="utf-8")
     if report:
-        (folder / data.REPORT_FILE).write_text("{}", encoding="utf-8")
+        (folder / dataset_store.REPORT_FILE).write_text("{}", encoding="utf-8")
     return folder
 
 
 def test_read_meta_returns_the_stored_settings_as_a_data_config(tmp_path):
     folder = _folder(tmp_path, json.dumps(_valid_meta(config={**dataclasses.asdict(data.DataConfig()), "max_source_length": 256})))
-    meta = data.read_meta(folder)
+    meta = dataset_store.read_meta(folder)
     assert meta["mode"] == "train" and meta["config"] == data.DataConfig(max_source_length=256)
 
 
@@ -364,7 +364,7 @@ def test_read_meta_returns_the_stored_settings_as_a_data_config(tmp_path):
 )
 def test_damaged_dataset_metadata_names_the_file_and_the_field(tmp_path, meta_text, message):
     folder = _folder(tmp_path, meta_text)
-    for read in (lambda: data.read_meta(folder), lambda: data.load_or_build_dataset(folder, None, mode="train")):
+    for read in (lambda: dataset_store.read_meta(folder), lambda: dataset_store.load_or_build_dataset(folder, None, mode="train")):
         with pytest.raises(GlmtuneError, match=message):
             read()
 
@@ -380,21 +380,21 @@ def test_eval_reads_a_damaged_dataset_folder_through_the_same_checks(tmp_path):
 def test_a_dataset_folder_without_its_report_is_a_clear_error(tmp_path):
     folder = _folder(tmp_path, json.dumps(_valid_meta()), report=False)
     with pytest.raises(GlmtuneError, match=r"preprocess_report\.json: missing; preprocess again"):
-        data.load_preprocessed(folder)
+        dataset_store.load_preprocessed(folder)
 
 
 def test_max_samples_on_a_preprocessed_folder_follows_the_raw_file_rule_without_a_warning(tmp_path, tokenizer, caplog):
     lines = [{"content": f"问{i}", "summary": "" if i in (1, 2) else f"答{i}"} for i in range(6)]
     raw = _write(tmp_path / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     out = tmp_path / "tok"
-    data.preprocess(raw, tokenizer, out, data.DataConfig(max_samples=5), mode="train")  # rows 0..4 read, 1 and 2 dropped
-    assert data.read_meta(out)["skipped_rows"] == [1, 2]
+    dataset_store.preprocess(raw, tokenizer, out, data.DataConfig(max_samples=5), mode="train")  # rows 0..4 read, 1 and 2 dropped
+    assert dataset_store.read_meta(out)["skipped_rows"] == [1, 2]
     for n in (1, 2, 3, 4, 9):
         config = data.DataConfig(max_samples=n)
-        from_raw, _ = data.load_or_build_dataset(raw, tokenizer, config, "train", cache_dir=tmp_path / "cache")
-        with caplog.at_level("WARNING", logger="glmtune.data"):
+        from_raw, _ = dataset_store.load_or_build_dataset(raw, tokenizer, config, "train", cache_dir=tmp_path / "cache")
+        with caplog.at_level("WARNING", logger="glmtune.dataset_store"):
             caplog.clear()
-            from_folder, _ = data.load_or_build_dataset(out, tokenizer, config, "train")
+            from_folder, _ = dataset_store.load_or_build_dataset(out, tokenizer, config, "train")
         assert not caplog.records  # only max_samples differs from the stored settings: nothing to warn about
         expected = from_raw["input_ids"] if n <= 5 else from_raw["input_ids"][:3]
         assert from_folder["input_ids"] == expected, n
@@ -416,7 +416,7 @@ def test_preprocess_command_writes_a_loadable_dataset_and_report(reference, dev1
 
     dataset = datasets.load_from_disk(str(out))
     assert len(dataset) == 40 and dataset[0]["input_ids"][:2] == [GMASK, SOP]
-    report = json.loads((out / data.REPORT_FILE).read_text(encoding="utf-8"))
+    report = json.loads((out / dataset_store.REPORT_FILE).read_text(encoding="utf-8"))
     assert report["mode"] == "train" and report["max_target_length"] == 64
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from glmtune import data
+from glmtune import data, dataset_store
 from glmtune.cli import app
 from glmtune.errors import GlmtuneError
 from glmtune.evaluate import (
@@ -126,7 +126,7 @@ def test_eval_of_a_glmtune_train_checkpoint_writes_official_files_keys_and_full_
 
     # The same rows preprocessed into a dataset folder give the same file.
     folder = tmp_path / "dev-eval"
-    data.preprocess(DEV, load_tokenizer(tiny), folder, data.DataConfig(), mode="eval")
+    dataset_store.preprocess(DEV, load_tokenizer(tiny), folder, data.DataConfig(), mode="eval")
     again = tmp_path / "eval-dataset"
     result = CliRunner().invoke(app, [
         "eval", "--model-path", str(tiny), "--ptuning-checkpoint", str(checkpoint), "--dataset", str(folder),
