@@ -2,7 +2,7 @@
 
 A checkpoint `OUT/checkpoint-N/` holds what the official P-tuning trainer (THUDM/ChatGLM2-6B
 `ptuning/trainer.py` with `save_prefixencoder=True`) writes, readable by the official loader snippet
-(`torch.load(.../pytorch_model.bin)`, keys `transformer.prefix_encoder.*`, config.json with
+(it reads `pytorch_model.bin` with torch.load, keys `transformer.prefix_encoder.*`, config.json with
 `pre_seq_len`/`prefix_projection`), the tokenizer files, and the state needed to continue exactly:
 `optimizer.pt`, `scheduler.pt`, `rng_state.pt` (every process) and `trainer_state.json`.
 
