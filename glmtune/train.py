@@ -460,7 +460,5 @@ def _load_dataset(config: TrainConfig, tokenizer, dist: Dist, say):
     dist.barrier()
     if not dist.main:
         dataset, report = build()
-    say(format_report(report))
-    if config.max_train_samples is not None and len(dataset) > config.max_train_samples:
-        dataset = dataset.select(range(config.max_train_samples))
+    say(format_report(report))  # max_train_samples was applied by the dataset store (official rule)
     return dataset.select_columns(["input_ids", "labels"])
