@@ -100,6 +100,8 @@ def generate_token_ids(
     from tqdm.auto import tqdm
     from transformers import set_seed
 
+    from glmtune.data import collate_eval
+
     settings = settings or GenerationSettings()
     settings.validate()
     if any(len(p) == 0 for p in prompts):
@@ -113,16 +115,12 @@ def generate_token_ids(
     bar = tqdm(total=len(prompts), desc="generating", unit="sample", disable=not progress, dynamic_ncols=True)
     try:
         for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
-            width = max(len(prompts[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                n = len(prompts[i])
-                input_ids[row, width - n :] = torch.as_tensor(list(prompts[i]), dtype=torch.long)
-                attention_mask[row, width - n :] = 1
+            padded = collate_eval([{"input_ids": list(prompts[i])} for i in batch], pad_token_id=pad_token_id)
+            width = padded["input_ids"].shape[1]
             with torch.inference_mode():
+                # Positions are derived from the mask inside the model (and extended by generate).
                 output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
                     pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs,
                 )
             # As the official trainer: keep what follows the (padded) prompt.
