@@ -47,3 +47,35 @@ def _umask_modes(folder: Path) -> None:
     for path in folder.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     folder.chmod(0o777 & ~umask)
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
+    """Open a temporary file beside `path` for writing; on success it replaces `path` in one rename.
+
+    The one helper for single-file outputs (JSON results, reports, metrics rewrites, plots): a crash or
+    a kill leaves the old file or the new one, never half of one. `mode` is "w" (text) or "wb".
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; give the file the modes its neighbours get
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as handle:
+        handle.write(text)
+    return Path(path)
