@@ -280,7 +280,9 @@ def chat(
         raise GlmtuneError(f"sampling needs --temperature > 0 and 0 < --top-p <= 1 (found {temperature}, {top_p}); or pass --greedy")
     import json
 
-    from glmtune import chat as chat_lib
+    import importlib
+
+    chat_lib = importlib.import_module("glmtune.chat")  # `glmtune.chat` is the function (see glmtune/__init__.py)
 
     history = chat_lib.read_history_file(history_file) if history_file is not None else []
     if query is None:

@@ -1,4 +1,9 @@
-"""Shared fixtures. `reference` is the one way tests reach ../shared/reference; absent → skip with a reason."""
+"""Shared fixtures. `reference` is the one way tests reach ../shared/reference.
+
+Absent reference data skips the tests that need it, with a reason, except where
+GLMTUNE_REQUIRE_REFERENCE=1 (set by `.ci/run`): there a missing folder is a failure, so CI can never
+pass by silently skipping every golden-parity test.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("GLMTUNE_REFERENCE", REPO.parent / "shared" / "reference"))
 
 
+def reference_missing_action(reference: Path, required: bool) -> str | None:
+    """None when `reference` is usable, else "fail" (required) or "skip", with the message in the caller."""
+    if (reference / "README.md").is_file():
+        return None
+    return "fail" if required else "skip"
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
-    if not (REFERENCE / "README.md").is_file():
-        pytest.skip(f"reference data not found at {REFERENCE} (set GLMTUNE_REFERENCE)")
+    action = reference_missing_action(REFERENCE, os.environ.get("GLMTUNE_REQUIRE_REFERENCE") == "1")
+    message = f"reference data not found at {REFERENCE} (set GLMTUNE_REFERENCE)"
+    if action == "fail":
+        pytest.fail(message + "; GLMTUNE_REQUIRE_REFERENCE=1 makes this an error", pytrace=False)
+    if action == "skip":
+        pytest.skip(message)
     return REFERENCE

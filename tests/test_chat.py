@@ -234,10 +234,9 @@ def test_chat_flags_for_one_shot_need_a_query(tiny):
     assert proc.returncode == 2 and "need --query" in proc.stderr
 
 
-pexpect = pytest.importorskip("pexpect")
-
-
 def _spawn(*args):
+    # Only the terminal tests need pexpect: a module-level importorskip would skip every chat test.
+    pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
     return pexpect.spawn(sys.executable, ["-m", "glmtune", "chat", *map(str, args)], env=env, encoding="utf-8",
                          timeout=90, dimensions=(50, 400))
@@ -268,7 +267,7 @@ def test_interactive_chat_streams_keeps_history_clears_and_stops(tiny, loaded):
         child.expect_exact("User: ")
         prompt3, _, answer3 = _turn(child, "这款裙子什么颜色")
         child.sendline("stop")
-        child.expect(pexpect.EOF)
+        child.expect(pytest.importorskip("pexpect").EOF)
     finally:
         child.close()
     assert child.exitstatus == 0
@@ -297,7 +296,7 @@ def test_ctrl_c_stops_an_answer_but_not_the_session_and_ctrl_d_exits(tiny):
         child.expect_exact("history cleared")
         child.expect_exact("User: ")
         child.sendeof()
-        child.expect(pexpect.EOF)
+        child.expect(pytest.importorskip("pexpect").EOF)
     finally:
         child.close()
     assert child.exitstatus == 0

@@ -121,8 +121,6 @@ def test_bundled_multiturn_sample_uses_each_rows_history(tokenizer):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "data" / "multiturn_sample.json"
-    if not path.is_file():
-        pytest.skip("data/multiturn_sample.json not written yet")
     config = data.DataConfig(prompt_column="prompt", response_column="response", history_column="history", max_source_length=1024)
     rows = data.load_rows(path, config)
     assert any(row["history"] for row in rows)

@@ -3,7 +3,6 @@ tokens of base + checkpoint, needs no flags, and never overwrites a non-empty fo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -134,7 +133,6 @@ def test_cli_merge_then_chat_on_the_merged_folder_answers_as_base_plus_checkpoin
     assert json.loads(proc.stdout)["response"] == expected
 
 
-@pytest.mark.skipif(importlib.util.find_spec("glmtune.evaluate") is None, reason="glmtune.evaluate has not landed yet")
 def test_eval_on_the_merged_folder_without_flags_predicts_as_base_plus_checkpoint(tiny, tmp_path):
     from glmtune import data, evaluate
 
@@ -148,8 +146,6 @@ def test_eval_on_the_merged_folder_without_flags_predicts_as_base_plus_checkpoin
     assert from_merged.predictions == unmerged.predictions and len(unmerged.predictions) == 4
 
 
-@pytest.mark.skipif(importlib.util.find_spec("glmtune.quantization") is None,
-                    reason="glmtune.quantization has not landed yet")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_merge_stores_quantized_weights_and_loads_to_the_same_tokens(tiny, bits):
     root, model_dir, ckpt = tiny
