@@ -252,4 +252,6 @@ def load_or_build_dataset(
     else:
         logger.info("using cached tokenized data %s", entry)
     dataset, report, _ = load_preprocessed(entry, tokenizer, mode)
-    return dataset, report
+    # The entry is shared by every file with this content (other checkouts, copies): it records the path
+    # of whichever was tokenized first, so report the path the caller gave.
+    return dataset, {**report, "source": str(source)}

@@ -416,16 +416,22 @@ def save_model(
     max_shard_bytes: int = 2 * 1024**3,
     dtype: str | torch.dtype | None = None,
     tokenizer=None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` as an official-layout folder: sharded `model-0000N-of-0000M.safetensors` + index.
 
     The folder is written next to `out_dir` and renamed into place, so a failure never leaves a
     half-written model. With a prefix and `include_prefix`, config.json carries `pre_seq_len` and
-    `prefix_projection` and the weights carry `transformer.prefix_encoder.*`.
+    `prefix_projection` and the weights carry `transformer.prefix_encoder.*`. An existing non-empty
+    `out_dir` is refused unless `overwrite` (then it is replaced whole, once the new folder is complete).
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GlmtuneError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GlmtuneError(f"{out}: folder exists and is not empty; pass overwrite=True to replace it")
     save_dtype = parse_dtype(dtype) if dtype is not None else None
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.rotary_emb.")}
     if not include_prefix:

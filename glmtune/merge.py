@@ -123,7 +123,8 @@ def merge_checkpoint(
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
                        dtype=dtype, device="cpu")
     folded = fold_prefix(model) if fold else False
-    save_model(model, out, include_prefix=True, max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer=tokenizer)
+    save_model(model, out, include_prefix=True, max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer=tokenizer,
+               overwrite=force)
     files = [p for p in out.iterdir() if p.is_file()]
     return MergeResult(
         output_dir=out,

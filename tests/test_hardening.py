@@ -87,3 +87,46 @@ def test_missing_reference_data_fails_when_required_and_skips_otherwise(tmp_path
 
 def test_ci_entry_point_requires_the_reference_data():
     assert "export GLMTUNE_REQUIRE_REFERENCE=1" in (REPO / ".ci" / "run").read_text()
+
+
+# --- item 4: save_model never deletes an existing folder unless asked -----------------------------------
+
+
+def test_save_model_refuses_an_existing_folder_unless_overwrite(tiny, tmp_path):
+    from glmtune.loading import load_model, save_model
+
+    _, model_dir, _ = tiny
+    model = load_model(model_dir)
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(GlmtuneError, match="exists and is not empty"):
+        save_model(model, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GlmtuneError, match="not a folder"):
+        save_model(model, tmp_path / "file")
+    save_model(model, out, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+
+
+# --- item 7: a shared token-cache entry reports the path given, not the first one tokenized ------------
+
+
+def test_cached_tokenized_file_reports_the_path_given(tiny, tmp_path):
+    from glmtune import data, dataset_store
+    from glmtune.tokenizer import load_tokenizer
+
+    _, model_dir, _ = tiny
+    tokenizer = load_tokenizer(model_dir)
+    rows = "".join(json.dumps({"content": f"类型#裙{i}", "summary": f"好看{i}"}, ensure_ascii=False) + "\n" for i in range(3))
+    first, second = tmp_path / "checkout-a" / "train.json", tmp_path / "checkout-b" / "train.json"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_text(rows, encoding="utf-8")
+    cache = tmp_path / "cache"
+    _, report_a = dataset_store.load_or_build_dataset(first, tokenizer, data.DataConfig(), cache_dir=cache)
+    _, report_b = dataset_store.load_or_build_dataset(second, tokenizer, data.DataConfig(), cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1  # one shared entry
+    assert report_a["source"] == str(first) and report_b["source"] == str(second)
+    assert data.format_report(report_b).startswith(str(second))

@@ -305,7 +305,7 @@ def test_save_model_creates_missing_parents_and_replaces_an_old_folder_whole(gol
     out = tmp_path / "a" / "b" / "saved"
     save_model(model, out)
     (out / "stale.txt").write_text("from the previous save")
-    save_model(model, out)
+    save_model(model, out, overwrite=True)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["saved"]  # no temp or old folders left
     umask = os.umask(0)
