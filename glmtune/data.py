@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import json_line, text_lines
 
 MODES = ("train", "eval")
 IGNORE_INDEX = -100
@@ -64,35 +65,14 @@ class DataConfig:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _text_lines(path: Path):
-    """The file's lines as text, line endings kept; a UTF-8 BOM is dropped (as `utf-8-sig`).
-
-    Decoding line by line (a UTF-8 character never contains the byte \\n) lets a non-UTF-8 file be reported
-    with its line and byte offset instead of a bare UnicodeDecodeError.
-    """
-    offset = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise GlmtuneError(
-                    f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte offset {offset + exc.start}); "
-                    "save the file as UTF-8"
-                ) from None
-            offset += len(raw)
-
-
 def _iter_records(path: Path):
     """Yield (where, record) from JSON Lines, a JSON array, or CSV; `where` is 'file:line' (or ':item N')."""
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl", ".csv"):
         raise GlmtuneError(f"{path}: unsupported file type {suffix!r} (expected .json, .jsonl or .csv)")
-    with contextlib.closing(_text_lines(path)) as lines:
+    with contextlib.closing(text_lines(path)) as lines:
         if suffix == ".csv":
-            reader = csv.DictReader(lines)
-            for record in reader:
-                yield f"{path}:{reader.line_num}", record
+            yield from _csv_records(path, lines)
             return
         head: list[str] = []  # lines up to the first non-blank one, which tells an array from JSON Lines
         for line in lines:
@@ -110,11 +90,34 @@ def _iter_records(path: Path):
         for number, line in enumerate(itertools.chain(head, lines), start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GlmtuneError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            yield f"{path}:{number}", record
+            yield f"{path}:{number}", json_line(f"{path}:{number}", line)
+
+
+def _csv_records(path: Path, lines):
+    """(where, record) per CSV row. Malformed CSV is an error naming the row's first line: a row with more
+    fields than the header (as pandas, which the official `load_dataset("csv")` uses), or a quote never
+    closed (which would otherwise swallow the rest of the file into one field). A shorter row keeps None
+    for its missing fields, as pandas keeps NaN, and is then dropped as empty."""
+    reader = csv.reader(lines, strict=True)
+    start = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        start = reader.line_num + 1
+        for fields in reader:
+            where = f"{path}:{start}"
+            if not fields:  # a blank line
+                start = reader.line_num + 1
+                continue
+            if len(fields) > len(header):
+                raise GlmtuneError(f"{where}: {len(fields)} fields, but the header has {len(header)} ({header}); "
+                                   "quote fields that contain commas")
+            yield where, dict(itertools.zip_longest(header, fields))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        hint = "; a quoted field is never closed" if "end of data" in str(exc) else ""
+        raise GlmtuneError(f"{path}:{start}: malformed CSV ({exc}{hint})") from None
 
 
 def _text_field(where: str, record: dict, column: str) -> str | None:

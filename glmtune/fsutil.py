@@ -1,18 +1,24 @@
-"""Atomic folder output: build a folder beside its destination, then put it in place with one rename.
+"""File helpers shared by every command: atomic output, and reading user text files with clear errors.
 
-Shared by every command that writes a model folder (save/merge, quantize, init-model), so a failure or
-a kill never leaves a half-written folder where a complete one is expected, and an existing folder is
-only replaced once the new one is complete.
+Atomic folder output builds a folder beside its destination, then puts it in place with one rename
+(save/merge, quantize, init-model), so a failure or a kill never leaves a half-written folder where a
+complete one is expected, and an existing folder is only replaced once the new one is complete;
+`atomic_file` / `atomic_write_text` do the same for single files. `text_lines` reads a user's text file
+line by line and reports a non-UTF-8 byte with its line instead of a bare UnicodeDecodeError;
+`json_line` parses one JSON Lines record and names the right column on error.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from glmtune.errors import GlmtuneError
 
 
 @contextmanager
@@ -79,3 +85,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_file(path) as handle:
         handle.write(text)
     return Path(path)
+
+
+def text_lines(path: str | Path) -> Iterator[str]:
+    """The file's lines as text, line endings kept; a UTF-8 BOM is dropped (as `utf-8-sig`).
+
+    Decoding line by line (a UTF-8 character never contains the byte \\n) lets a non-UTF-8 file be reported
+    with its line and byte offset instead of a bare UnicodeDecodeError.
+    """
+    offset = 0
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise GlmtuneError(
+                    f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte offset {offset + exc.start}); "
+                    "save the file as UTF-8"
+                ) from None
+            offset += len(raw)
+
+
+def json_line(where: str, line: str):
+    """One JSON Lines record. The line ending is cut first: json counts a truncated line's error after the
+    newline ("line 2 column 1"), which would name column 1 instead of the end of the line."""
+    try:
+        return json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None

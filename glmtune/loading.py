@@ -45,6 +45,16 @@ _LAYER_SIMPLE = {
     "mlp.dense_4h_to_h": "mlp.down_proj",
 }
 _DROPPED = ("transformer.rotary_pos_emb.inv_freq",)
+# config.json fields the model is built from: checked here so a typo is one message naming the field, not a
+# traceback from deep inside torch (a string size) or a silent nonsense model (a negative one).
+_REQUIRED_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size")
+_POSITIVE_INT = (int, "a positive integer")
+_FIELD_TYPES = {
+    **dict.fromkeys(_REQUIRED_SIZES, _POSITIVE_INT),
+    **dict.fromkeys(("kv_channels", "multi_query_group_num", "seq_length"), _POSITIVE_INT),
+    **dict.fromkeys(("multi_query_attention", "add_qkv_bias"), (bool, "true or false")),
+    **dict.fromkeys(("layernorm_epsilon", "rope_ratio"), ((int, float), "a positive number")),
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -83,9 +93,18 @@ def read_chatglm_config(path: str | Path) -> dict:
         raise GlmtuneError(
             f"{cfg_file}: field model_type: expected 'chatglm' (ChatGLM2), found {cfg.get('model_type')!r}"
         )
-    for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size"):
+    for field in _REQUIRED_SIZES:
         if field not in cfg:
             raise GlmtuneError(f"{cfg_file}: field {field} missing")
+    for field, (kind, expected) in _FIELD_TYPES.items():
+        value = cfg.get(field)
+        if value is None and field not in _REQUIRED_SIZES:
+            continue  # optional, and the official configs write null for "not set"
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if ok and kind is not bool:
+            ok = value > 0  # sizes, epsilon and rope_ratio alike
+        if not ok:
+            raise GlmtuneError(f"{cfg_file}: field {field}: expected {expected}, found {value!r}")
     return cfg
 
 

@@ -13,6 +13,7 @@ Differences from the official code, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import atomic_write_text, json_line, text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +144,11 @@ def read_predictions(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         raise GlmtuneError(f"{path}: no such file")
     predictions: list[str] = []
     labels: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with contextlib.closing(text_lines(path)) as lines:
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GlmtuneError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            row = json_line(f"{path}:{number}", line)
             if not isinstance(row, dict):
                 raise GlmtuneError(f"{path}:{number}: expected a JSON object, found {type(row).__name__}")
             for key in ("predict", "labels"):
@@ -167,16 +166,8 @@ def read_predictions(path: str | os.PathLike) -> tuple[list[str], list[str]]:
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
-    """Write `data` as indented UTF-8 JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write `data` as indented UTF-8 JSON atomically (see `glmtune.fsutil.atomic_file`)."""
+    return atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
 def format_table(result: MetricsResult) -> str:

@@ -130,3 +130,68 @@ def test_cached_tokenized_file_reports_the_path_given(tiny, tmp_path):
     assert len(list(cache.iterdir())) == 1  # one shared entry
     assert report_a["source"] == str(first) and report_b["source"] == str(second)
     assert data.format_report(report_b).startswith(str(second))
+
+
+# --- item 8: one clear error (file, line, field) instead of a traceback ---------------------------------
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("ragged.csv", "content,summary\na,b\nc,d,e\n", r"ragged.csv:3: 3 fields, but the header has 2"),
+    ("quote.csv", 'content,summary\na,b\n"c,d\ne,f\n', r"quote.csv:3: malformed CSV .*a quoted field is never closed"),
+    ("trunc.jsonl", '{"content": "a", "summary": "b"}\n{"content": "abc", "summary": \n',
+     r"trunc.jsonl:2: not valid JSON \(Expecting value at column 31\)"),
+    ("crlf.jsonl", '{"content": "a", "summary": "b"}\r\n{"content": "ab",\r\n', r"crlf.jsonl:2: .* at column 18\)"),
+])
+def test_malformed_data_files_name_the_line_and_the_right_column(tmp_path, name, text, message):
+    from glmtune import data
+
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))
+    with pytest.raises(GlmtuneError, match=message):
+        data.load_rows(path)
+
+
+def test_short_csv_rows_and_blank_lines_are_read_as_pandas_would(tmp_path):
+    from glmtune import data
+
+    path = tmp_path / "ok.csv"
+    path.write_text('content,summary\n"a, with comma",b\n\nc\n"multi\nline",d\n', encoding="utf-8")
+    rows = data.load_rows(path)
+    assert [(r["prompt"], r["response"]) for r in rows] == [("a, with comma", "b"), ("c", None), ("multi\nline", "d")]
+
+
+def test_score_on_a_non_utf8_file_exits_2_naming_the_line(tmp_path):
+    path = tmp_path / "generated_predictions.txt"
+    path.write_bytes('{"labels": "好", "predict": "好"}\n'.encode() + '{"labels": "好", "predict": "x"}\n'.encode("gbk"))
+    proc = _cli("score", path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: {path}:2: not UTF-8 text" in proc.stderr
+    assert not list(tmp_path.glob("*.scores.json"))
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_layers", "two", "field num_layers: expected a positive integer, found 'two'"),
+    ("hidden_size", -64, "field hidden_size: expected a positive integer, found -64"),
+    ("kv_channels", 0, "field kv_channels: expected a positive integer, found 0"),
+    ("multi_query_attention", "yes", "field multi_query_attention: expected true or false, found 'yes'"),
+    ("num_attention_heads", True, "field num_attention_heads: expected a positive integer, found True"),
+])
+def test_model_config_with_a_wrong_type_or_negative_size_is_one_clear_error(tiny, tmp_path, field, value, expected):
+    import shutil
+
+    _, model_dir, _ = tiny
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    if field != "num_layers":
+        from glmtune.loading import load_model
+
+        with pytest.raises(GlmtuneError) as caught:
+            load_model(folder)
+        assert str(caught.value) == f"{folder / 'config.json'}: {expected}"
+        return
+    proc = _cli("chat", "--model-path", folder, "--query", "你好", "--device", "cpu")  # once through the CLI
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert f"{folder / 'config.json'}: {expected}" in proc.stderr
