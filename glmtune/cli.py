@@ -226,6 +226,9 @@ def eval_command(
         settings=settings, batch_size=batch_size, official_truncation=official_truncation, dtype=dtype,
         device=device, num_workers=num_workers, progress=progress,
     )
+    dropped = evaluate.dropped_rows_message(out.dropped, out.results["predict_samples"])
+    if dropped:
+        typer.echo(f"note: {dropped}", err=True)
     if out.results.get("empty_predictions"):
         typer.echo(f"warning: {out.results['empty_predictions']} of {out.results['predict_samples']} pairs have an "
                    "empty prediction or reference (scored 0)", err=True)

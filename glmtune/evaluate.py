@@ -152,18 +152,13 @@ def generate_texts(
 
 def write_predictions(path: str | os.PathLike, predictions: Sequence[str], labels: Sequence[str]) -> Path:
     """The official `generated_predictions` format: one `{"labels", "predict"}` JSON line per sample,
-    UTF-8 with the Chinese unescaped; written to a temp file and renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            for predict, label in zip(predictions, labels):
-                handle.write(json.dumps({"labels": label, "predict": predict}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    UTF-8 with the Chinese unescaped; written atomically (`glmtune.fsutil.atomic_file`)."""
+    from glmtune.fsutil import atomic_file
+
+    with atomic_file(path) as handle:
+        for predict, label in zip(predictions, labels):
+            handle.write(json.dumps({"labels": label, "predict": predict}, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def results_json(result: Any, runtime: float) -> dict[str, Any]:
@@ -194,6 +189,19 @@ class EvalOutput:
     labels: list[str]
     predictions_file: Path
     results_file: Path
+    # Rows read but not evaluated because their prompt or response is empty (the official filter):
+    # {"empty_prompt", "empty_response", "total"}; a count is None where the stored data cannot tell.
+    dropped: dict[str, int | None] | None = None
+
+
+def dropped_rows_message(dropped: dict[str, int | None] | None, evaluated: int) -> str | None:
+    """'N rows ... dropped' for the terminal, or None when nothing was dropped."""
+    if not dropped or not dropped.get("total"):
+        return None
+    parts = [f"{dropped[k]} with an empty {k.split('_')[1]}" for k in ("empty_response", "empty_prompt") if dropped.get(k)]
+    detail = f" ({', '.join(parts)})" if parts else " (empty prompt or response)"
+    return (f"{dropped['total']} of {dropped['total'] + evaluated} rows dropped{detail}: the official preprocessing "
+            f"skips rows without a prompt or a reference; {evaluated} evaluated")
 
 
 def evaluate(
@@ -233,10 +241,11 @@ def load_eval_data(
     config: Any,
     cache_dir: str | os.PathLike | None = None,
     num_workers: int = 1,
-) -> tuple[Any, Any]:
-    """(dataset, effective DataConfig) from a raw file (tokenized once and cached) or a folder written by
-    `glmtune preprocess --mode eval`. A preprocessed folder keeps the settings it was made with; only
-    `max_samples` still applies (the first N rows read, before empty ones were dropped, as on a raw file).
+) -> tuple[Any, Any, dict[str, int | None]]:
+    """(dataset, effective DataConfig, rows dropped as empty) from a raw file (tokenized once and cached) or
+    a folder written by `glmtune preprocess --mode eval`. A preprocessed folder keeps the settings it was
+    made with; only `max_samples` still applies (the first N rows read, before empty ones were dropped,
+    as on a raw file).
     """
     from glmtune import dataset_store
 
@@ -245,12 +254,18 @@ def load_eval_data(
     if test_file is not None:
         if Path(test_file).is_dir():
             raise GlmtuneError(f"{test_file}: is a folder; pass a preprocessed folder with --dataset")
-        dataset, _ = dataset_store.load_or_build_dataset(test_file, tokenizer, config, mode="eval", cache_dir=cache_dir,
-                                                         num_workers=num_workers)
-        return dataset, config
+        dataset, report = dataset_store.load_or_build_dataset(test_file, tokenizer, config, mode="eval",
+                                                              cache_dir=cache_dir, num_workers=num_workers)
+        return dataset, config, dict(report["rows_skipped"])
     # `read_meta` (inside) checks the stored settings; max_samples picks rows as it would on the raw file.
-    dataset, _, meta = dataset_store.load_preprocessed(dataset_dir, tokenizer, mode="eval", max_samples=config.max_samples)
-    return dataset, dataclasses.replace(meta["config"], max_samples=config.max_samples)
+    dataset, report, meta = dataset_store.load_preprocessed(dataset_dir, tokenizer, mode="eval",
+                                                            max_samples=config.max_samples)
+    if config.max_samples is None:
+        dropped = dict(report["rows_skipped"])
+    else:  # the stored report covers every row; the folder records which rows were dropped, not why
+        total = sum(1 for i in meta["skipped_rows"] if i < config.max_samples)
+        dropped = {"empty_prompt": None, "empty_response": None, "total": total}
+    return dataset, dataclasses.replace(meta["config"], max_samples=config.max_samples), dropped
 
 
 def run_eval(
@@ -292,7 +307,7 @@ def run_eval(
 
     tokenizer = load_tokenizer(model_path)
     # Data first: a wrong column or a malformed line fails before the (slow) model load.
-    dataset, config = load_eval_data(tokenizer, test_file, dataset_dir, config, cache_dir, num_workers)
+    dataset, config, dropped = load_eval_data(tokenizer, test_file, dataset_dir, config, cache_dir, num_workers)
     if settings.max_new_tokens is None:
         settings = dataclasses.replace(settings, max_new_tokens=config.max_target_length)
     settings.validate()
@@ -302,4 +317,6 @@ def run_eval(
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len,
                        prefix_projection=prefix_projection, quantization_bit=quantization_bit, dtype=dtype,
                        device=device)
-    return evaluate(model, tokenizer, dataset, out, settings, batch_size, official_truncation, num_workers, progress)
+    output = evaluate(model, tokenizer, dataset, out, settings, batch_size, official_truncation, num_workers, progress)
+    output.dropped = dropped
+    return output

@@ -195,3 +195,28 @@ def test_model_config_with_a_wrong_type_or_negative_size_is_one_clear_error(tiny
     proc = _cli("chat", "--model-path", folder, "--query", "你好", "--device", "cpu")  # once through the CLI
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
     assert f"{folder / 'config.json'}: {expected}" in proc.stderr
+
+
+# --- item 10: eval says how many rows it dropped and why -----------------------------------------------
+
+
+def test_eval_says_how_many_rows_were_dropped_as_empty_and_why(tiny, tmp_path):
+    _, model_dir, _ = tiny
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": "好看"} for c in "红黄蓝"]
+    rows += [{"content": "类型#裤", "summary": ""}, {"content": "", "summary": "好看"}]
+    test_file = tmp_path / "dev.json"
+    test_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    env = {**os.environ, "GLMTUNE_CACHE": str(tmp_path / "cache")}
+    proc = _cli("eval", "--model-path", model_dir, "--test-file", test_file, "--output-dir", tmp_path / "eval",
+                "--max-new-tokens", 2, "--device", "cpu", "--no-progress", env=env)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert ("note: 2 of 5 rows dropped (1 with an empty response, 1 with an empty prompt): the official "
+            "preprocessing skips rows without a prompt or a reference; 3 evaluated") in proc.stderr
+
+
+def test_dropped_rows_message_on_a_preprocessed_folder_cut_by_max_samples():
+    from glmtune.evaluate import dropped_rows_message
+
+    assert dropped_rows_message({"empty_prompt": 0, "empty_response": 0, "total": 0}, 20) is None
+    assert dropped_rows_message({"empty_prompt": None, "empty_response": None, "total": 1}, 19).startswith(
+        "1 of 20 rows dropped (empty prompt or response)")
