@@ -12,6 +12,7 @@ quantized shard by shard while it loads.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from glmtune.prefix import (
     read_prefix_checkpoint,
     resolve_prefix_config,
 )
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -309,6 +312,9 @@ def load_model(
     if ptuning_checkpoint is not None:
         ckpt_cfg, ckpt_state, _ = read_prefix_checkpoint(ptuning_checkpoint)
         source = f"P-tuning checkpoint {ptuning_checkpoint}"
+        if cfg.get("pre_seq_len"):
+            logger.warning("warning: %s is a merged model with its own prefix (pre_seq_len %s); --ptuning-checkpoint %s "
+                           "replaces it", folder, cfg["pre_seq_len"], ptuning_checkpoint)
     elif cfg.get("pre_seq_len"):
         ckpt_cfg = PrefixConfig(int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False)))
         source = f"{folder}/config.json"

@@ -220,3 +220,21 @@ def test_dropped_rows_message_on_a_preprocessed_folder_cut_by_max_samples():
     assert dropped_rows_message({"empty_prompt": 0, "empty_response": 0, "total": 0}, 20) is None
     assert dropped_rows_message({"empty_prompt": None, "empty_response": None, "total": 1}, 19).startswith(
         "1 of 20 rows dropped (empty prompt or response)")
+
+
+# --- item 12 (first half): a merged model given another checkpoint warns --------------------------------
+
+
+def test_merged_model_given_another_ptuning_checkpoint_warns_that_it_replaces_the_prefix(tiny, tmp_path, caplog):
+    from glmtune.loading import load_model
+    from glmtune.merge import merge_checkpoint
+
+    _, model_dir, ckpt = tiny
+    merged = merge_checkpoint(model_dir, ckpt, tmp_path / "merged").output_dir
+    with caplog.at_level("WARNING", logger="glmtune.loading"):
+        load_model(merged)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="glmtune.loading"):
+        load_model(merged, ptuning_checkpoint=ckpt)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {merged} is a merged model with its own prefix (pre_seq_len 4); --ptuning-checkpoint {ckpt} replaces it"]
