@@ -10,15 +10,78 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from glmtune.errors import GlmtuneError
 
+
+def add_official_spellings(command) -> None:
+    """Accept every long kebab-case flag also in the official snake_case spelling (`--model-path` and
+    `--model_path`, `--no-progress` and `--no_progress`), on every command, including ones added later.
+
+    Done once here rather than by listing both names on each option, so no command can miss one.
+    """
+    taken = {opt for param in command.params for opt in (*param.opts, *getattr(param, "secondary_opts", []))}
+    for param in command.params:
+        if param.param_type_name != "option":  # (typer bundles its own click: no isinstance check)
+            continue
+        for names in (param.opts, param.secondary_opts):
+            for opt in list(names):
+                snake = "--" + opt[2:].replace("-", "_")
+                if opt.startswith("--") and snake != opt and snake not in taken:
+                    names.append(snake)
+                    taken.add(snake)
+
+
+def show_train_defaults(command) -> None:
+    """`train` options default to None so a --config file can fill them; show the TrainConfig default each
+    one then takes, taken from TrainConfig itself so help and behaviour cannot drift apart."""
+    import dataclasses
+
+    from glmtune.train_config import TrainConfig  # no torch import there
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for param in command.params:
+        value = defaults.get(param.name)
+        if param.param_type_name == "option" and param.default is None and value not in (None, "", dataclasses.MISSING) \
+                and "[default:" not in (param.help or ""):
+            param.help = f"{param.help or ''}  [default: {value}]".strip()
+
+
+class _Group(TyperGroup):
+    def __init__(self, *args, commands=None, **kwargs):
+        super().__init__(*args, commands=commands, **kwargs)
+        for name, command in self.commands.items():
+            add_official_spellings(command)
+            if name == "train":
+                show_train_defaults(command)
+
+
 app = typer.Typer(
+    cls=_Group,
     help="Fine-tune ChatGLM2-6B with P-tuning v2: preprocess, train, eval, chat, merge.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text: Rich markup would eat every "[...]" (defaults, "[query, answer] pairs", "[gMASK]").
+    rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from glmtune import __version__
+
+        typer.echo(f"glmtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the glmtune version and exit."),
+) -> None:
+    """Fine-tune ChatGLM2-6B with P-tuning v2: preprocess, train, eval, chat, merge."""
 
 
 # --- init-model (tiny) ---

@@ -238,3 +238,88 @@ def test_merged_model_given_another_ptuning_checkpoint_warns_that_it_replaces_th
         load_model(merged, ptuning_checkpoint=ckpt)
     assert [r.getMessage() for r in caplog.records] == [
         f"warning: {merged} is a merged model with its own prefix (pre_seq_len 4); --ptuning-checkpoint {ckpt} replaces it"]
+
+
+# --- items 13, 14: help text a person can read; one set of spellings; --version -------------------------
+
+
+def _commands():
+    import typer.main
+
+    from glmtune.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def _effective_default(command_name: str, param):
+    """The value an option takes when not given; for train, the TrainConfig default behind its None."""
+    if param.default is not None or command_name != "train":
+        return param.default
+    import dataclasses
+
+    from glmtune.train_config import TrainConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return fields.get(param.name)
+
+
+def test_every_commands_help_keeps_square_brackets_and_shows_each_default():
+    from typer.testing import CliRunner
+
+    from glmtune.cli import app
+
+    for name, command in _commands().items():
+        result = CliRunner().invoke(app, [name, "--help"], terminal_width=200, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.split())
+        assert "<bool>" not in text  # plain flags take no value, so help must not suggest one
+        for param in command.params:
+            if param.param_type_name != "option" or param.name == "help" or param.hidden:
+                continue
+            record = param.get_help_record(command.make_context(name, [], resilient_parsing=True))
+            shown = " ".join(" ".join(record).split())
+            assert shown.split("  ")[0].split(" <")[0].split(",")[0] in text
+            default = _effective_default(name, param)
+            flag_off = getattr(param, "is_flag", False) and default is False and not param.secondary_opts
+            if default is not None and default != "" and not flag_off and not param.required:
+                assert "default:" in shown, f"glmtune {name} {param.opts[0]}: default {default!r} not shown: {shown}"
+                assert f"[default: {shown.split('[default: ')[1]}" in text, f"{name} {param.opts[0]}: lost in rendering"
+
+
+def test_train_help_keeps_bracketed_text():
+    proc = _cli("train", "--help", env={**os.environ, "COLUMNS": "200"})
+    text = " ".join(proc.stdout.split())
+    assert "Prefix length [default: 128]" in text and "Column of [query, answer] pairs" in text
+
+
+def test_every_kebab_flag_is_also_accepted_in_snake_case_on_every_command():
+    for name, command in _commands().items():
+        names = {opt for p in command.params for opt in (*p.opts, *getattr(p, "secondary_opts", []))}
+        for opt in names:
+            if opt.startswith("--") and "-" in opt[2:]:
+                assert "--" + opt[2:].replace("-", "_") in names, f"glmtune {name}: {opt} has no snake_case spelling"
+
+
+def test_chat_merge_quantize_accept_model_path_in_snake_case(tmp_path):
+    extra = {"chat": ["--query", "hi"], "merge": ["--ptuning_checkpoint", tmp_path, "--output_dir", tmp_path / "o"],
+             "quantize": ["--bits", 4, "--output_dir", tmp_path / "o"]}
+    from typer.testing import CliRunner
+
+    from glmtune.cli import app
+
+    for command, args in extra.items():
+        result = CliRunner().invoke(app, [command, "--model_path", str(tmp_path / "absent"), *map(str, args)])
+        # parsed: the command ran and failed on the missing folder, not on the flag
+        assert isinstance(result.exception, GlmtuneError) and "absent" in str(result.exception), result.output
+
+
+def test_version_flag_prints_the_version():
+    from glmtune import __version__
+
+    proc = _cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"glmtune {__version__}"
+
+
+def test_plain_flags_reject_a_value_with_a_clear_usage_error(tmp_path):
+    proc = _cli("eval", "--model-path", tmp_path, "--output-dir", tmp_path, "--official-truncation", "true")
+    assert proc.returncode == 2 and "unexpected extra argument(s) (true)" in proc.stderr
