@@ -365,14 +365,18 @@ def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, s
 
 def format_report(report: dict) -> str:
     p, t = report["prompt_tokens"], report["target_tokens"]
-    lines = [
-        f"{report['source']} ({report['mode']}): {report['rows_read']} rows read, {report['rows_kept']} kept, "
-        f"{report['rows_skipped']['total']} skipped (empty prompt {report['rows_skipped']['empty_prompt']}, "
-        f"empty response {report['rows_skipped']['empty_response']})",
-        f"{'tokens':<8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'limit':>8}{'cut':>8}{'cut %':>8}",
-        f"{'prompt':<8}{p['p50']:>8}{p['p90']:>8}{p['p99']:>8}{p['max']:>8}{report['max_source_length']:>8}"
-        f"{report['prompts_truncated']:>8}{report['prompts_truncated_pct']:>8}",
-        f"{'target':<8}{t['p50']:>8}{t['p90']:>8}{t['p99']:>8}{t['max']:>8}{report['max_target_length']:>8}"
-        f"{report['targets_truncated']:>8}{report['targets_truncated_pct']:>8}",
+    header = ["tokens", "p50", "p90", "p99", "max", "limit", "cut", "cut %"]
+    rows = [
+        ["prompt", p["p50"], p["p90"], p["p99"], p["max"], report["max_source_length"], report["prompts_truncated"],
+         report["prompts_truncated_pct"]],
+        ["target", t["p50"], t["p90"], t["p99"], t["max"], report["max_target_length"], report["targets_truncated"],
+         report["targets_truncated_pct"]],
     ]
-    return "\n".join(lines)
+    # Each column as wide as its widest cell plus two spaces, so 6+ digit lengths never run together.
+    widths = [max(len(str(row[i])) for row in (header, *rows)) + 2 for i in range(len(header))]
+    table = ["".join(f"{cell!s:<{widths[0]}}" if i == 0 else f"{cell!s:>{widths[i]}}" for i, cell in enumerate(row))
+             for row in (header, *rows)]
+    summary = (f"{report['source']} ({report['mode']}): {report['rows_read']} rows read, {report['rows_kept']} kept, "
+               f"{report['rows_skipped']['total']} skipped (empty prompt {report['rows_skipped']['empty_prompt']}, "
+               f"empty response {report['rows_skipped']['empty_response']})")
+    return "\n".join([summary, *table])

@@ -6,12 +6,15 @@
 #   shell/evaluate.sh                                  # greedy, batch 16, full references
 #   OFFICIAL=1 shell/evaluate.sh                       # as published: sampling (top_p 0.7, temperature
 #                                                      # 0.95), batch 1, references cut to 64 tokens
-# Optional: MODEL_PATH, DATA_DIR, CHECKPOINT, STEP (or PTUNING_CHECKPOINT, a folder), OUTPUT_DIR, QUANTIZATION_BIT (empty: no quantization),
+# CHECKPOINT is the run name under output/ and STEP the step, as in the official script and shell/chat.sh:
+# output/$CHECKPOINT/checkpoint-$STEP; PTUNING_CHECKPOINT names a checkpoint folder directly.
+# Optional: MODEL_PATH, DATA_DIR, OUTPUT_DIR, QUANTIZATION_BIT (empty: no quantization),
 # BATCH_SIZE, DEVICE=cpu|cuda|auto; extra arguments go to `glmtune eval`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRE_SEQ_LEN=${PRE_SEQ_LEN:-128}
-CHECKPOINT=${CHECKPOINT:-adgen-chatglm2-6b-pt-128-2e-2}
+LR=${LR:-2e-2}
+CHECKPOINT=${CHECKPOINT:-adgen-chatglm2-6b-pt-$PRE_SEQ_LEN-$LR}
 STEP=${STEP:-3000}
 MODEL_PATH=${MODEL_PATH:-chatglm2-6b}
 DATA_DIR=${DATA_DIR:-AdvertiseGen}

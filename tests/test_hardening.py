@@ -323,3 +323,39 @@ def test_version_flag_prints_the_version():
 def test_plain_flags_reject_a_value_with_a_clear_usage_error(tmp_path):
     proc = _cli("eval", "--model-path", tmp_path, "--output-dir", tmp_path, "--official-truncation", "true")
     assert proc.returncode == 2 and "unexpected extra argument(s) (true)" in proc.stderr
+
+
+# --- item 15 (parts): the length table's columns; CHECKPOINT means one thing in the shell scripts ------
+
+
+def test_length_table_columns_stay_apart_at_six_and_more_digits():
+    from glmtune import data
+
+    report = {"source": "x.json", "mode": "train", "rows_read": 3, "rows_kept": 3,
+              "rows_skipped": {"total": 0, "empty_prompt": 0, "empty_response": 0},
+              "prompt_tokens": {"p50": 123456.0, "p90": 1234567.5, "p99": 99.0, "max": 12345678},
+              "target_tokens": {"p50": 1.0, "p90": 2.0, "p99": 3.0, "max": 4},
+              "max_source_length": 64, "max_target_length": 1000000, "prompts_truncated": 1234567,
+              "prompts_truncated_pct": 100.0, "targets_truncated": 0, "targets_truncated_pct": 0.0}
+    header, prompt, target = data.format_report(report).splitlines()[1:]
+    assert header.split() == ["tokens", "p50", "p90", "p99", "max", "limit", "cut", "cut", "%"]
+    assert prompt.split() == ["prompt", "123456.0", "1234567.5", "99.0", "12345678", "64", "1234567", "100.0"]
+    assert target.split()[5] == "1000000"
+    assert len({len(header), len(prompt), len(target)}) == 1  # columns line up
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "output/adgen-chatglm2-6b-pt-128-2e-2/checkpoint-3000"),
+    ({"CHECKPOINT": "my-run", "STEP": "500"}, "output/my-run/checkpoint-500"),
+    ({"PTUNING_CHECKPOINT": "elsewhere/checkpoint-7"}, "elsewhere/checkpoint-7"),
+])
+def test_evaluate_and_chat_scripts_read_checkpoint_and_step_the_same_way(tmp_path, env, expected):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    for script in ("evaluate.sh", "chat.sh"):
+        proc = subprocess.run(["bash", str(REPO / "shell" / script)], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHON": str(fake), **env})
+        args = proc.stdout.splitlines()
+        assert proc.returncode == 0, proc.stderr
+        assert args[args.index("--ptuning-checkpoint") + 1] == expected, script
