@@ -37,6 +37,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from glmtune.errors import GlmtuneError
+from glmtune.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
 
 DEFAULT_MAX_LENGTH = 8192
 # Room kept for the answer when fitting the history, unless max_new_tokens says otherwise.
@@ -97,23 +98,6 @@ def read_history_file(path: str | Path) -> History:
     return normalize_history(data, source=str(path))
 
 
-def find_tokenizer(*folders: str | Path | None):
-    """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint)."""
-    from glmtune.tokenizer import TOKENIZER_FILE, load_tokenizer
-
-    candidates = [Path(f) for f in folders if f is not None]
-    for folder in candidates:
-        if not folder.is_dir():
-            raise GlmtuneError(f"{folder}: folder not found")
-    for folder in candidates:
-        if (folder / TOKENIZER_FILE).is_file():
-            return load_tokenizer(folder)
-    raise GlmtuneError(
-        f"no {TOKENIZER_FILE} in {' or '.join(map(str, candidates))}: the tokenizer of ChatGLM2 is needed "
-        "(copy it from the base model folder)"
-    )
-
-
 def load_chat_model(
     model_path: str | Path,
     ptuning_checkpoint: str | Path | None = None,
@@ -123,7 +107,7 @@ def load_chat_model(
     dtype: str | None = "auto",
 ):
     """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint."""
-    from glmtune.loading import load_model, read_chatglm_config
+    from glmtune.loading import find_tokenizer, load_model, read_chatglm_config
 
     read_chatglm_config(model_path)  # "not a model folder" says more than "no tokenizer"
     tokenizer = find_tokenizer(model_path, ptuning_checkpoint)

@@ -395,7 +395,7 @@ def merge(
     dtype: str = typer.Option("auto", help="Weight dtype of the merged folder: float32, bfloat16, float16, or auto (as the base model's config)."),
 ) -> None:
     """Bake a P-tuning checkpoint into a self-contained model folder (weights, prefix, tokenizer)."""
-    from glmtune.merge import check_output_dir
+    from glmtune.fsutil import check_output_dir
 
     check_output_dir(output_dir, force, model_path, ptuning_checkpoint)  # before loading anything heavy
     from glmtune.merge import merge_checkpoint

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -38,6 +39,20 @@ from glmtune.fsutil import json_line, text_lines
 MODES = ("train", "eval")
 IGNORE_INDEX = -100
 MIN_ROWS_PER_WORKER = 4096
+FORMAT_VERSION = 2  # of tokenized data (glmtune.dataset_store); bump when the stored columns or their meaning change
+
+
+def digest(parts: Any) -> str:
+    """sha256 of JSON-encodable `parts` (keys sorted), for cache keys."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the SentencePiece model the tokenizer runs (what decides the ids)."""
+    sp_model = getattr(tokenizer, "sp_model", None)
+    if sp_model is not None:
+        return hashlib.sha256(sp_model.serialized_model_proto()).hexdigest()
+    return hashlib.sha256(Path(tokenizer.vocab_file).read_bytes()).hexdigest()
 
 
 @dataclass
@@ -225,10 +240,6 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
         raise GlmtuneError(f"mode must be one of {MODES}, got {mode!r}")
     config.validate()
     import datasets
-
-    # The format version and fingerprints belong to dataset_store, which imports this module: importing them
-    # at call time, not at the top, keeps that from being a circular import.
-    from glmtune.dataset_store import FORMAT_VERSION, digest, tokenizer_fingerprint
 
     kept = _usable(rows)
     if not kept:

@@ -26,30 +26,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from glmtune.data import MODES, DataConfig, build_report, is_usable, load_rows, tokenize
+# FORMAT_VERSION, digest and tokenizer_fingerprint live in glmtune.data (tokenize keys datasets' cache with them).
+from glmtune.data import (  # noqa: F401 (FORMAT_VERSION, digest re-exported)
+    FORMAT_VERSION, MODES, DataConfig, build_report, digest, is_usable, load_rows, tokenize, tokenizer_fingerprint,
+)
 from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the stored columns or their meaning change: it invalidates caches
 META_FILE = "glmtune_data.json"
 REPORT_FILE = "preprocess_report.json"
 
 
 # --- fingerprints --------------------------------------------------------------------------------
-
-
-def digest(parts: Any) -> str:
-    """sha256 of JSON-encodable `parts` (keys sorted), for cache keys."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the SentencePiece model the tokenizer runs (what decides the ids)."""
-    sp_model = getattr(tokenizer, "sp_model", None)
-    if sp_model is not None:
-        return hashlib.sha256(sp_model.serialized_model_proto()).hexdigest()
-    return hashlib.sha256(Path(tokenizer.vocab_file).read_bytes()).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

@@ -55,6 +55,27 @@ def _umask_modes(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
 
 
+def check_output_dir(output_dir: str | Path, force: bool, *sources: str | Path | None) -> Path:
+    """Refuse a non-empty OUT without `force`, and always refuse an OUT that is, or holds, an input.
+
+    `save_model` replaces OUT wholesale, so with --force an OUT equal to (or above) the base model or
+    checkpoint folder would delete the inputs.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise GlmtuneError(f"--output-dir {out}: exists and is not a folder")
+    resolved = out.resolve()
+    for source in sources:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if resolved == src or resolved in src.parents:
+            raise GlmtuneError(f"--output-dir {out}: is or contains the input folder {source}; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise GlmtuneError(f"--output-dir {out}: folder exists and is not empty (pass --force to replace it)")
+    return out
+
+
 @contextmanager
 def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
     """Open a temporary file beside `path` for writing; on success it replaces `path` in one rename.

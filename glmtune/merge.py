@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import check_output_dir
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -39,27 +40,6 @@ class MergeResult:
             prefix += " (projection folded)"
         quant = f", {self.quantization_bit}-bit weights" if self.quantization_bit else ""
         return (f"wrote {self.output_dir}: {self.files} files, {self.total_bytes / 2**20:.1f} MiB; {prefix}{quant}")
-
-
-def check_output_dir(output_dir: str | Path, force: bool, *sources: str | Path | None) -> Path:
-    """Refuse a non-empty OUT without `force`, and always refuse an OUT that is, or holds, an input.
-
-    `save_model` replaces OUT wholesale, so with --force an OUT equal to (or above) the base model or
-    checkpoint folder would delete the inputs.
-    """
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise GlmtuneError(f"--output-dir {out}: exists and is not a folder")
-    resolved = out.resolve()
-    for source in sources:
-        if source is None:
-            continue
-        src = Path(source).resolve()
-        if resolved == src or resolved in src.parents:
-            raise GlmtuneError(f"--output-dir {out}: is or contains the input folder {source}; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise GlmtuneError(f"--output-dir {out}: folder exists and is not empty (pass --force to replace it)")
-    return out
 
 
 def fold_prefix(model) -> bool:
@@ -110,8 +90,7 @@ def merge_checkpoint(
     `dtype` "auto" keeps the base folder's dtype (fp16 for the official release). With
     `quantization_bit` the base weights are quantized while loading and stored quantized.
     """
-    from glmtune.chat import find_tokenizer
-    from glmtune.loading import load_model, save_model
+    from glmtune.loading import find_tokenizer, load_model, save_model
 
     model_path, ptuning_checkpoint = Path(model_path), Path(ptuning_checkpoint)
     out = check_output_dir(output_dir, force, model_path, ptuning_checkpoint)

@@ -413,8 +413,8 @@ def quantize_checkpoint(model_path: str | Path, output_dir: str | Path, bits: in
     """
     from safetensors.torch import save_file
 
-    from glmtune.loading import iter_shard, parse_dtype, read_chatglm_config, weight_files
-    from glmtune.merge import check_output_dir
+    from glmtune.fsutil import check_output_dir
+    from glmtune.weights import iter_shard, parse_dtype, read_chatglm_config, weight_files
 
     _check_bits(bits)
     src = Path(model_path)

@@ -359,3 +359,57 @@ def test_evaluate_and_chat_scripts_read_checkpoint_and_step_the_same_way(tmp_pat
         args = proc.stdout.splitlines()
         assert proc.returncode == 0, proc.stderr
         assert args[args.index("--ptuning-checkpoint") + 1] == expected, script
+
+
+# --- item 17: no import cycles inside glmtune/ (top-level or deferred imports alike) ---------------------
+
+
+def _import_graph() -> dict[str, set[str]]:
+    import ast
+
+    package = REPO / "glmtune"
+    modules = {p.stem for p in package.glob("*.py")}
+    graph = {}
+    for path in package.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "glmtune":
+                deps |= {alias.name for alias in node.names if alias.name in modules}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("glmtune."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("glmtune.")}
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args \
+                    and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("glmtune."):
+                deps.add(node.args[0].value.split(".")[1])
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                found.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_glmtune_modules_import_each_other_without_cycles():
+    graph = _import_graph()
+    assert graph["quantization"] and graph["merge"]  # the graph was really read
+    assert _cycles(graph) == []
