@@ -153,8 +153,8 @@ def preprocess(
         raise GlmtuneError(f"give exactly one of --train-file, --validation-file, --test-file (got {len(given)})")
     split, source = next(iter(given.items()))
     mode = mode or ("train" if split == "train" else "eval")
-    if mode not in data.MODES:
-        raise GlmtuneError(f"--mode must be one of {', '.join(data.MODES)}, got {mode!r}")
+    if mode not in data.TOKENIZE_MODES:
+        raise GlmtuneError(f"--mode must be one of {', '.join(data.TOKENIZE_MODES)}, got {mode!r}")
     config = data.DataConfig(
         prompt_column=prompt_column, response_column=response_column, history_column=history_column,
         source_prefix=source_prefix, max_source_length=max_source_length, max_target_length=max_target_length,

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import json_line, text_lines
 
-MODES = ("train", "eval")
+TOKENIZE_MODES = ("train", "eval")  # what `tokenize` builds: training rows or eval prompts + references
 IGNORE_INDEX = -100
 MIN_ROWS_PER_WORKER = 4096
 FORMAT_VERSION = 2  # of tokenized data (glmtune.dataset_store); bump when the stored columns or their meaning change
@@ -236,8 +236,8 @@ def _encode_batch(batch: dict, tokenizer: Any, config: DataConfig, mode: str) ->
 
 def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str, num_workers: int = 1):
     """The usable `rows` tokenized for `mode` ("train" or "eval"): what `tokenize_train` / `tokenize_eval` return."""
-    if mode not in MODES:
-        raise GlmtuneError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in TOKENIZE_MODES:
+        raise GlmtuneError(f"mode must be one of {TOKENIZE_MODES}, got {mode!r}")
     config.validate()
     import datasets
 
@@ -287,16 +287,7 @@ def eval_references(dataset, tokenizer: Any, official_truncation: bool = False) 
 # --- batching ------------------------------------------------------------------------------------
 
 
-def _padded_length(lengths: list[int], pad_to_multiple_of: int | None) -> int:
-    longest = max(lengths)
-    if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    return longest
-
-
-def collate_train(
-    features: Sequence[dict], pad_token_id: int = 0, label_pad_id: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None
-) -> dict:
+def collate_train(features: Sequence[dict], pad_token_id: int = 0) -> dict:
     """Right-pad a training batch to its longest row: `input_ids`, `attention_mask`, `labels`, `position_ids`.
 
     Position ids are 0..L-1 on every row, as the official model builds them for unpadded-on-the-left
@@ -306,9 +297,9 @@ def collate_train(
     import torch
 
     lengths = [len(f["input_ids"]) for f in features]
-    width = _padded_length(lengths, pad_to_multiple_of)
+    width = max(lengths)
     input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(features), width), label_pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(features), width), dtype=torch.long)
     for i, (feature, n) in enumerate(zip(features, lengths)):
         input_ids[i, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
@@ -318,12 +309,12 @@ def collate_train(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}
 
 
-def collate_eval(features: Sequence[dict], pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> dict:
+def collate_eval(features: Sequence[dict], pad_token_id: int = 0) -> dict:
     """Left-pad prompts for generation, as the official tokenizer's batch call: positions 0.. on real tokens, 0 on pads."""
     import torch
 
     lengths = [len(f["input_ids"]) for f in features]
-    width = _padded_length(lengths, pad_to_multiple_of)
+    width = max(lengths)
     input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(features), width), dtype=torch.long)
     position_ids = torch.zeros((len(features), width), dtype=torch.long)

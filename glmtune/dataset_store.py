@@ -21,16 +21,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 # FORMAT_VERSION, digest and tokenizer_fingerprint live in glmtune.data (tokenize keys datasets' cache with them).
 from glmtune.data import (  # noqa: F401 (FORMAT_VERSION, digest re-exported)
-    FORMAT_VERSION, MODES, DataConfig, build_report, digest, is_usable, load_rows, tokenize, tokenizer_fingerprint,
+    FORMAT_VERSION, TOKENIZE_MODES, DataConfig, build_report, digest, is_usable, load_rows, tokenize, tokenizer_fingerprint,
 )
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ def read_meta(path: str | os.PathLike) -> dict:
 
     if meta.get("format") != FORMAT_VERSION:  # first: an older layout may fail the checks below for no real fault
         raise bad("format", str(FORMAT_VERSION), meta.get("format"))
-    if meta.get("mode") not in MODES:
-        raise bad("mode", f"one of {MODES}", meta.get("mode"))
+    if meta.get("mode") not in TOKENIZE_MODES:
+        raise bad("mode", f"one of {TOKENIZE_MODES}", meta.get("mode"))
     sha = meta.get("tokenizer_sha256")
     if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
         raise bad("tokenizer_sha256", "a sha256 hex string", sha)
@@ -156,20 +156,10 @@ def preprocess(
         # Which rows read were dropped as empty: lets a later max_samples pick rows as on the raw file.
         "skipped_rows": [i for i, row in enumerate(rows) if not is_usable(row)],
     }
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(output_dir) as tmp:  # a failed or killed run leaves the old folder or none, never half of one
         dataset.save_to_disk(str(tmp))
         (tmp / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        if output_dir.exists():  # a directory cannot be replaced in one step: move the old one aside first
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return report
 
 

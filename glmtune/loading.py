@@ -200,7 +200,33 @@ def load_model(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GlmtuneError("device 'cuda' requested but torch sees no CUDA device")
+    bits = _quantization_bits(folder, cfg, quantization_bit)
+    prefix, ckpt_state, source = _prefix_source(folder, cfg, ptuning_checkpoint, pre_seq_len, prefix_projection)
 
+    config = glm_config_from_chatglm(cfg)
+    with torch.device("meta"):
+        model = ChatGLM2ForCausalLM(config, prefix=None)
+        if bits:
+            from glmtune.quantization import replace_linears_with_quantized
+
+            replace_linears_with_quantized(model, bits, compute_dtype)
+    folder_prefix = _load_weights(model, folder, cfg, bits, compute_dtype, device)
+    if folder_prefix and not cfg.get("pre_seq_len"):
+        raise GlmtuneError(f"{folder}: weights hold a prefix encoder but config.json has no pre_seq_len")
+    if ptuning_checkpoint is None and cfg.get("pre_seq_len"):
+        if not folder_prefix:
+            raise GlmtuneError(f"{folder}: config.json has pre_seq_len but the weights hold no prefix encoder")
+        ckpt_state = folder_prefix
+
+    _finish(model, config, cfg, prefix, ckpt_state, source, device)
+    model.chatglm_config = {k: v for k, v in cfg.items() if k not in ("pre_seq_len", "prefix_projection")}
+    if bits:
+        model.chatglm_config["quantization_bit"] = bits
+    return model
+
+
+def _quantization_bits(folder: Path, cfg: dict, quantization_bit: int | None) -> int | None:
+    """4, 8 or None: what the caller asked for, or what the folder's config.json says (they must agree)."""
     folder_bits = cfg.get("quantization_bit")
     if quantization_bit is not None and quantization_bit not in (4, 8):
         raise GlmtuneError(f"quantization_bit: expected 4 or 8, found {quantization_bit}")
@@ -208,9 +234,12 @@ def load_model(
         raise GlmtuneError(
             f"{folder}/config.json has quantization_bit {folder_bits}, but --quantization-bit {quantization_bit} was passed"
         )
-    bits = int(quantization_bit or folder_bits or 0) or None
+    return int(quantization_bit or folder_bits or 0) or None
 
-    # Prefix: from a P-tuning checkpoint, from the folder itself (a merged model), or fresh.
+
+def _prefix_source(folder: Path, cfg: dict, ptuning_checkpoint, pre_seq_len, prefix_projection):
+    """(PrefixConfig or None, checkpoint state or None, where it came from): from a P-tuning checkpoint,
+    from the folder itself (a merged model), or fresh."""
     ckpt_cfg, ckpt_state, source = None, None, ""
     if ptuning_checkpoint is not None:
         ckpt_cfg, ckpt_state, _ = read_prefix_checkpoint(ptuning_checkpoint)
@@ -221,19 +250,15 @@ def load_model(
     elif cfg.get("pre_seq_len"):
         ckpt_cfg = PrefixConfig(int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False)))
         source = f"{folder}/config.json"
-    prefix = resolve_prefix_config(ckpt_cfg, pre_seq_len, prefix_projection, source)
+    return resolve_prefix_config(ckpt_cfg, pre_seq_len, prefix_projection, source), ckpt_state, source
 
-    config = glm_config_from_chatglm(cfg)
-    with torch.device("meta"):
-        model = ChatGLM2ForCausalLM(config, prefix=None)
-        if bits:
-            from glmtune.quantization import replace_linears_with_quantized
 
-            replace_linears_with_quantized(model, bits, compute_dtype)
+def _load_weights(model, folder: Path, cfg: dict, bits, compute_dtype, device) -> dict[str, torch.Tensor]:
+    """Convert and place every shard's tensors into the meta-device `model`; return the prefix tensors the
+    folder holds (a merged model), keyed relative to the encoder. Every expected weight must appear."""
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("model.rotary_emb.")}
     seen: set[str] = set()
     folder_prefix: dict[str, torch.Tensor] = {}
-
     for shard in weight_files(folder):
         for key, tensor, mapped in iter_shard(shard):
             try:
@@ -251,22 +276,10 @@ def load_model(
             if mapped and not kept_mapped:
                 release_pages(tensor)  # converted: the mapped original is no longer needed
             del tensor, pairs
-
     missing = sorted(set(expected) - seen)
     if missing:
         raise GlmtuneError(f"{folder}: missing weights: {missing[:12]}{' ...' if len(missing) > 12 else ''}")
-    if folder_prefix and not cfg.get("pre_seq_len"):
-        raise GlmtuneError(f"{folder}: weights hold a prefix encoder but config.json has no pre_seq_len")
-    if ptuning_checkpoint is None and cfg.get("pre_seq_len"):
-        if not folder_prefix:
-            raise GlmtuneError(f"{folder}: config.json has pre_seq_len but the weights hold no prefix encoder")
-        ckpt_state = folder_prefix
-
-    _finish(model, config, cfg, prefix, ckpt_state, source, device)
-    model.chatglm_config = {k: v for k, v in cfg.items() if k not in ("pre_seq_len", "prefix_projection")}
-    if bits:
-        model.chatglm_config["quantization_bit"] = bits
-    return model
+    return folder_prefix
 
 
 def _shares_memory(model, name: str, source: torch.Tensor) -> bool:

@@ -24,9 +24,8 @@ from transformers import DynamicCache, GlmConfig, GlmForCausalLM
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from glmtune.data import IGNORE_INDEX  # noqa: F401 (one definition; importable from here as before)
 from glmtune.prefix import PrefixConfig, PrefixEncoder, PrefixKV
-
-IGNORE_INDEX = -100
 
 
 def attention_dims(cfg: dict) -> tuple[int, int, int]:
@@ -121,9 +120,6 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         """0, 1, 2, ... on real tokens (left padding gets 0), as the official tokenizer's position_ids."""
         return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
-    def _prefix_kv(self, batch_size: int, dtype: torch.dtype):
-        return self.prefix_encoder(batch_size, dtype)
-
     # --- forward ---------------------------------------------------------------------------------
 
     def forward(
@@ -147,8 +143,6 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         batch_size, q_len = source.shape[:2]
         device = source.device
         dtype = self.model.embed_tokens.weight.dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            dtype = torch.float32
         pre = self.pre_seq_len
 
         # Training with gradients never uses a growing cache (see PrefixKV).
@@ -161,11 +155,11 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if pre and isinstance(cache, Cache) and past == 0:
-            for layer_idx, (k, v) in enumerate(self._prefix_kv(batch_size, dtype)):
+            for layer_idx, (k, v) in enumerate(self.prefix_encoder(batch_size, dtype)):
                 cache.update(k, v, layer_idx)
             past = pre
         elif pre and cache is None:
-            cache = PrefixKV(self._prefix_kv(batch_size, dtype))
+            cache = PrefixKV(self.prefix_encoder(batch_size, dtype))
         past_real = past - pre if isinstance(cache, Cache) and past else 0
 
         if attention_mask is None:

@@ -143,13 +143,11 @@ def test_official_truncation_references_are_the_decoded_cut_labels(dev150, token
 
 
 def test_collate_train_pads_right_with_pad_id_and_ignored_labels():
-    batch = data.collate_train(
-        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_to_multiple_of=4
-    )
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    batch = data.collate_train([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
 
 
 def test_collate_eval_left_pads_like_the_official_batch_encoding(tokenizer, golden):

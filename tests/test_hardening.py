@@ -413,3 +413,69 @@ def test_glmtune_modules_import_each_other_without_cycles():
     graph = _import_graph()
     assert graph["quantization"] and graph["merge"]  # the graph was really read
     assert _cycles(graph) == []
+
+
+# --- item 18 (parts): one definition each; no dead code or unused dependency; one atomic-write helper ----
+
+
+def _module_constants() -> dict[str, list[str]]:
+    import ast
+    from collections import defaultdict
+
+    found = defaultdict(list)
+    for path in (REPO / "glmtune").glob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id.isupper():
+                    found[target.id].append(path.stem)
+    return found
+
+
+def test_ignore_index_and_modes_are_each_defined_once():
+    from glmtune import data, modeling
+
+    constants = _module_constants()
+    assert constants["IGNORE_INDEX"] == ["data"] and modeling.IGNORE_INDEX is data.IGNORE_INDEX
+    assert len(constants.get("MODES", [])) <= 1  # quantized compute modes only; data's are TOKENIZE_MODES
+    assert data.TOKENIZE_MODES == ("train", "eval")
+
+
+def test_removed_dead_code_stays_removed():
+    import inspect
+
+    from glmtune import data
+    from glmtune.modeling import ChatGLM2ForCausalLM
+
+    assert not hasattr(ChatGLM2ForCausalLM, "_prefix_kv")
+    assert "float32 if" not in inspect.getsource(ChatGLM2ForCausalLM.forward)
+    assert list(inspect.signature(data.collate_train).parameters) == ["features", "pad_token_id"]
+    assert "1e-5" not in (REPO / "glmtune" / "quantization.py").read_text().split('"""')[1]
+
+
+def test_every_declared_dependency_is_imported_somewhere():
+    sources = "\n".join(p.read_text(encoding="utf-8") for d in ("glmtune", "bench", "tests")
+                        for p in (REPO / d).glob("*.py") if p.name != Path(__file__).name)
+    assert "psutil" not in (REPO / "requirements.txt").read_text() and "psutil" not in (REPO / "setup.cfg").read_text()
+    assert "import psutil" not in sources
+
+
+def test_my_modules_write_files_through_fsutil_only():
+    for name in ("dataset_store", "metrics", "evaluate", "data", "merge", "loading"):
+        text = (REPO / "glmtune" / f"{name}.py").read_text(encoding="utf-8")
+        assert "os.replace(" not in text and ".tmp" not in text, name
+
+
+def test_dataset_folder_written_by_preprocess_gets_umask_modes_and_leaves_no_temp(tiny, tmp_path):
+    from glmtune import data, dataset_store
+    from glmtune.tokenizer import load_tokenizer
+
+    source = tmp_path / "train.json"
+    source.write_text(json.dumps({"content": "类型#裙", "summary": "好看"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "out" / "ds"
+    dataset_store.preprocess(source, load_tokenizer(tiny[1]), out, data.DataConfig())
+    dataset_store.preprocess(source, load_tokenizer(tiny[1]), out, data.DataConfig())  # replaces its own folder
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ds"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / dataset_store.META_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
