@@ -6,3 +6,50 @@ breaks here (and in tests/test_compat.py), not somewhere deep in a training run.
 """
 
 from __future__ import annotations
+
+# --- modeling: gradient checkpointing with the prefix cache (harden) -----------------------------------
+# transformers' GradientCheckpointingLayer drops the `cache` argument under checkpointing unless the layer
+# declares `_can_checkpoint_with_cache`; there is no public switch (5.24, 5.25). glmtune's prefix reaches
+# every layer through a read-only cache (glmtune.prefix.PrefixKV), so it must stay.
+CHECKPOINT_WITH_CACHE = "_can_checkpoint_with_cache"
+
+
+def allow_checkpointing_with_cache(layer) -> None:
+    """Let a checkpointed decoder layer keep its cache argument (see the comment above)."""
+    if not hasattr(layer, CHECKPOINT_WITH_CACHE):
+        raise RuntimeError(f"transformers {_transformers_version()} has no {CHECKPOINT_WITH_CACHE} on "
+                           f"{type(layer).__name__}: gradient checkpointing would drop the P-tuning prefix")
+    setattr(layer, CHECKPOINT_WITH_CACHE, True)
+
+
+def checkpointing_layer_reads_cache_flag() -> bool:
+    """Whether the installed transformers still consults the flag (what tests/test_hardening.py checks)."""
+    import inspect
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return (hasattr(GradientCheckpointingLayer, CHECKPOINT_WITH_CACHE)
+            and f"self.{CHECKPOINT_WITH_CACHE}" in inspect.getsource(GradientCheckpointingLayer))
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+# --- quantization: nn.Module hooks QuantizedLinear overrides (harden; checked here, overridden there) -----
+# torch has no public way to change how a module's tensors are saved, loaded or moved; QuantizedLinear
+# overrides these private nn.Module methods (keeping the official layout on disk and the kernel layout in
+# memory), so an upgrade that renames one would silently bypass it. tests/test_hardening.py checks them.
+TORCH_MODULE_HOOKS = ("_save_to_state_dict", "_load_from_state_dict", "_apply")
+
+
+def missing_private_names() -> list[str]:
+    """Private transformers / torch names glmtune relies on that the installed versions lack ([] = all there)."""
+    import torch
+
+    missing = [f"torch.nn.Module.{name}" for name in TORCH_MODULE_HOOKS if not hasattr(torch.nn.Module, name)]
+    if not checkpointing_layer_reads_cache_flag():
+        missing.append(f"transformers GradientCheckpointingLayer.{CHECKPOINT_WITH_CACHE}")
+    return missing

@@ -168,12 +168,14 @@ def native_to_official(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, t
 
 
 def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    # Assigning a Parameter (or a tensor to a registered buffer name) replaces the meta placeholder through
+    # nn.Module.__setattr__, which keeps a buffer's persistence.
     module_name, leaf = name.rsplit(".", 1)
     module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    if leaf in dict(module.named_parameters(recurse=False)):
+        setattr(module, leaf, torch.nn.Parameter(tensor, requires_grad=False))
     else:
-        module._buffers[leaf] = tensor
+        setattr(module, leaf, tensor)
 
 
 def load_model(
@@ -328,10 +330,9 @@ def _check_shape(name, value, target, shard, key) -> None:
 
 
 def _finish(model, config, cfg, prefix, ckpt_state, source, device) -> None:
-    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
-
-    # Non-persistent buffers (rotary inverse frequencies) were created on the meta device.
-    model.model.rotary_emb = GlmRotaryEmbedding(config=config).to(device)
+    # Non-persistent buffers (rotary inverse frequencies) were created on the meta device: build the
+    # model's own rotary class again for real (its class, so no internal transformers module path).
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     model.prefix_config = prefix
     if prefix is not None:
         from glmtune.prefix import PrefixEncoder

@@ -24,6 +24,7 @@ from transformers import DynamicCache, GlmConfig, GlmForCausalLM
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from glmtune.compat import allow_checkpointing_with_cache
 from glmtune.data import IGNORE_INDEX  # noqa: F401 (one definition; importable from here as before)
 from glmtune.prefix import PrefixConfig, PrefixEncoder, PrefixKV
 
@@ -62,8 +63,8 @@ def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
         bos_token_id=None,
         tie_word_embeddings=False,
         use_cache=True,
+        attn_implementation="sdpa",
     )
-    config._attn_implementation = "sdpa"
     return config
 
 
@@ -94,7 +95,7 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         """
         self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for layer in self.model.layers:
-            layer._can_checkpoint_with_cache = True
+            allow_checkpointing_with_cache(layer)
 
     # --- masks and positions ---------------------------------------------------------------------
 

@@ -479,3 +479,47 @@ def test_dataset_folder_written_by_preprocess_gets_umask_modes_and_leaves_no_tem
     umask = os.umask(0)
     os.umask(umask)
     assert (out / dataset_store.META_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- item 3 (harden part): private names go through glmtune.compat, which checks they still exist -------
+
+PRIVATE = re.compile(r"\b(_attn_implementation|_can_checkpoint_with_cache|_parameters|_buffers|_added_tokens_\w+|"
+                     r"_encode_plus|_weight_int[48]pack\w*|_convert_weight_to_int4pack\w*)\b")
+OWNERS_ROUTE_THEMSELVES = {"tokenizer.py", "qkernels.py"}  # issue 9: their owners move these names
+
+
+def test_every_private_name_glmtune_relies_on_exists_in_the_installed_versions():
+    from glmtune import compat
+
+    assert compat.missing_private_names() == []
+    assert compat.checkpointing_layer_reads_cache_flag()
+
+
+def _code_names(path: Path) -> list[str]:
+    """Identifiers in code (not in docstrings or comments) and attribute names in string literals used by code."""
+    import io
+    import tokenize
+
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline)
+    return [t.string for t in tokens if t.type == tokenize.NAME]
+
+
+def test_private_transformers_and_torch_names_appear_only_in_compat():
+    offenders = {p.name: [n for n in _code_names(p) if PRIVATE.fullmatch(n)] for p in (REPO / "glmtune").glob("*.py")
+                 if p.name not in OWNERS_ROUTE_THEMSELVES | {"compat.py"}}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_private_name_detector_sees_code_but_not_docstrings(tmp_path):
+    planted = tmp_path / "m.py"
+    planted.write_text('"""uses `aten._weight_int4pack_mm_for_cpu`"""\nlayer._can_checkpoint_with_cache = True\n')
+    assert [n for n in _code_names(planted) if PRIVATE.fullmatch(n)] == ["_can_checkpoint_with_cache"]
+
+
+def test_compat_refuses_a_layer_without_the_flag_instead_of_dropping_the_prefix():
+    from torch import nn
+
+    from glmtune import compat
+
+    with pytest.raises(RuntimeError, match="would drop the P-tuning prefix"):
+        compat.allow_checkpointing_with_cache(nn.Linear(2, 2))
