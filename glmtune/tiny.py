@@ -23,7 +23,8 @@ from pathlib import Path
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+# Inside the package, so a non-editable install (`pip install .`) has it; data/ in the repository links here.
+DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 BUNDLED_FILES = ("adgen_sample/train.json", "adgen_sample/dev.json", "multiturn_sample.json")
 N_COMMAND_TOKENS = 5  # [MASK] [gMASK] [sMASK] sop eop, appended by the tokenizer class
 VOCAB_MULTIPLE = 64  # the official padded_vocab_size (65024) is the tokenizer size rounded up to 64

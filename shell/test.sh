@@ -1,6 +1,26 @@
 #!/usr/bin/env bash
 # Set up, then run the default test suite (CPU; slow and GPU tests are opt-in: -m slow, -m gpu).
+#   bash shell/test.sh [pytest args]                         # with the transformers already installed
+#   TRANSFORMERS_VERSION=floor  bash shell/test.sh           # on the lowest supported release (setup.cfg's floor)
+#   TRANSFORMERS_VERSION=newest bash shell/test.sh           # on the newest 5.x release
+#   TRANSFORMERS_VERSION=5.25.0 bash shell/test.sh           # on one given release
+# With TRANSFORMERS_VERSION the suite runs in a throwaway venv .venv-transformers-<version>/ made with
+# --system-site-packages: torch and the other requirements come from this Python, only transformers (and
+# glmtune, editable) are installed into it, so the current environment is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash shell/setup.sh
-exec "${PYTHON:-python3}" -m pytest -q "$@"
+PY=${PYTHON:-python3}
+if [[ -n "${TRANSFORMERS_VERSION:-}" ]]; then
+  case "$TRANSFORMERS_VERSION" in
+    floor)  spec="transformers==$(sed -n 's/^ *transformers>=\([0-9.]*\).*/\1/p' setup.cfg)" ;;
+    newest) spec="transformers<6" ;;
+    *)      spec="transformers==$TRANSFORMERS_VERSION" ;;
+  esac
+  venv=".venv-transformers-$TRANSFORMERS_VERSION"
+  [[ -x "$venv/bin/python" ]] || "$PY" -m venv --system-site-packages "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade "$spec"
+  PY="$venv/bin/python"
+  echo "testing with $("$PY" -c 'import transformers; print("transformers", transformers.__version__)')"
+fi
+PYTHON="$PY" bash shell/setup.sh
+exec "$PY" -m pytest -q "$@"

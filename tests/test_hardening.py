@@ -523,3 +523,31 @@ def test_compat_refuses_a_layer_without_the_flag_instead_of_dropping_the_prefix(
 
     with pytest.raises(RuntimeError, match="would drop the P-tuning prefix"):
         compat.allow_checkpointing_with_cache(nn.Linear(2, 2))
+
+
+# --- item 5: a non-editable install works on its own (the bundled data ships inside the package) --------
+
+
+def test_non_editable_install_in_a_fresh_venv_runs_init_model_outside_the_repo(tmp_path):
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "runs", "*.egg-info", "__pycache__", ".venv*", ".pytest_cache"))
+    venv = tmp_path / "venv"
+    # --system-site-packages: torch & co come from this machine; --without-pip: this Python's own pip and
+    # setuptools build the wheel offline (a venv's bundled setuptools may be too old to build wheels).
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(source)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.rmtree(source)  # nothing may still come from the source tree
+    where = subprocess.run([str(python), "-c", "import glmtune; print(glmtune.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path).stdout.strip()
+    assert where.startswith(str(venv)), where
+    proc = subprocess.run([str(venv / "bin" / "glmtune"), "init-model", str(tmp_path / "model")], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "model" / "tokenizer.model").is_file()
