@@ -103,6 +103,7 @@ def init_model_command(
     weights_format: str = typer.Option("safetensors", "--format", help="Weights format: safetensors or bin."),
     shards: int = typer.Option(1, help="Number of weight shards (>1 writes an index json)."),
     overwrite: bool = typer.Option(False, help="Replace an existing non-empty OUT_DIR."),
+    pretrain_steps: int = typer.Option(0, min=0, help="Language-model pre-training steps on the answer texts (bundled data, or --text-file), so the base writes sample-like text; 0 keeps the random base."),
 ) -> None:
     """Write a tiny random ChatGLM2 model (config, weights, tokenizer) for tests and CPU demos."""
     import json
@@ -113,7 +114,9 @@ def init_model_command(
     out = init_model(
         out_dir, layers=layers, hidden_size=hidden_size, heads=heads, kv_channels=kv_channels, groups=groups,
         ffn_hidden_size=ffn_hidden_size, seq_length=seq_length, seed=seed, texts=texts, vocab_size=vocab_size,
-        weights_format=weights_format, shards=shards, overwrite=overwrite,
+        weights_format=weights_format, shards=shards, overwrite=overwrite, pretrain_steps=pretrain_steps,
+        on_pretrained=lambda losses: print(f"pre-trained the base for {len(losses)} steps: loss {losses[0]:.3f} -> "
+                                           f"{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10)"),
     )
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     print(f"wrote {out}: {config['num_layers']} layers, hidden {config['hidden_size']}, "

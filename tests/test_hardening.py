@@ -551,3 +551,32 @@ def test_non_editable_install_in_a_fresh_venv_runs_init_model_outside_the_repo(t
                           text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "model" / "tokenizer.model").is_file()
+
+
+# --- item 16: init-model can pre-train the tiny base (seeded), so the demo shows what the prefix learns ---
+
+
+def test_init_model_pretraining_lowers_the_loss_changes_the_weights_and_is_seeded(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from glmtune.tiny import init_model
+
+    runs = []
+    for name in ("a", "b"):
+        losses = []
+        out = init_model(tmp_path / name, pretrain_steps=30, on_pretrained=losses.extend)
+        runs.append((load_file(str(out / "model.safetensors")), losses))
+    random_weights = load_file(str(init_model(tmp_path / "random") / "model.safetensors"))
+    (a, losses_a), (b, losses_b) = runs
+    assert len(losses_a) == 30 and sum(losses_a[-5:]) / 5 < losses_a[0] - 1.0
+    assert losses_a == losses_b and all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same base twice
+    key = "transformer.output_layer.weight"
+    assert set(a) == set(random_weights) and not torch.equal(a[key], random_weights[key])
+
+
+def test_init_model_rejects_a_negative_pretrain_steps(tmp_path):
+    from glmtune.tiny import init_model
+
+    with pytest.raises(GlmtuneError, match="--pretrain-steps must be 0 or a positive integer"):
+        init_model(tmp_path / "m", pretrain_steps=-1)
