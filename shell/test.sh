@@ -17,7 +17,9 @@ if [[ -n "${TRANSFORMERS_VERSION:-}" ]]; then
     *)      spec="transformers==$TRANSFORMERS_VERSION" ;;
   esac
   venv=".venv-transformers-$TRANSFORMERS_VERSION"
-  [[ -x "$venv/bin/python" ]] || "$PY" -m venv --system-site-packages "$venv"
+  # --without-pip: this Python's own pip and setuptools serve the venv too (a venv's bundled setuptools may be
+  # too old to build glmtune), and nothing but transformers and glmtune lands in it.
+  [[ -x "$venv/bin/python" ]] || "$PY" -m venv --system-site-packages --without-pip "$venv"
   "$venv/bin/python" -m pip install -q --upgrade "$spec"
   PY="$venv/bin/python"
   echo "testing with $("$PY" -c 'import transformers; print("transformers", transformers.__version__)')"

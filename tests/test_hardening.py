@@ -556,7 +556,7 @@ def test_non_editable_install_in_a_fresh_venv_runs_init_model_outside_the_repo(t
 # --- item 16: init-model can pre-train the tiny base (seeded), so the demo shows what the prefix learns ---
 
 
-def test_init_model_pretraining_lowers_the_loss_changes_the_weights_and_is_seeded(tmp_path):
+def test_init_model_pretraining_lowers_the_loss_changes_the_weights_and_is_seeded(tiny, tmp_path):
     import torch
     from safetensors.torch import load_file
 
@@ -567,7 +567,7 @@ def test_init_model_pretraining_lowers_the_loss_changes_the_weights_and_is_seede
         losses = []
         out = init_model(tmp_path / name, pretrain_steps=30, on_pretrained=losses.extend)
         runs.append((load_file(str(out / "model.safetensors")), losses))
-    random_weights = load_file(str(init_model(tmp_path / "random") / "model.safetensors"))
+    random_weights = load_file(str(tiny[1] / "model.safetensors"))  # the same seed, not pre-trained
     (a, losses_a), (b, losses_b) = runs
     assert len(losses_a) == 30 and sum(losses_a[-5:]) / 5 < losses_a[0] - 1.0
     assert losses_a == losses_b and all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same base twice
