@@ -206,12 +206,16 @@ def test_eval_says_how_many_rows_were_dropped_as_empty_and_why(tiny, tmp_path):
     rows += [{"content": "类型#裤", "summary": ""}, {"content": "", "summary": "好看"}]
     test_file = tmp_path / "dev.json"
     test_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    env = {**os.environ, "GLMTUNE_CACHE": str(tmp_path / "cache")}
-    proc = _cli("eval", "--model-path", model_dir, "--test-file", test_file, "--output-dir", tmp_path / "eval",
-                "--max-new-tokens", 2, "--device", "cpu", "--no-progress", env=env)
-    assert proc.returncode == 0, proc.stderr[-1500:]
+    from typer.testing import CliRunner
+
+    from glmtune.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--model-path", str(model_dir), "--test-file", str(test_file),
+                                      "--output-dir", str(tmp_path / "eval"), "--max-new-tokens", "2", "--device", "cpu",
+                                      "--no-progress"], env={"GLMTUNE_CACHE": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
     assert ("note: 2 of 5 rows dropped (1 with an empty response, 1 with an empty prompt): the official "
-            "preprocessing skips rows without a prompt or a reference; 3 evaluated") in proc.stderr
+            "preprocessing skips rows without a prompt or a reference; 3 evaluated") in result.stderr
 
 
 def test_dropped_rows_message_on_a_preprocessed_folder_cut_by_max_samples():
