@@ -9,8 +9,11 @@ run under transformers 4.30), checked id for id against ../shared/reference/toke
 * with special tokens a sequence is `[gMASK] sop tokens...` (a pair adds `b... </s>`), so truncation to
   `max_length` counts those two tokens, and cuts on the right;
 * padding is on the left and batches carry `position_ids` (0.. on the real tokens, 0 on the padding);
-* the command tokens are not split out of raw text (the text "sop" stays ordinary SentencePiece text), but
-  the literal strings `<unk>` and `</s>` are, as transformers did for the official class;
+* text is text: no string in the input becomes a special id. The official class encodes `"好</s>"` as
+  SentencePiece text (`[46458, 1833, 30917, 30994]`), and so does this one: special tokens (`<unk>`, `</s>`,
+  the command tokens, any token added as special) are never split out of raw text, and a SentencePiece
+  piece spelled like a command name keeps its own id. Tokens added as *non*-special (`add_tokens`) are
+  vocabulary the user asked for and are split out, as transformers does;
 * decoding drops the command tokens, bos/eos, pad/unk and negative ids (label padding -100): the official
   class maps all of them to empty pieces.
 
@@ -30,6 +33,7 @@ from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 from transformers import AddedToken, PreTrainedTokenizer
+from transformers.tokenization_python import Trie
 from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
 from transformers.utils import PaddingStrategy
 
@@ -70,11 +74,12 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         self._silent_ids.update(self.command_ids.values())
         self._silent_ids.discard(-1)
         self._vocab: dict[str, int] | None = None
-        # The official special tokens; bos stays unset because ChatGLM2 inputs never carry one.
-        # transformers 4.30 split `<unk>` and `</s>` out of raw text and stripped the whitespace around
-        # them; registering them as added tokens with lstrip/rstrip reproduces that.
+        # The official special tokens; bos stays unset because ChatGLM2 inputs never carry one. They are
+        # registered as special added tokens (their ids are the SentencePiece control ids), but `tokenize`
+        # below never splits a special token out of text: the official class encodes "</s>" in text as
+        # ordinary pieces.
         self._added_tokens_decoder = {
-            i: AddedToken(self.sp_model.id_to_piece(i), lstrip=True, rstrip=True, normalized=False, special=True)
+            i: AddedToken(self.sp_model.id_to_piece(i), lstrip=False, rstrip=False, normalized=False, special=True)
             for i in (self.sp_model.unk_id(), self.sp_model.eos_id())
         }
         kwargs.setdefault("unk_token", self.sp_model.id_to_piece(self.sp_model.unk_id()))
@@ -118,13 +123,49 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             raise KeyError(f"{token!r} is not a ChatGLM2 command token (expected one of {list(COMMAND_TOKENS)})")
         return self.command_ids[token]
 
+    def _splitting_tokens(self) -> set[str]:
+        """Added tokens that are split out of raw text: the non-special ones only (text is text)."""
+        special = set(self.all_special_tokens)
+        return {t for t, i in self._added_tokens_encoder.items() if not self._added_tokens_decoder[i].special and t not in special}
+
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        # transformers' `tokenize` splits every added token out of the text, special ones included, and keeps
+        # a chunk equal to a special token whole: "好</s>" would end with eos. The official ChatGLM tokenizers
+        # never do that, so only non-special added tokens split here (with their lstrip/rstrip options).
+        split_special_tokens = kwargs.pop("split_special_tokens", self.split_special_tokens)
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        splitting = set() if split_special_tokens else self._splitting_tokens()
+        if not any(t in text for t in splitting):
+            return self._tokenize(text)
+        trie = Trie()
+        for token in splitting:
+            trie.add(token)
+        chunks = trie.split(text)
+        for i, chunk in enumerate(chunks):
+            if chunk in splitting:
+                added = self._added_tokens_decoder[self._added_tokens_encoder[chunk]]
+                if added.rstrip and i + 1 < len(chunks):
+                    chunks[i + 1] = chunks[i + 1].lstrip()
+                if added.lstrip and i > 0:
+                    chunks[i - 1] = chunks[i - 1].rstrip()
+        pieces: list[str] = []
+        for chunk in chunks:
+            if chunk in splitting:
+                pieces.append(chunk)
+            elif chunk:
+                pieces.extend(self._tokenize(chunk))
+        return pieces
+
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return self.sp_model.encode(text, out_type=str)
 
     def _convert_token_to_id(self, token: str) -> int:
-        if token in self.command_ids:
+        # A SentencePiece piece keeps its own id even when it is spelled like a command token (only possible
+        # in a vocabulary trained with such a piece; not in the official one), so text never becomes a command.
+        piece_id = self.sp_model.piece_to_id(token)
+        if token in self.command_ids and self.sp_model.id_to_piece(piece_id) != token:
             return self.command_ids[token]
-        return self.sp_model.piece_to_id(token)
+        return piece_id
 
     def _convert_id_to_token(self, index: int) -> str:
         if index in self._command_names:
@@ -162,12 +203,13 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         state = self._fast_state
         if state is not None and state[0] == key:
             return state[1], state[2]
-        # The trie splits on added tokens; `tokenize` keeps a whole chunk equal to a special token.
-        needles = tuple({*self._added_tokens_encoder, *self.all_special_tokens})
-        # `_convert_token_to_id_with_added_voc` looks a piece up among added tokens, then command names,
-        # before SentencePiece: a piece spelled like one of those gets that id instead of its own.
+        # `tokenize` splits the non-special added tokens out of the text (special ones never).
+        needles = tuple(self._splitting_tokens())
+        # `_convert_token_to_id_with_added_voc` looks a piece up among added tokens before SentencePiece: a
+        # piece spelled like one of those gets that id instead of its own (never a command token: see
+        # `_convert_token_to_id`).
         remap = {}
-        for name, token_id in {**self.command_ids, **self._added_tokens_encoder}.items():
+        for name, token_id in self._added_tokens_encoder.items():
             piece_id = self.sp_model.piece_to_id(name)
             if self.sp_model.id_to_piece(piece_id) == name and piece_id != token_id:
                 remap[piece_id] = token_id
@@ -182,7 +224,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         needles, remap = self._fast_tables()
         # With split_special_tokens the generic route skips the trie and sends the whole text to SentencePiece.
         if not kwargs.get("split_special_tokens", self.split_special_tokens) and any(n in text for n in needles):
-            return None  # `<unk>` / `</s>` in the text: split and whitespace-stripped by `tokenize`
+            return None  # a user-added token in the text: `tokenize` splits it out
         ids = self.sp_model.encode(text)
         if remap:
             ids = [remap.get(i, i) for i in ids]
