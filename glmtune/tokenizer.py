@@ -57,6 +57,9 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     """SentencePiece + ChatGLM2 command tokens, left padding with position ids."""
 
     vocab_files_names = {"vocab_file": TOKENIZER_FILE}
+    #: The family name (glmtune.family) and the command tokens that follow the SentencePiece pieces.
+    family = "chatglm2"
+    command_tokens: tuple[str, ...] = COMMAND_TOKENS
     model_input_names = ["input_ids", "attention_mask", "position_ids"]
     padding_side = "left"
 
@@ -67,7 +70,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         self._model_proto = Path(vocab_file).read_bytes()
         self.sp_model = SentencePieceProcessor(model_proto=self._model_proto)
         self.n_pieces = self.sp_model.get_piece_size()
-        self.command_ids = {name: self.n_pieces + i for i, name in enumerate(COMMAND_TOKENS)}
+        self.command_ids = {name: self.n_pieces + i for i, name in enumerate(self.command_tokens)}
         self._command_names = {i: name for name, i in self.command_ids.items()}
         # Ids the official class turns into empty pieces when decoding (bos/eos/unk=pad, commands).
         self._silent_ids = {self.sp_model.bos_id(), self.sp_model.eos_id(), self.sp_model.unk_id()}
@@ -95,7 +98,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self.n_pieces + len(COMMAND_TOKENS)
+        return self.n_pieces + len(self.command_tokens)
 
     def get_vocab(self) -> dict[str, int]:
         if self._vocab is None:
@@ -120,7 +123,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         if token in named:
             return named[token]
         if token not in self.command_ids:
-            raise KeyError(f"{token!r} is not a ChatGLM2 command token (expected one of {list(COMMAND_TOKENS)})")
+            raise KeyError(f"{token!r} is not a {self.family} command token (expected one of {list(self.command_tokens)})")
         return self.command_ids[token]
 
     def _splitting_tokens(self) -> set[str]:
@@ -420,20 +423,28 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         return (str(target),)
 
 
-def load_tokenizer(path: str | Path) -> ChatGLM2Tokenizer:
+def load_tokenizer(path: str | Path, family: Any = None) -> ChatGLM2Tokenizer:
     """The tokenizer of a model or checkpoint folder (or a `tokenizer.model` file given directly).
 
-    Only `tokenizer.model` is read: the official tokenizer_config.json names remote code, and nothing else
-    in it changes the behaviour.
+    Only `tokenizer.model` is read for the vocabulary: the official tokenizer_config.json names remote code.
+    The family (`glmtune.family`: ChatGLM3 adds role tokens) is `family` when given, else detected from the
+    folder; a ChatGLM3 folder gives a `ChatGLM3Tokenizer`.
     """
+    from glmtune.family import resolve_family
+
     path = Path(path)
     model_file = path if path.is_file() else path / TOKENIZER_FILE
     if not model_file.is_file():
         raise GlmtuneError(
-            f"{path}: no {TOKENIZER_FILE} found (expected a ChatGLM2 model or checkpoint folder holding "
+            f"{path}: no {TOKENIZER_FILE} found (expected a ChatGLM2/ChatGLM3 model or checkpoint folder holding "
             f"the SentencePiece file {TOKENIZER_FILE})"
         )
+    cls: type[ChatGLM2Tokenizer] = ChatGLM2Tokenizer
+    if resolve_family(path, family).name == "chatglm3":
+        from glmtune.tokenizer_glm3 import ChatGLM3Tokenizer
+
+        cls = ChatGLM3Tokenizer
     try:
-        return ChatGLM2Tokenizer(vocab_file=model_file)
+        return cls(vocab_file=model_file)
     except (RuntimeError, OSError) as exc:
         raise GlmtuneError(f"{model_file}: not a readable SentencePiece model ({exc})") from exc
