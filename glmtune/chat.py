@@ -92,8 +92,9 @@ def normalize_history(history, source: str = "history") -> History:
     return rounds
 
 
-def read_history_file(path: str | Path) -> History:
-    """A JSON file holding a list of [query, answer] pairs (what `--json` prints as "history")."""
+def read_history_file(path: str | Path) -> list:
+    """A JSON file holding a list of [query, answer] pairs, or (ChatGLM3) of messages {role, content}
+    (what `--json` prints as "history")."""
     path = Path(path)
     if not path.is_file():
         raise GlmtuneError(f"{path}: history file not found")
@@ -103,20 +104,56 @@ def read_history_file(path: str | Path) -> History:
         raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
     if isinstance(data, dict) and "history" in data:  # accept `--json` output as is
         data = data["history"]
+    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        from glmtune.glm3 import normalize_messages
+
+        return normalize_messages(data, source=str(path))
     return normalize_history(data, source=str(path))
 
 
-def find_tokenizer(*folders: str | Path | None):
-    """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint)."""
+def read_tools_file(path: str | Path) -> list:
+    """A JSON file holding a list of tool descriptions (ChatGLM3 `tools`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"{path}: tools file not found")
+    try:
+        tools = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise GlmtuneError(f"{path}: expected a JSON list of tool objects, found {type(tools).__name__}")
+    return tools
+
+
+def system_messages(tokenizer, system: str | None = None, tools: list | None = None) -> list[dict]:
+    """The ChatGLM3 history that starts a conversation with `--system` / `--tools` (none for ChatGLM2)."""
+    if system is None and tools is None:
+        return []
+    if not is_glm3(tokenizer):
+        raise GlmtuneError("--system and --tools need a ChatGLM3 model (ChatGLM2 has no system role)")
+    from glmtune.glm3 import DEFAULT_TOOLS_SYSTEM
+
+    message: dict = {"role": "system", "content": system if system is not None else DEFAULT_TOOLS_SYSTEM}
+    if tools is not None:
+        message["tools"] = tools
+    return [message]
+
+
+def find_tokenizer(*folders: str | Path | None, family: str | None = None):
+    """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint);
+    its family is `family`, else detected from the first folder (the model's)."""
     from glmtune.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     candidates = [Path(f) for f in folders if f is not None]
     for folder in candidates:
         if not folder.is_dir():
             raise GlmtuneError(f"{folder}: folder not found")
+    from glmtune.family import resolve_family
+
+    family = resolve_family(candidates[0], family).name if candidates else family
     for folder in candidates:
         if (folder / TOKENIZER_FILE).is_file():
-            return load_tokenizer(folder)
+            return load_tokenizer(folder, family=family)
     raise GlmtuneError(
         f"no {TOKENIZER_FILE} in {' or '.join(map(str, candidates))}: the tokenizer of ChatGLM2 is needed "
         "(copy it from the base model folder)"
@@ -130,17 +167,19 @@ def load_chat_model(
     quantization_bit: int | None = None,
     device: str | None = "auto",
     dtype: str | None = "auto",
+    family: str | None = None,
 ):
-    """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint."""
+    """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint, the
+    family (`glmtune.family`) from `family` or the model folder."""
     from glmtune.loading import load_model, read_chatglm_config
 
     read_chatglm_config(model_path)  # "not a model folder" says more than "no tokenizer"
-    tokenizer = find_tokenizer(model_path, ptuning_checkpoint)
+    tokenizer = find_tokenizer(model_path, ptuning_checkpoint, family=family)
     from glmtune.loading import resolve_device
 
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, family=tokenizer.family)
     return model, tokenizer
 
 
@@ -237,9 +276,9 @@ def attempt_ids_alone(tokenizer, query: str, role: str = "user") -> list[int]:
 
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids that end an answer for the tokenizer's family (ChatGLM2: eos; ChatGLM3: eos, <|user|>, <|observation|>)."""
-    from glmtune.family import get_family
+    from glmtune.family import stop_ids_for
 
-    return get_family(getattr(tokenizer, "family", None)).stop_token_ids(tokenizer)
+    return stop_ids_for(tokenizer)
 
 
 def _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p, temperature, top_k,
@@ -445,9 +484,14 @@ def run_repl(
     out: TextIO | None = None,
     err: TextIO | None = None,
     debug_prompt: bool = False,
+    start: list | None = None,
     **chat_kwargs,
-) -> History:
-    """The interactive loop; returns the history at exit. `chat_kwargs` go to `stream_chat`."""
+) -> list:
+    """The interactive loop; returns the history at exit. `chat_kwargs` go to `stream_chat`.
+
+    ChatGLM3: `start` is the history to begin with and to return to on `clear` (the `--system` / `--tools`
+    message); when a reply is a tool call, it is printed as JSON and the next line typed is sent back as
+    the tool's observation (role `observation`). Nothing is ever executed."""
     out = out or sys.stdout
     err = err or sys.stderr
 
@@ -462,10 +506,12 @@ def run_repl(
         out.flush()
 
     out.write(BANNER + "\n")
-    history: History = []
+    start = list(start or [])
+    history: list = list(start)
+    role = "user"
     while True:
         try:
-            query = read("\nUser: ")
+            query = read("\nObservation: " if role == "observation" else "\nUser: ")
         except EOFError:
             out.write("\n")
             break
@@ -478,23 +524,31 @@ def run_repl(
         if query == "stop":
             break
         if query == "clear":
-            history = []
+            history, role = list(start), "user"
             out.write("history cleared\n")
             continue
         printed, latest = "", None
         try:
             with contextlib.closing(
-                stream_chat(model, tokenizer, query, history, on_prompt=show_prompt, **chat_kwargs)
+                stream_chat(model, tokenizer, query, history, on_prompt=show_prompt, role=role, **chat_kwargs)
             ) as stream:
+                role = "user"
                 for response, latest in stream:
+                    if not isinstance(response, str):  # a ChatGLM3 tool call or metadata reply: shown at the end
+                        continue
                     # Hold back a trailing U+FFFD: the rest of that character's bytes are still coming.
                     shown = response.rstrip("\ufffd")
                     if shown.startswith(printed) and len(shown) > len(printed):
                         out.write(shown[len(printed):])
                         out.flush()
                         printed = shown
-            if latest is not None and latest[-1][1].startswith(printed):  # the held-back tail, if any
-                out.write(latest[-1][1][len(printed):])
+            if latest is not None and isinstance(response, dict):
+                out.write(json.dumps(response, ensure_ascii=False))
+                if "parameters" in response:  # a tool call: the user runs the tool and types its result
+                    role = "observation"
+                    out.write("\n(tool call: type the tool's result as the observation)")
+            elif latest is not None and response.startswith(printed):  # the held-back tail, if any
+                out.write(response[len(printed):])
             out.write("\n")
         except KeyboardInterrupt:
             out.write(" [stopped]\n")

@@ -142,8 +142,14 @@ def generate_texts(
 ) -> list[str]:
     """`generate_token_ids`, decoded without special tokens (eos, padding) and stripped, as the official
     `generated_predictions`."""
-    ids = generate_token_ids(model, prompts, settings, batch_size, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                             progress)
+    from glmtune.family import stop_ids_for
+
+    # ChatGLM3 answers end at </s>, <|user|> or <|observation|> (glmtune.family); ChatGLM2 ones at </s>.
+    stops = stop_ids_for(tokenizer)
+    ids = generate_token_ids(model, prompts, settings, batch_size, tokenizer.pad_token_id,
+                             stops if len(stops) > 1 else stops[0], progress)
+    if len(stops) > 1:  # cut at the stop token: ChatGLM3 decodes role tokens as text
+        ids = [next((row[:i] for i, t in enumerate(row) if t in stops), row) for row in ids]
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 

@@ -212,6 +212,11 @@ def resolve_family(folder: str | Path | None, override: str | Family | None = No
     return detect_family(folder) if folder is not None else DEFAULT_FAMILY
 
 
+def stop_ids_for(tokenizer: Any) -> list[int]:
+    """Stop ids of the tokenizer's family (a ChatGLM2 tokenizer: [eos])."""
+    return get_family(getattr(tokenizer, "family", None)).stop_token_ids(tokenizer)
+
+
 def check_same_family(base: Family, checkpoint: str | Path) -> None:
     """Refuse a P-tuning checkpoint trained on another family (the prefix shapes match, so it would load)."""
     recorded = recorded_family(checkpoint)
