@@ -14,7 +14,8 @@ no command branches on a family name itself:
 
 The family of a folder is recorded in config.json (`glmtune_family`, written into every P-tuning checkpoint
 and merged model glmtune saves), else detected from the tokenizer (ChatGLM3's tokenizer_config.json names
-its role tokens), else ChatGLM2; `--family` overrides. The official releases do not record a family: a
+its role tokens), else from the release name the official config.json carries (`THUDM/chatglm3-6b`), else
+ChatGLM2; `--family` overrides. The official releases do not record a family: a
 folder with no tokenizer (e.g. a bare 32k weight folder) needs `--family chatglm3` to be read as ChatGLM3.
 """
 
@@ -201,6 +202,14 @@ def detect_family(folder: str | Path) -> Family:
             return FAMILIES[saved]
         # The official ChatGLM3 tokenizer_config.json names its role tokens (in its chat_template).
         if any(token in text for token in GLM3_ROLE_TOKENS):
+            return CHATGLM3
+    # Older downloads of the official ChatGLM3 folders lack the chat_template, but name their release.
+    for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "name_or_path")):
+        try:
+            origin = json.loads((folder / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        if isinstance(origin, str) and "chatglm3" in origin.lower():
             return CHATGLM3
     return DEFAULT_FAMILY
 

@@ -27,7 +27,6 @@ The chat prompt (`build_prompt`) is the official `[Round N]\\n\\n问：...\\n\\n
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,9 @@ from transformers.tokenization_python import Trie
 from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
 from transformers.utils import PaddingStrategy
 
+from glmtune import compat
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import atomic_file
 
 TOKENIZER_FILE = "tokenizer.model"
 # Order matters: it fixes their ids right after the SentencePiece pieces, as in the official model.
@@ -81,10 +82,10 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         # registered as special added tokens (their ids are the SentencePiece control ids), but `tokenize`
         # below never splits a special token out of text: the official class encodes "</s>" in text as
         # ordinary pieces.
-        self._added_tokens_decoder = {
+        compat.seed_added_tokens(self, {
             i: AddedToken(self.sp_model.id_to_piece(i), lstrip=False, rstrip=False, normalized=False, special=True)
             for i in (self.sp_model.unk_id(), self.sp_model.eos_id())
-        }
+        })
         kwargs.setdefault("unk_token", self.sp_model.id_to_piece(self.sp_model.unk_id()))
         kwargs.setdefault("eos_token", self.sp_model.id_to_piece(self.sp_model.eos_id()))
         kwargs.setdefault("pad_token", self.sp_model.id_to_piece(self.sp_model.unk_id()))
@@ -105,14 +106,14 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             vocab = {self.sp_model.id_to_piece(i): i for i in range(self.n_pieces)}
             vocab.update(self.command_ids)
             self._vocab = vocab
-        return {**self._vocab, **self._added_tokens_encoder}
+        return {**self._vocab, **compat.added_tokens_encoder(self)}
 
     @property
     def pad_token_id(self) -> int | None:
         # transformers' `_pad` reads this once per padded row. Without a class attribute every read first
         # fails normal lookup and lands in `PreTrainedTokenizerBase.__getattr__` (several µs each); this
         # gives the same answer from the same map. Setting it still goes through the base `__setattr__`.
-        token = self.__dict__.get("_special_tokens_map", {}).get("pad_token")
+        token = compat.stored_pad_token(self)
         if token is None:
             return super().__getattr__("pad_token_id")  # unset: the base class's answer and log line
         return self.convert_tokens_to_ids(str(token))
@@ -129,7 +130,8 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     def _splitting_tokens(self) -> set[str]:
         """Added tokens that are split out of raw text: the non-special ones only (text is text)."""
         special = set(self.all_special_tokens)
-        return {t for t, i in self._added_tokens_encoder.items() if not self._added_tokens_decoder[i].special and t not in special}
+        decoder = compat.added_tokens_decoder(self)
+        return {t for t, i in compat.added_tokens_encoder(self).items() if not decoder[i].special and t not in special}
 
     def tokenize(self, text: str, **kwargs: Any) -> list[str]:
         # transformers' `tokenize` splits every added token out of the text, special ones included, and keeps
@@ -146,7 +148,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         chunks = trie.split(text)
         for i, chunk in enumerate(chunks):
             if chunk in splitting:
-                added = self._added_tokens_decoder[self._added_tokens_encoder[chunk]]
+                added = compat.added_tokens_decoder(self)[compat.added_tokens_encoder(self)[chunk]]
                 if added.rstrip and i + 1 < len(chunks):
                     chunks[i + 1] = chunks[i + 1].lstrip()
                 if added.lstrip and i > 0:
@@ -195,6 +197,14 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     # done nothing more than `piece_to_id` on each piece, which `_fast_text_ids` checks; everything
     # after the ids (special tokens, truncation, padding, tensors) still runs through transformers.
 
+    # Why not a `tokenizers` (Rust) fast tokenizer built from tokenizer.model (issue 9 item 19b)? Built as
+    # transformers' converters do (BPE from SentencePieceExtractor, byte fallback, "▁" prepend/replace
+    # normalizer) it gives the same ids on all 370 golden texts (ChatGLM2 and ChatGLM3 files), but measured
+    # 1.6-2.2x slower than this path on the 308 ChatGLM2 golden texts x 20 (3 runs, loaded 2-core machine:
+    # 0.56/0.51/0.51 s here vs 1.02/0.93/0.83 s `encode_batch`, 1.23/1.09/0.91 s one by one), and it needs
+    # `SentencePieceExtractor`, whose signature already changed within transformers 5. SentencePiece itself
+    # (what the official tokenizer runs) stays the engine; only the per-piece Python lookups are skipped.
+
     #: Set False (on the class or an instance) to encode through the generic route, e.g. to compare.
     use_fast_encode = True
 
@@ -202,7 +212,9 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         """Strings that make the generic route split the text, and piece ids it maps elsewhere.
 
         Rebuilt whenever added or special tokens change (a dict/list comparison, cheap per call)."""
-        key = (self._added_tokens_encoder, self._special_tokens_map, self._extra_special_tokens)
+        encoder = compat.added_tokens_encoder(self)
+        special_map, extra = compat.special_tokens_state(self)
+        key = (encoder, special_map, extra)
         state = self._fast_state
         if state is not None and state[0] == key:
             return state[1], state[2]
@@ -212,11 +224,11 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         # piece spelled like one of those gets that id instead of its own (never a command token: see
         # `_convert_token_to_id`).
         remap = {}
-        for name, token_id in self._added_tokens_encoder.items():
+        for name, token_id in encoder.items():
             piece_id = self.sp_model.piece_to_id(name)
             if self.sp_model.id_to_piece(piece_id) == name and piece_id != token_id:
                 remap[piece_id] = token_id
-        copied = (dict(self._added_tokens_encoder), dict(self._special_tokens_map), list(self._extra_special_tokens))
+        copied = (dict(encoder), dict(special_map), list(extra))
         self._fast_state = (copied, needles, remap)
         return needles, remap
 
@@ -259,7 +271,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             if ids is not None:
                 if add_special_tokens:
                     ids = self.build_inputs_with_special_tokens(ids)
-                self._eventual_warn_about_too_long_sequence(ids, None, True)
+                compat.warn_if_too_long(self, ids)
                 return ids
         return super().encode(
             text,
@@ -409,17 +421,8 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         target = directory / ((filename_prefix + "-" if filename_prefix else "") + TOKENIZER_FILE)
         if not directory.is_dir():
             target = directory  # transformers' convention: a file path instead of a folder
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tokenizer-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self._model_proto)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; a tokenizer is not private
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target, "wb") as handle:
+            handle.write(self._model_proto)
         return (str(target),)
 
 

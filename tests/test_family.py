@@ -66,6 +66,9 @@ def test_family_detection_and_override(reference, tmp_path):
     assert resolve_family(reference / "chatglm2-6b", "chatglm3").name == "chatglm3"
     with pytest.raises(GlmtuneError, match=r"--family: expected one of \['chatglm2', 'chatglm3'\], found 'glm4'"):
         get_family("glm4")
+    # An official ChatGLM3 config.json names its release; no tokenizer_config.json is needed.
+    shutil.copy(reference / "chatglm3-6b" / "config.json", tmp_path / "config.json")
+    assert detect_family(tmp_path).name == "chatglm3"
     (tmp_path / "config.json").write_text(json.dumps({FAMILY_FIELD: "chatglm3"}), encoding="utf-8")
     assert detect_family(tmp_path).name == "chatglm3"
     (tmp_path / "config.json").write_text(json.dumps({FAMILY_FIELD: "bert"}), encoding="utf-8")
