@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from glmtune.chat import chat, stream_chat
+from glmtune.errors import GlmtuneError
 from glmtune.family import CHATGLM2, CHATGLM3
 from glmtune.glm3 import ToolCallWarning, parse_tool_call, process_response
 from glmtune.loading import load_model
@@ -174,3 +175,43 @@ def test_family_registry_builds_prompts_and_stop_ids_for_a_server(reference):
     assert CHATGLM2.stop_token_ids(glm2_tok) == [2]
     glm2_ids = CHATGLM2.messages_to_ids(glm2_tok, messages)
     assert glm2_ids == glm2_tok(glm2_tok.build_prompt("再见", [("你是助手\n你好", "你好！")]))["input_ids"]
+
+
+def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(glm3, monkeypatch):
+    import io
+
+    import glmtune.chat as chat_module
+    from glmtune.chat import run_repl, system_messages
+
+    tokenizer = glm3[0]
+    calls = []
+    call = {"name": "get_weather", "parameters": {"city": "北京"}}
+
+    def fake_stream(model, tok, query, history, on_prompt=None, role="user", **kwargs):
+        calls.append((query, role, list(history)))
+        if len(calls) == 1:
+            reply = call
+            messages = history + [{"role": role, "content": query},
+                                  {"role": "assistant", "metadata": "get_weather", "content": "tool_call(city='北京')"}]
+        else:
+            reply = "北京今天晴。"
+            messages = history + [{"role": role, "content": query}, {"role": "assistant", "metadata": "", "content": reply}]
+        yield reply, messages
+
+    monkeypatch.setattr(chat_module, "stream_chat", fake_stream)
+    start = system_messages(tokenizer, None, [{"name": "get_weather"}])
+    lines = iter(["北京天气？", '{"weather": "晴"}', "clear", "你好"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    run_repl(None, tokenizer, read=read, out=out, err=io.StringIO(), start=start)
+    assert [(q, r) for q, r, _ in calls] == [("北京天气？", "user"), ('{"weather": "晴"}', "observation"), ("你好", "user")]
+    assert calls[0][2] == start and calls[2][2] == start  # `clear` goes back to the system message with tools
+    assert json.dumps(call, ensure_ascii=False) in out.getvalue() and "北京今天晴。" in out.getvalue()
+    with pytest.raises(GlmtuneError, match="need a ChatGLM3 model"):
+        system_messages(load_tokenizer(tokenizer.vocab_file, family="chatglm2"), "sys", None)
