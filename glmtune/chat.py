@@ -111,34 +111,6 @@ def read_history_file(path: str | Path) -> list:
     return normalize_history(data, source=str(path))
 
 
-def read_tools_file(path: str | Path) -> list:
-    """A JSON file holding a list of tool descriptions (ChatGLM3 `tools`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise GlmtuneError(f"{path}: tools file not found")
-    try:
-        tools = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise GlmtuneError(f"{path}: expected a JSON list of tool objects, found {type(tools).__name__}")
-    return tools
-
-
-def system_messages(tokenizer, system: str | None = None, tools: list | None = None) -> list[dict]:
-    """The ChatGLM3 history that starts a conversation with `--system` / `--tools` (none for ChatGLM2)."""
-    if system is None and tools is None:
-        return []
-    if not is_glm3(tokenizer):
-        raise GlmtuneError("--system and --tools need a ChatGLM3 model (ChatGLM2 has no system role)")
-    from glmtune.glm3 import DEFAULT_TOOLS_SYSTEM
-
-    message: dict = {"role": "system", "content": system if system is not None else DEFAULT_TOOLS_SYSTEM}
-    if tools is not None:
-        message["tools"] = tools
-    return [message]
-
-
 def find_tokenizer(*folders: str | Path | None, family: str | None = None):
     """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint);
     its family is `family`, else detected from the first folder (the model's)."""

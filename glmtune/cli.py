@@ -290,16 +290,17 @@ def chat(
     import json
 
     from glmtune import chat as chat_lib
+    from glmtune import glm3
 
     history = chat_lib.read_history_file(history_file) if history_file is not None else []
-    tool_list = chat_lib.read_tools_file(tools) if tools is not None else None
+    tool_list = glm3.read_tools_file(tools) if tools is not None else None
     if query is None:
         typer.echo("loading model ...", err=True)
     model, tokenizer = chat_lib.load_chat_model(
         model_path, ptuning_checkpoint, quantization_bit=quantization_bit, device=device, dtype=dtype, family=family
     )
-    start = chat_lib.system_messages(tokenizer, system, tool_list)
-    if start and history and history[0].get("role") == "system":
+    start = glm3.system_messages(tokenizer, system, tool_list)
+    if start and history and isinstance(history[0], dict) and history[0].get("role") == "system":
         raise GlmtuneError("--system/--tools and a history file that starts with a system message: give one of them")
     if seed is not None:
         from transformers import set_seed

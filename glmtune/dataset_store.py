@@ -246,6 +246,8 @@ def load_or_build_dataset(
         differing = {
             k: (v, getattr(config, k)) for k, v in asdict(meta["config"]).items()
             if k != "max_samples" and getattr(config, k) != v  # max_samples is applied, not a stored setting
+            # ChatGLM3 rules / max_seq_length are `preprocess` options: left at their defaults they ask nothing
+            and not (k in _CONFIG_DEFAULTS and getattr(config, k) == _CONFIG_DEFAULTS[k])
         }
         if differing:
             logger.warning("%s was preprocessed with other settings; using the stored ones: %s", source, differing)

@@ -83,7 +83,7 @@ class Family:
 def _glm2_messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
     """ChatGLM2 knows user/assistant rounds only: a system message is put in front of the first query
     (ChatGLM2 has no system role; this is what its users do), an observation role is an error."""
-    query, history, system = None, [], []
+    history, system = [], []
     pending: str | None = None
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content", "")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from glmtune.errors import GlmtuneError
@@ -137,3 +139,29 @@ def process_response(output: str, history: list[dict], warn: bool = True) -> tup
     if problem and warn:
         warnings.warn(problem, ToolCallWarning, stacklevel=2)
     return content, history
+
+
+def read_tools_file(path: str | Path) -> list:
+    """A JSON file holding a list of tool descriptions (ChatGLM3 `tools`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"{path}: tools file not found")
+    try:
+        tools = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise GlmtuneError(f"{path}: expected a JSON list of tool objects, found {type(tools).__name__}")
+    return tools
+
+
+def system_messages(tokenizer, system: str | None = None, tools: list | None = None) -> list[dict]:
+    """The ChatGLM3 history that starts a conversation with `--system` / `--tools` (none for ChatGLM2)."""
+    if system is None and tools is None:
+        return []
+    if getattr(tokenizer, "family", "chatglm2") != "chatglm3":
+        raise GlmtuneError("--system and --tools need a ChatGLM3 model (ChatGLM2 has no system role)")
+    message: dict = {"role": "system", "content": system if system is not None else DEFAULT_TOOLS_SYSTEM}
+    if tools is not None:
+        message["tools"] = tools
+    return [message]

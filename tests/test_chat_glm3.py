@@ -181,7 +181,8 @@ def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(
     import io
 
     import glmtune.chat as chat_module
-    from glmtune.chat import run_repl, system_messages
+    from glmtune.chat import run_repl
+    from glmtune.glm3 import system_messages
 
     tokenizer = glm3[0]
     calls = []
