@@ -72,10 +72,6 @@ class Family:
             return {**base, "rope_type": "linear", "factor": float(rope_ratio)}
         return {**base, "rope_theta": 10000.0 * float(rope_ratio)}
 
-    def rope_base(self, rope_ratio: float) -> float:
-        """The base of the `inv_freq` buffer the official code of this family stores."""
-        return 10000.0 * (float(rope_ratio) if self.rope_rule == ROPE_SCALE_BASE else 1.0)
-
 
 # --- ChatGLM2 ------------------------------------------------------------------------------------
 

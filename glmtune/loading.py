@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from glmtune.errors import GlmtuneError
-from glmtune.family import FAMILY_FIELD, check_same_family, get_family, resolve_family
+from glmtune.family import FAMILY_FIELD, check_same_family, resolve_family
 from glmtune.fsutil import atomic_dir
 from glmtune.modeling import ChatGLM2ForCausalLM, attention_dims, glm_config_from_chatglm
 from glmtune.prefix import (
@@ -233,9 +233,10 @@ def native_to_official(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, t
         else:
             raise KeyError(name)
     rotary_dim = attention_dims(cfg)[2] // 2
-    base = get_family(cfg.get(FAMILY_FIELD)).rope_base(float(cfg.get("rope_ratio", 1.0)))
+    # Base 10000 whatever `rope_ratio` and family: both official 32k codes keep this buffer as the plain
+    # model's and apply rope_ratio in their forward (their released weights hold the base-10000 values).
     out["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (
-        base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+        10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
     )
     return out
 

@@ -40,6 +40,20 @@ def test_32k_rope_rules_give_the_official_logits_beyond_the_trained_length(rope,
     assert greedy.tolist() == expected[f"{tag}/greedy"].tolist()
 
 
+def test_saving_a_32k_model_writes_the_official_rotary_buffer_and_the_same_logits(rope, tmp_path):
+    ref, expected = rope
+    model = load_model(ref / "chatglm3-6b-32k", family="chatglm3")
+    saved = save_model(model, tmp_path / "copy")
+    from safetensors.torch import load_file
+
+    index = json.loads((ref / "chatglm3-6b-32k" / "pytorch_model.bin.index.json").read_text(encoding="utf-8"))
+    key = "transformer.rotary_pos_emb.inv_freq"
+    official = torch.load(ref / "chatglm3-6b-32k" / index["weight_map"][key], weights_only=True)[key]
+    assert torch.equal(load_file(saved / "model.safetensors")[key], official)
+    again = load_model(saved)  # the family is recorded: no --family needed any more
+    assert torch.allclose(_logits(again, expected["input_ids"]), expected["glm3_32k/logits"], atol=1e-4, rtol=0)
+
+
 def test_each_32k_folder_under_the_other_rule_gives_other_logits(rope):
     # The two rules really differ: reading chatglm2-6b-32k with the ChatGLM3 rule is wrong (the old bug).
     ref, expected = rope
