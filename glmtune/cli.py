@@ -212,6 +212,7 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1, help="Processes for tokenizing and scoring."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
 ) -> None:
     """Generate for an eval set (batched, greedy by default) and score BLEU-4 / ROUGE-1/2/L as the official scripts."""
     from glmtune import data, evaluate
@@ -229,7 +230,7 @@ def eval_command(
         model_path, output_dir, test_file=test_file, dataset_dir=dataset, config=config,
         ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len, quantization_bit=quantization_bit,
         settings=settings, batch_size=batch_size, official_truncation=official_truncation, dtype=dtype,
-        device=device, num_workers=num_workers, progress=progress,
+        device=device, num_workers=num_workers, progress=progress, family=family,
     )
     if out.results.get("empty_predictions"):
         typer.echo(f"warning: {out.results['empty_predictions']} of {out.results['predict_samples']} pairs have an "
@@ -340,6 +341,7 @@ def merge(
     fold_prefix: bool = typer.Option(False, "--fold-prefix", help="Store the prefix after its projection MLP as plain embeddings (same outputs, smaller, faster)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output-dir."),
     dtype: str = typer.Option("auto", help="Weight dtype of the merged folder: float32, bfloat16, float16, or auto (as the base model's config)."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
 ) -> None:
     """Bake a P-tuning checkpoint into a self-contained model folder (weights, prefix, tokenizer)."""
     from glmtune.merge import check_output_dir
@@ -348,7 +350,7 @@ def merge(
     from glmtune.merge import merge_checkpoint
 
     result = merge_checkpoint(model_path, ptuning_checkpoint, output_dir, quantization_bit=quantization_bit,
-                              fold=fold_prefix, force=force, dtype=dtype)
+                              fold=fold_prefix, force=force, dtype=dtype, family=family)
     typer.echo(result.summary())
 
 

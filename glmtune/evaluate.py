@@ -278,8 +278,11 @@ def run_eval(
     cache_dir: str | os.PathLike | None = None,
     num_workers: int = 1,
     progress: bool = True,
+    family: str | None = None,
 ) -> EvalOutput:
     """Load the model (and P-tuning checkpoint), read the eval data, and `evaluate`; what `glmtune eval` runs.
+
+    `family` (chatglm2, chatglm3) overrides the one detected from the model folder (glmtune.family).
 
     `settings.max_new_tokens` of None means `config.max_target_length`.
     """
@@ -296,7 +299,7 @@ def run_eval(
     if out.exists() and not out.is_dir():
         raise GlmtuneError(f"{out}: exists and is not a folder")
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, family=family)
     # Data first: a wrong column or a malformed line fails before the (slow) model load.
     dataset, config = load_eval_data(tokenizer, test_file, dataset_dir, config, cache_dir, num_workers)
     if settings.max_new_tokens is None:
@@ -307,5 +310,5 @@ def run_eval(
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len,
                        prefix_projection=prefix_projection, quantization_bit=quantization_bit, dtype=dtype,
-                       device=device)
+                       device=device, family=tokenizer.family)
     return evaluate(model, tokenizer, dataset, out, settings, batch_size, official_truncation, num_workers, progress)

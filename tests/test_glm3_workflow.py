@@ -105,6 +105,17 @@ def test_chatglm3_preprocess_train_eval_merge_and_chat_end_to_end(tmp_path):
     merged = tmp_path / "merged"
     _in_process("merge", "--model-path", model, "--ptuning-checkpoint", checkpoint, "--output-dir", merged)
     assert json.loads((merged / "config.json").read_text(encoding="utf-8"))["glmtune_family"] == "chatglm3"
+    # --family overrides detection: the checkpoint on the same base read as ChatGLM2 is refused, naming both.
+    from typer.testing import CliRunner
+
+    from glmtune.cli import app
+    from glmtune.errors import GlmtuneError
+
+    refused = CliRunner().invoke(app, ["merge", "--model-path", str(model), "--ptuning-checkpoint", str(checkpoint),
+                                       "--output-dir", str(tmp_path / "merged2"), "--family", "chatglm2"])
+    assert isinstance(refused.exception, GlmtuneError)
+    assert "checkpoint of a chatglm3 model, but the base model is chatglm2" in str(refused.exception)
+    assert not (tmp_path / "merged2").exists()
 
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps(TOOLS, ensure_ascii=False), encoding="utf-8")
@@ -113,5 +124,4 @@ def test_chatglm3_preprocess_train_eval_merge_and_chat_end_to_end(tmp_path):
     history = answer["history"]
     assert history[0]["tools"] == TOOLS and history[1] == {"role": "user", "content": "北京天气怎么样？"}
     assert history[-1]["role"] == "assistant"
-    # (A checkpoint on a base read as another family is refused: tests/test_family.py.)
 
