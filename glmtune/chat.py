@@ -299,9 +299,10 @@ def _answer(tokenizer, prepared: ChatPrompt, query: str, role: str, ids: list[in
 
 
 def truncation_message(prepared: ChatPrompt) -> str:
+    unit = "message(s)" if prepared.history and isinstance(prepared.history[0], dict) else "round(s)"  # ChatGLM3
     return (
         f"chat history too long for the {prepared.window}-token window: dropped the oldest "
-        f"{prepared.dropped} round(s), kept {len(prepared.history)}"
+        f"{prepared.dropped} {unit}, kept {len(prepared.history)}"
     )
 
 

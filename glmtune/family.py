@@ -217,9 +217,14 @@ def resolve_family(folder: str | Path | None, override: str | Family | None = No
     return detect_family(folder) if folder is not None else DEFAULT_FAMILY
 
 
+def family_of(tokenizer: Any) -> Family:
+    """The family a glmtune tokenizer belongs to (what `load_tokenizer` detected or was told)."""
+    return get_family(getattr(tokenizer, "family", None))
+
+
 def stop_ids_for(tokenizer: Any) -> list[int]:
     """Stop ids of the tokenizer's family (a ChatGLM2 tokenizer: [eos])."""
-    return get_family(getattr(tokenizer, "family", None)).stop_token_ids(tokenizer)
+    return family_of(tokenizer).stop_token_ids(tokenizer)
 
 
 def check_same_family(base: Family, checkpoint: str | Path) -> None:

@@ -216,3 +216,18 @@ def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(
     assert json.dumps(call, ensure_ascii=False) in out.getvalue() and "北京今天晴。" in out.getvalue()
     with pytest.raises(GlmtuneError, match="need a ChatGLM3 model"):
         system_messages(load_tokenizer(tokenizer.vocab_file, family="chatglm2"), "sys", None)
+
+
+def test_a_long_chatglm3_history_drops_the_oldest_messages_but_keeps_the_system_prompt(glm3):
+    from glmtune.chat import build_chat_prompt, truncation_message
+
+    tokenizer = glm3[0]
+    system = {"role": "system", "content": "你是助手", "tools": [{"name": "f"}]}
+    turns = []
+    for i in range(30):
+        turns += [{"role": "user", "content": f"第{i}个问题" * 5}, {"role": "assistant", "content": f"第{i}个回答" * 5}]
+    prepared = build_chat_prompt(tokenizer, "最后", [system, *turns], window=300, answer_room=50)
+    assert prepared.history[0] == system and prepared.dropped > 0
+    assert prepared.history[1:] == turns[prepared.dropped:]
+    assert len(prepared.input_ids) <= 250 < len(tokenizer.chat_input_ids("最后", [system, *turns[prepared.dropped - 1:]]))
+    assert "message(s)" in truncation_message(prepared)
