@@ -160,7 +160,8 @@ class Scheduler:
 
     @property
     def active_rows(self) -> int:
-        return len(self._rows)
+        """Rows still generating (a finished row leaves the batch right after its final event)."""
+        return sum(not row.done for row in list(self._rows))
 
     def _wake(self) -> None:
         with self._cond:
@@ -277,7 +278,7 @@ class Scheduler:
         for i, row in enumerate(rows):
             row.real += 1
             self._take(row, logits[i:i + 1])
-            row.done = self._finish_if_done(row)
+            self._finish_if_done(row)
 
     def _take(self, row: _Row, logits: torch.Tensor) -> None:
         """Pick the row's next token from its logits [1, vocab] and record it."""
@@ -308,6 +309,7 @@ class Scheduler:
         request = row.request
         if request.cancelled:
             self.stats["cancelled"] += 1
+            row.done = True
             request.notify(Event(finish_reason="cancelled"))
             return True
         p = request.params
@@ -326,6 +328,7 @@ class Scheduler:
         if reason is None:
             return False
         self.stats["finished"] += 1
+        row.done = True
         request.notify(Event(finish_reason=reason, prompt_tokens=len(request.prompt_ids),
                              completion_tokens=len(row.ids), token_ids=list(row.ids)))
         return True
@@ -335,8 +338,8 @@ class Scheduler:
         for row in self._rows:
             if row.request.cancelled and not row.done:
                 self.stats["cancelled"] += 1
-                row.request.notify(Event(finish_reason="cancelled"))
                 row.done = True
+                row.request.notify(Event(finish_reason="cancelled"))
         keep = [i for i, row in enumerate(self._rows) if not row.done]
         if len(keep) == len(self._rows):
             return
