@@ -144,7 +144,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="Runs per setting; all are reported.")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's choice).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of the server (default: torch's choice). On a shared machine 1 avoids "
+                             "OpenMP threads spinning against other processes' load.")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -165,7 +167,8 @@ def main() -> None:
                     "C": write_adapter(tmp / "C", 64, 3)}
         proc, url = start_server(model, adapters, args, tmp / "server.log")
         try:
-            one_request(url, "A", prompts[0], 2)  # warm-up
+            one_request(url, "A", prompts[0], 2)  # warm-up: first-use allocations and kernel choices
+            run_setting(url, settings["mixed-len"][0], args.max_tokens, True)
             # Reference answers: every (model, prompt) pair used anywhere, served alone.
             alone = {job: one_request(url, *job, args.max_tokens)["text"]
                      for job in {j for jobs, _ in settings.values() for j in jobs}}

@@ -1,7 +1,7 @@
 """Continuous batching with one P-tuning prefix per row, on the model's forward and a DynamicCache.
 
-Why not `generate`: it runs a fixed batch to the end. Here a request that arrives while others are
-decoding is prefilled on its own (batch 1, exactly what `glmtune chat` computes) and joins the
+Why not `generate`: it runs a fixed batch to the end. Here requests that arrive while others are
+decoding are prefilled together (a request alone: exactly what `glmtune chat` computes) and join the
 running batch before the next step; a row that finishes, or whose client went away, leaves it.
 
 Cache layout, per layer [rows, groups, slots + real, kv_channels]:
@@ -23,6 +23,7 @@ All model work happens on one scheduler thread; `submit` and `cancel` are thread
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         # Counters for /health, tests and the benchmark.
         self.stats = {"steps": 0, "max_batch": 0, "joined_running": 0, "mixed_steps": 0, "finished": 0,
-                      "cancelled": 0, "errors": 0}
+                      "cancelled": 0, "errors": 0, "prefill_seconds": 0.0, "step_seconds": 0.0}
 
     # --- public, any thread ---
 
@@ -192,57 +193,80 @@ class Scheduler:
             row.request.notify(Event(finish_reason="cancelled"))
 
     def _admit(self) -> None:
-        """Prefill waiting requests (one at a time, as `chat` does) and merge them into the batch."""
-        running = bool(self._rows)
-        while len(self._rows) < self.max_batch_size:
-            with self._cond:
-                if not self._waiting:
-                    return
-                request = self._waiting.popleft()
-            if request.cancelled:
-                self.stats["cancelled"] += 1
-                request.notify(Event(finish_reason="cancelled"))
-                continue
-            try:
-                row, cache, slots = self._prefill(request)
-            except Exception as exc:
-                self.stats["errors"] += 1
+        """Prefill the waiting requests that fit, together, and merge them into the running batch."""
+        joiners: list[Request] = []
+        with self._cond:
+            while self._waiting and len(self._rows) + len(joiners) < self.max_batch_size:
+                joiners.append(self._waiting.popleft())
+        for request in [r for r in joiners if r.cancelled]:
+            self.stats["cancelled"] += 1
+            request.notify(Event(finish_reason="cancelled"))
+        joiners = [r for r in joiners if not r.cancelled]
+        if not joiners:
+            return
+        started = time.perf_counter()
+        try:
+            rows, cache, prefix_mask, real_mask = self._prefill(joiners)
+        except Exception as exc:
+            self.stats["errors"] += 1
+            for request in joiners:
                 request.notify(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
-                continue
-            self.stats["joined_running"] += running
-            if not self._finish_if_done(row):
-                self._merge(row, cache, slots)
-            del cache
+            return
+        self.stats["prefill_seconds"] += time.perf_counter() - started
+        self.stats["joined_running"] += len(joiners) if self._rows else 0
+        for row in rows:
+            self._finish_if_done(row)  # a one-token answer is done here; `_drop_done` removes it
+        self._merge(rows, cache, prefix_mask, real_mask)
 
-    def _prefill(self, request: Request) -> tuple[_Row, DynamicCache, int]:
-        adapter = self.adapters[request.adapter]
+    def _prefill(self, requests: list[Request]):
+        """One forward over the new prompts (left-padded), each after its own prefix; their first tokens.
+
+        Same layout as the running batch, so the result merges into it. A request alone is exactly
+        what `glmtune chat` computes (no padding); together, rows differ from alone only by rounding.
+        """
+        adapters = [self.adapters[r.adapter] for r in requests]
+        n, slots = len(requests), max(a.pre_seq_len for a in adapters)
+        width = max(len(r.prompt_ids) for r in requests)
+        prefix_mask = torch.zeros(n, slots, dtype=torch.bool, device=self.device)
+        real_mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        ids = torch.zeros(n, width, dtype=torch.long, device=self.device)  # 0 under the mask: any id would do
+        for j, (request, adapter) in enumerate(zip(requests, adapters)):
+            prefix_mask[j, slots - adapter.pre_seq_len:] = True
+            real_mask[j, width - len(request.prompt_ids):] = 1
+            ids[j, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids, device=self.device)
         cache = DynamicCache(config=self.model.config)
-        slots = adapter.pre_seq_len
-        if adapter.kv is not None:
-            for layer, (k, v) in enumerate(adapter.kv):
-                cache.update(k, v, layer)
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True,
-                         prefix_mask=torch.ones(1, slots, dtype=torch.bool, device=self.device), logits_to_keep=1)
-        seed = request.params.seed
-        generator = None
-        if request.params.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
-        row = _Row(request, generator, real=len(request.prompt_ids))
-        self._take(row, out.logits[:, -1])
-        return row, out.cache, slots
+        if slots:
+            config = self.model.config
+            shape = (n, config.num_key_value_heads, slots, config.head_dim)
+            for layer in range(config.num_hidden_layers):
+                keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                values = torch.zeros_like(keys)
+                for j, adapter in enumerate(adapters):
+                    if adapter.kv is not None:
+                        keys[j, :, slots - adapter.pre_seq_len:] = adapter.kv[layer][0][0]
+                        values[j, :, slots - adapter.pre_seq_len:] = adapter.kv[layer][1][0]
+                cache.update(keys, values, layer)
+        out = self.model(input_ids=ids, attention_mask=real_mask, cache=cache, use_cache=True,
+                         prefix_mask=prefix_mask, logits_to_keep=1)
+        rows = []
+        for j, request in enumerate(requests):
+            generator = None
+            if request.params.temperature > 0:
+                seed = request.params.seed
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
+            rows.append(_Row(request, generator, real=len(request.prompt_ids)))
+            self._take(rows[-1], out.logits[j:j + 1, -1])
+        return rows, out.cache, prefix_mask, real_mask
 
-    def _merge(self, row: _Row, cache: DynamicCache, slots: int) -> None:
-        """Add a prefilled row to the batch, widening the prefix block and the real block as needed."""
-        row_prefix = torch.ones(1, slots, dtype=torch.bool, device=self.device)
-        row_real = torch.ones(1, row.real, dtype=torch.long, device=self.device)
+    def _merge(self, rows: list[_Row], cache: DynamicCache, prefix_mask: torch.Tensor, real_mask: torch.Tensor) -> None:
+        """Add prefilled rows to the batch, widening the prefix block and the real block as needed."""
         if not self._rows:
-            self._rows, self._cache = [row], cache
-            self._prefix_mask, self._real_mask = row_prefix, row_real
+            self._rows, self._cache, self._prefix_mask, self._real_mask = rows, cache, prefix_mask, real_mask
             return
         old_slots, old_real = self._prefix_mask.shape[1], self._real_mask.shape[1]
-        new_slots, new_real = max(old_slots, slots), max(old_real, row.real)
+        add_slots, add_real = prefix_mask.shape[1], real_mask.shape[1]
+        new_slots, new_real = max(old_slots, add_slots), max(old_real, add_real)
 
         def widen(t: torch.Tensor, have_slots: int, have_real: int) -> torch.Tensor:
             pre, real = t[:, :, :have_slots], t[:, :, have_slots:]
@@ -250,21 +274,22 @@ class Scheduler:
                               F.pad(real, (0, 0, new_real - have_real, 0))], dim=2)
 
         layers = []
-        for old_layer, row_layer in zip(self._cache.layers, cache.layers):
+        for old_layer, add_layer in zip(self._cache.layers, cache.layers):
             layers.append(tuple(
-                torch.cat([widen(a, old_slots, old_real), widen(b, slots, row.real)], dim=0)
-                for a, b in ((old_layer.keys, row_layer.keys), (old_layer.values, row_layer.values))
+                torch.cat([widen(a, old_slots, old_real), widen(b, add_slots, add_real)], dim=0)
+                for a, b in ((old_layer.keys, add_layer.keys), (old_layer.values, add_layer.values))
             ))
         self._cache = DynamicCache(layers)
         self._prefix_mask = torch.cat([F.pad(self._prefix_mask, (new_slots - old_slots, 0)),
-                                       F.pad(row_prefix, (new_slots - slots, 0))])
+                                       F.pad(prefix_mask, (new_slots - add_slots, 0))])
         self._real_mask = torch.cat([F.pad(self._real_mask, (new_real - old_real, 0)),
-                                     F.pad(row_real, (new_real - row.real, 0))])
-        self._rows.append(row)
+                                     F.pad(real_mask, (new_real - add_real, 0))])
+        self._rows = self._rows + rows
 
     def _step(self) -> None:
         """One decode step for every row in the batch."""
         rows = self._rows
+        started = time.perf_counter()
         self.stats["steps"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
         if len({r.request.adapter for r in rows}) > 1:
@@ -279,6 +304,7 @@ class Scheduler:
             row.real += 1
             self._take(row, logits[i:i + 1])
             self._finish_if_done(row)
+        self.stats["step_seconds"] += time.perf_counter() - started
 
     def _take(self, row: _Row, logits: torch.Tensor) -> None:
         """Pick the row's next token from its logits [1, vocab] and record it."""
