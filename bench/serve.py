@@ -3,8 +3,8 @@
 A live server (subprocess, loopback) on the mid config (4 layers, hidden 1024, vocab 65024; random weights,
 written as in bench/eval.py) with three random P-tuning adapters: A and B with pre_seq_len 128, C with 64.
 Requests are greedy chat completions of the bundled dev prompts, streamed with the OpenAI chunk format
-(httpx). For each setting: total completion tokens/s, p50/p95 time to first token (first content chunk),
-errors. Settings:
+(httpx). For each setting: total completion tokens/s, p50/p95 time to first token (the first chunk, which
+the server sends once the first token exists), errors. Settings:
 
 * `sequential`   — the N requests one after another, adapter A;
 * `concurrent`   — N clients at once, adapter A (a single-adapter batch);
@@ -15,7 +15,7 @@ Every request's answer must be identical to the same request served alone (asser
 `--repeats` times and every run is reported (the machine may be shared: see load_average in the JSON).
 Prints a table and writes bench/results/serve.json.
 
-    python bench/serve.py [--clients 8] [--max-tokens 32] [--repeats 2] [--threads N]
+    python bench/serve.py [--clients 8] [--max-tokens 32] [--repeats 2] [--threads N] [--dtype float32|bfloat16] [--output F]
 
 Goals (issue 10): concurrent >= 4x the tokens/s of sequential; mixed within +-10% of concurrent.
 """
@@ -66,7 +66,7 @@ def start_server(model: Path, adapters: dict[str, Path], args, log: Path) -> tup
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "glmtune", "serve", "--model-path", str(model), "--served-name", "base",
-           "--device", "cpu", "--dtype", "float32", "--port", str(port), "--max-batch-size", str(args.clients),
+           "--device", "cpu", "--dtype", args.dtype, "--port", str(port), "--max-batch-size", str(args.clients),
            "--max-new-tokens", str(args.max_tokens), "--log-level", "warning"]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
@@ -106,9 +106,12 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int) -> dict:
                     continue
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                # The server sends the first chunk (role) once the first token exists. Content is not
+                # a good clock here: random weights over a 65k vocabulary and the tiny tokenizer's
+                # ~2k pieces make many tokens decode to nothing.
+                ttft = ttft if ttft is not None else time.perf_counter() - start
                 for choice in chunk["choices"]:
                     if choice["delta"].get("content"):
-                        ttft = ttft if ttft is not None else time.perf_counter() - start
                         text.append(choice["delta"]["content"])
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"
@@ -147,6 +150,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of the server (default: torch's choice). On a shared machine 1 avoids "
                              "OpenMP threads spinning against other processes' load.")
+    parser.add_argument("--dtype", default="float32", help="Server --dtype (bfloat16: faster CPU matmuls where supported).")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -209,7 +213,7 @@ def main() -> None:
               f"{r['mixed_vs_concurrent']}, mixed-len / concurrent {r['mixed_len_vs_concurrent']}")
     report = {
         "benchmark": "glmtune serve: concurrent streaming clients vs one at a time (greedy chat completions)",
-        "model": {**MID, "padded_vocab_size": 65024, "dtype": "float32", "device": "cpu"},
+        "model": {**MID, "padded_vocab_size": 65024, "dtype": args.dtype, "device": "cpu"},
         "adapters": {"A": 128, "B": 128, "C": 64}, "clients": n, "max_tokens": args.max_tokens,
         "torch": torch.__version__, "cpus": os.cpu_count(), "server_threads": args.threads or "default",
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},

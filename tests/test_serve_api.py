@@ -346,6 +346,7 @@ def test_soak_8_clients_x_20_requests_some_cancelled_no_errors_memory_flat(serve
     stats = httpx.get(url + "/health").json()["stats"]
     assert stats["errors"] == 0 and stats["max_batch"] >= 4 and stats["joined_running"] > start_stats["joined_running"]
     after = rss_kb(proc.pid)
+    print(f"soak: server RSS {before} kB after warm-up, {after} kB after 160 requests ({after / before - 1:+.1%})")
     assert after <= before * 1.10, (before, after)
 
 

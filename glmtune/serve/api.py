@@ -154,9 +154,12 @@ def create_app(
 
     async def stream(events, handle, req, shape):
         try:
-            yield sse(shape.chunk(role=True))
+            first = True
             while True:
                 event = await events.get()
+                if first:  # sent once the first token exists, so clients can time to first token by it
+                    yield sse(shape.chunk(role=True))
+                    first = False
                 if event.text:
                     yield sse(shape.chunk(text=event.text))
                 if event.finish_reason is None:

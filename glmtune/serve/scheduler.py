@@ -49,7 +49,10 @@ class SamplingParams:
 
 @dataclass
 class Event:
-    """What a request's consumer receives: text deltas, then one event with `finish_reason` set."""
+    """What a request's consumer receives: text deltas, then one event with `finish_reason` set.
+
+    The first event comes once the first token is generated (with empty text if it shows none yet).
+    """
 
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
@@ -351,6 +354,8 @@ class Scheduler:
         if text[:show].startswith(row.sent) and show > len(row.sent):
             request.notify(Event(text=text[len(row.sent):show]))
             row.sent = text[:show]
+        elif len(row.ids) == 1 and reason is None:
+            request.notify(Event())  # the first token exists even if it shows no text yet
         if reason is None:
             return False
         self.stats["finished"] += 1
