@@ -224,3 +224,23 @@ def test_a_merged_folder_serves_its_prefix_under_the_base_name(tiny, served, tmp
         assert run_to_completion(sched, greedy(served, QUERIES[0], "a"))[1].token_ids == merged_ids
     finally:
         sched.close()
+
+
+def test_ptuning_checkpoint_is_served_under_its_folder_name_and_the_base_under_served_name(tiny):
+    model_dir, a, _ = tiny
+    served = load_served_models(model_dir, ptuning_checkpoint=a, served_name="glm", device="cpu", dtype="float32")
+    assert {n: ad.pre_seq_len for n, ad in served.adapters.items()} == {"glm": 0, "a": 4}
+    with pytest.raises(GlmtuneError, match="also the base model's name"):
+        load_served_models(model_dir, adapters={"glm": a}, served_name="glm", device="cpu", dtype="float32")
+
+
+def test_int8_base_greedy_answer_equals_chat_with_the_same_quantization(tiny):
+    model_dir, _, b = tiny
+    served = load_served_models(model_dir, adapters={"b": b}, quantization_bit=8, device="cpu", dtype="float32")
+    model, tokenizer = chat_lib.load_chat_model(model_dir, b, quantization_bit=8, device="cpu", dtype="float32")
+    expected, _ = chat_lib.chat(model, tokenizer, QUERIES[1], do_sample=False, max_new_tokens=10)
+    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
+    try:
+        assert run_to_completion(sched, greedy(served, QUERIES[1], "b"))[0] == expected
+    finally:
+        sched.close()
