@@ -354,13 +354,20 @@ def test_soak_8_clients_x_20_requests_some_cancelled_no_errors_memory_flat(serve
 
 
 def test_serve_refuses_a_checkpoint_for_another_base_at_start(tiny, tmp_path):
+    """Through the `serve` command in-process (the CLI's exit code 2 for GlmtuneError is tested in test_cli)."""
+    from typer.testing import CliRunner
+
+    from glmtune.cli import app
+    from glmtune.errors import GlmtuneError
+
     model_dir, _, _ = tiny
     other = init_model(tmp_path / "other", hidden_size=32, heads=2)
     ckpt = make_adapter(other, tmp_path / "wrong", 4, False, 0)
-    done = subprocess.run([sys.executable, "-m", "glmtune", "serve", "--model-path", str(model_dir), "--adapter",
-                           f"w={ckpt}", "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "error: adapter w" in done.stderr and "hidden_size 32, this base has hidden_size 64" in done.stderr
+    result = CliRunner().invoke(app, ["serve", "--model-path", str(model_dir), "--adapter", f"w={ckpt}",
+                                      "--device", "cpu", "--port", str(free_port())])
+    assert isinstance(result.exception, GlmtuneError), result.output
+    assert str(result.exception).startswith("adapter w")
+    assert "hidden_size 32, this base has hidden_size 64" in str(result.exception)
 
 
 # --- the page in a real browser ------------------------------------------------------------------
