@@ -179,7 +179,10 @@ def main() -> None:
             runs = []
             for repeat in range(args.repeats):
                 for name, (jobs, concurrent) in settings.items():
+                    before = httpx.get(url + "/health").json()["stats"]
                     seconds, results = run_setting(url, jobs, args.max_tokens, concurrent)
+                    after = httpx.get(url + "/health").json()["stats"]
+                    steps = after["steps"] - before["steps"]
                     tokens = sum(r["tokens"] for r in results)
                     ttfts = [r["ttft"] for r in results]
                     mismatched = sum(r["text"] != alone[(r["model"], r["prompt"])] for r in results)
@@ -188,6 +191,11 @@ def main() -> None:
                                  "ttft_p50_s": round(statistics.median(ttfts), 3),
                                  "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
                                  "errors": sum(r["error"] is not None for r in results),
+                                 # Server-side decode time per batch step: the cost of a mixed batch without
+                                 # the client and HTTP side of the wall clock.
+                                 "decode_steps": steps,
+                                 "ms_per_step": round(1000 * (after["step_seconds"] - before["step_seconds"]) / max(steps, 1), 1),
+                                 "prefill_s": round(after["prefill_seconds"] - before["prefill_seconds"], 3),
                                  "outputs_differ_from_alone": mismatched})
                     print(f"  {name:<11} run {repeat}: {runs[-1]['tokens_per_s']} tok/s", flush=True)
             stats = httpx.get(url + "/health").json()["stats"]
@@ -204,13 +212,16 @@ def main() -> None:
         ratios.append({"repeat": repeat, "concurrent_vs_sequential": round(of["concurrent"] / of["sequential"], 2),
                        "mixed_vs_concurrent": round(of["mixed"] / of["concurrent"], 3),
                        "mixed_len_vs_concurrent": round(of["mixed-len"] / of["concurrent"], 3)})
-    print(f"\n{'setting':<12}{'run':>4}{'seconds':>9}{'tokens':>8}{'tok/s':>9}{'ttft p50':>10}{'ttft p95':>10}{'errors':>8}{'differ':>8}")
+        step = {r["setting"]: r["ms_per_step"] for r in runs if r["repeat"] == repeat}
+        ratios[-1]["mixed_step_time_vs_concurrent"] = round(step["mixed"] / step["concurrent"], 3)
+    print(f"\n{'setting':<12}{'run':>4}{'seconds':>9}{'tokens':>8}{'tok/s':>9}{'ttft p50':>10}{'ttft p95':>10}{'errors':>8}{'differ':>8}{'ms/step':>9}")
     for r in runs:
         print(f"{r['setting']:<12}{r['repeat']:>4}{r['seconds']:>9}{r['completion_tokens']:>8}{r['tokens_per_s']:>9}"
-              f"{r['ttft_p50_s']:>10}{r['ttft_p95_s']:>10}{r['errors']:>8}{r['outputs_differ_from_alone']:>8}")
+              f"{r['ttft_p50_s']:>10}{r['ttft_p95_s']:>10}{r['errors']:>8}{r['outputs_differ_from_alone']:>8}{r['ms_per_step']:>9}")
     for r in ratios:
         print(f"run {r['repeat']}: concurrent / sequential {r['concurrent_vs_sequential']}x, mixed / concurrent "
-              f"{r['mixed_vs_concurrent']}, mixed-len / concurrent {r['mixed_len_vs_concurrent']}")
+              f"{r['mixed_vs_concurrent']}, mixed-len / concurrent {r['mixed_len_vs_concurrent']}; server step time "
+              f"mixed / concurrent {r['mixed_step_time_vs_concurrent']}")
     report = {
         "benchmark": "glmtune serve: concurrent streaming clients vs one at a time (greedy chat completions)",
         "model": {**MID, "padded_vocab_size": 65024, "dtype": args.dtype, "device": "cpu"},
