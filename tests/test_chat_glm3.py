@@ -231,3 +231,19 @@ def test_a_long_chatglm3_history_drops_the_oldest_messages_but_keeps_the_system_
     assert prepared.history[1:] == turns[prepared.dropped:]
     assert len(prepared.input_ids) <= 250 < len(tokenizer.chat_input_ids("最后", [system, *turns[prepared.dropped - 1:]]))
     assert "message(s)" in truncation_message(prepared)
+
+
+def test_serving_builds_chatglm3_prompts_from_roles_and_stops_on_its_stop_tokens(glm3):
+    pytest.importorskip("fastapi")
+    from glmtune.serve.models import stop_token_ids
+    from glmtune.serve.protocol import ChatRequest, chat_prompt_ids
+
+    tokenizer, models, _ = glm3
+    req = ChatRequest.model_validate({"model": "m", "messages": [
+        {"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"}]})
+    ids = chat_prompt_ids(tokenizer, req, window=1024, max_tokens_cap=64)
+    assert ids == tokenizer.chat_input_ids("再见", [{"role": "system", "content": "你是助手"},
+                                                   {"role": "user", "content": "你好"},
+                                                   {"role": "assistant", "content": "你好！"}])
+    assert stop_token_ids(models["base"], tokenizer) >= {2, 64795, 64797}
