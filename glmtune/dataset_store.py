@@ -28,6 +28,7 @@ from typing import Any
 # FORMAT_VERSION, digest and tokenizer_fingerprint live in glmtune.data (tokenize keys datasets' cache with them).
 from glmtune.data import (  # noqa: F401 (FORMAT_VERSION, digest re-exported)
     FORMAT_VERSION, TOKENIZE_MODES, DataConfig, build_report, digest, is_usable, load_rows, tokenize, tokenizer_fingerprint,
+    with_family,
 )
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
@@ -71,7 +72,10 @@ def _read_json(file: Path) -> Any:
 _CONFIG_TYPES = {
     "prompt_column": (str,), "response_column": (str,), "history_column": (str, type(None)), "source_prefix": (str,),
     "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
+    "family": (str,), "glm3_rules": (str,), "max_seq_length": (int, type(None)),
 }
+# Settings added with the ChatGLM3 family; folders written before them are ChatGLM2 ones.
+_CONFIG_DEFAULTS = {"family": "chatglm2", "glm3_rules": "2023", "max_seq_length": None}
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -105,6 +109,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     stored = meta.get("config")
     if not isinstance(stored, dict):
         raise bad("config", "an object of settings", stored)
+    if isinstance(stored, dict):
+        stored = {**_CONFIG_DEFAULTS, **stored}
     unknown, missing = sorted(set(stored) - set(_CONFIG_TYPES)), sorted(set(_CONFIG_TYPES) - set(stored))
     if unknown or missing:
         problem = f"has unknown setting(s) {unknown}" if unknown else f"lacks setting(s) {missing}"
@@ -144,7 +150,7 @@ def preprocess(
 
     An existing glmtune dataset folder at `output_dir` is replaced; any other non-empty folder is refused.
     """
-    config = config or DataConfig()
+    config = with_family(config or DataConfig(), tokenizer)
     source, output_dir = Path(source), Path(output_dir)
     _check_output_dir(output_dir)
     rows = load_rows(source, config)
@@ -209,13 +215,15 @@ def load_or_build_dataset(
     edited file or a changed flag builds a new entry and an unchanged one is reused. A folder keeps the
     settings it was made with; only `config.max_samples` applies to it, by the raw-file rule.
     """
-    config = config or DataConfig()
+    config = with_family(config or DataConfig(), tokenizer)
     source = Path(source)
     if source.is_dir():
         dataset, report, meta = load_preprocessed(source, tokenizer, mode, config.max_samples)
         differing = {
             k: (v, getattr(config, k)) for k, v in asdict(meta["config"]).items()
             if k != "max_samples" and getattr(config, k) != v  # max_samples is applied, not a stored setting
+            # ChatGLM3 rules / max_seq_length are `preprocess` options: left at their defaults they ask nothing
+            and not (k in _CONFIG_DEFAULTS and getattr(config, k) == _CONFIG_DEFAULTS[k])
         }
         if differing:
             logger.warning("%s was preprocessed with other settings; using the stored ones: %s", source, differing)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from glmtune.errors import GlmtuneError
+from glmtune.family import FAMILY_FIELD, check_same_family, resolve_family
 from glmtune.fsutil import atomic_dir
 from glmtune.modeling import ChatGLM2ForCausalLM, attention_dims, glm_config_from_chatglm
 from glmtune.prefix import (
@@ -157,9 +158,10 @@ def native_to_official(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, t
         else:
             raise KeyError(name)
     rotary_dim = attention_dims(cfg)[2] // 2
-    base = 10000.0 * float(cfg.get("rope_ratio", 1.0))
+    # Base 10000 whatever `rope_ratio` and family: both official 32k codes keep this buffer as the plain
+    # model's and apply rope_ratio in their forward (their released weights hold the base-10000 values).
     out["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (
-        base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+        10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
     )
     return out
 
@@ -186,18 +188,25 @@ def load_model(
     quantization_bit: int | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    family: str | None = None,
 ) -> ChatGLM2ForCausalLM:
     """Load a ChatGLM2 folder (official layout, or one written by `save_model` / `glmtune merge`).
 
     The base model is frozen. With `ptuning_checkpoint`, or `pre_seq_len` for a fresh prefix, the
     model carries a trainable prefix encoder (kept in fp32 whatever `dtype`, as the official trainer
     does). `pre_seq_len` / `prefix_projection` default to what the checkpoint or folder says; a
-    disagreement is an error naming both values.
+    disagreement is an error naming both values. `family` (`glmtune.family`) overrides the detected one; it
+    decides the rope rule and is recorded in what is saved from the model; a checkpoint of another family
+    is refused.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise GlmtuneError(f"{folder}: model folder not found")
     cfg = read_chatglm_config(folder)
+    model_family = resolve_family(folder, family)
+    cfg[FAMILY_FIELD] = model_family.name
+    if ptuning_checkpoint is not None:
+        check_same_family(model_family, ptuning_checkpoint)
     compute_dtype = parse_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -347,17 +356,20 @@ def _finish(model, config, cfg, prefix, ckpt_state, source, device) -> None:
     model.eval()
 
 
-def find_tokenizer(*folders: str | Path | None):
-    """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint)."""
+def find_tokenizer(*folders: str | Path | None, family: str | None = None):
+    """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint);
+    its family is `family`, else detected from the first folder (the model's)."""
+    from glmtune.family import resolve_family
     from glmtune.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     candidates = [Path(f) for f in folders if f is not None]
     for folder in candidates:
         if not folder.is_dir():
             raise GlmtuneError(f"{folder}: folder not found")
+    family = resolve_family(candidates[0], family).name if candidates else family
     for folder in candidates:
         if (folder / TOKENIZER_FILE).is_file():
-            return load_tokenizer(folder)
+            return load_tokenizer(folder, family=family)
     raise GlmtuneError(
         f"no {TOKENIZER_FILE} in {' or '.join(map(str, candidates))}: the tokenizer of ChatGLM2 is needed "
         "(copy it from the base model folder)"
