@@ -180,7 +180,9 @@ def test_family_registry_builds_prompts_and_stop_ids_for_a_server(reference):
 def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(glm3, monkeypatch):
     import io
 
-    import glmtune.chat as chat_module
+    import importlib
+
+    chat_module = importlib.import_module("glmtune.chat")  # the module; glmtune.chat is the function
     from glmtune.chat import run_repl
     from glmtune.glm3 import system_messages
 

@@ -3,6 +3,7 @@ cancellation, stop strings, and the start-up checks on adapters."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from glmtune import chat as chat_lib
+chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
 from glmtune.errors import GlmtuneError
 from glmtune.loading import load_model, save_prefix_checkpoint
 from glmtune.serve.models import load_served_models, parse_adapter_specs

@@ -12,6 +12,7 @@ enforced while reading, and so that every validation error comes out in OpenAI's
 
 from __future__ import annotations
 
+import importlib
 import asyncio
 import hmac
 import json
@@ -23,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glmtune import chat as chat_lib
+chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
 from glmtune.serve import protocol
 from glmtune.serve.protocol import ApiError
 from glmtune.serve.scheduler import Event, Request as GenRequest, Scheduler

@@ -15,11 +15,12 @@ not implement are accepted only at their neutral value (`n: 1`, penalties 0, `lo
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from glmtune import chat as chat_lib
+chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
 from glmtune.errors import GlmtuneError
 from glmtune.serve.scheduler import SamplingParams
 
