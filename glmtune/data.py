@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from glmtune import data_formats
 from glmtune.errors import GlmtuneError
 
 MODES = ("train", "eval")
@@ -50,6 +51,7 @@ class DataConfig:
     max_source_length: int = 64
     max_target_length: int = 128
     max_samples: int | None = None  # first N rows read, before empty ones are dropped (see the module docstring)
+    data_format: str = "auto"  # columns, alpaca, sharegpt, or auto from the first row (glmtune.data_formats)
 
     def validate(self) -> None:
         # The prompt always starts with the two tokens `[gMASK] sop`; fewer than 3 leaves no text at all.
@@ -156,11 +158,16 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
         raise GlmtuneError(f"{path}: no such file")
     rows: list[dict[str, Any]] = []
     history_seen, columns = False, None
+    layout = None if config.data_format == "auto" else config.data_format
     for where, record in _iter_records(path):
         if config.max_samples is not None and len(rows) >= config.max_samples:
             break
         if not isinstance(record, dict):
             raise GlmtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        layout = layout or data_formats.detect(record, config.prompt_column, config.response_column)
+        if layout != "columns":  # alpaca / sharegpt records become the same rows (glmtune.data_formats)
+            rows.extend(data_formats.convert(layout, where, record))
+            continue
         prompt = _text_field(where, record, config.prompt_column)
         response = _text_field(where, record, config.response_column)
         if config.history_column is not None and config.history_column in record:
@@ -170,7 +177,7 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
         rows.append({"prompt": prompt, "response": response, "history": history})
     if not rows:
         raise GlmtuneError(f"{path}: no data rows")
-    if config.history_column is not None and not history_seen:
+    if config.history_column is not None and not history_seen and layout == "columns":
         # Rows without history are single-turn, but a column found in no row at all is a typo.
         raise GlmtuneError(f"{path}: no column {config.history_column!r} in any row (columns present: {columns})")
     return rows

@@ -82,6 +82,7 @@ def _read_json(file: Path) -> Any:
 _CONFIG_TYPES = {
     "prompt_column": (str,), "response_column": (str,), "history_column": (str, type(None)), "source_prefix": (str,),
     "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
+    "data_format": (str,),  # glmtune.data_formats; folders written before it existed hold column data
 }
 
 
@@ -116,6 +117,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     stored = meta.get("config")
     if not isinstance(stored, dict):
         raise bad("config", "an object of settings", stored)
+    stored = {"data_format": "columns", **stored}
     unknown, missing = sorted(set(stored) - set(_CONFIG_TYPES)), sorted(set(_CONFIG_TYPES) - set(stored))
     if unknown or missing:
         problem = f"has unknown setting(s) {unknown}" if unknown else f"lacks setting(s) {missing}"

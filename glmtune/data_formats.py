@@ -1,0 +1,128 @@
+"""The two data layouts most instruction data ships in (alpaca, sharegpt), read as glmtune's column rows.
+
+`glmtune.data.load_rows` reads `--prompt-column/--response-column/--history-column` rows; this module turns
+a record of another layout into the same `{"prompt", "response", "history"}` rows, so tokenizing,
+truncation and caching stay the official ones and an alpaca or sharegpt row gives exactly the ids of the
+equivalent column row.
+
+* alpaca: `instruction`, `input`, `output`, optional `system` and `history` ([query, answer] pairs). The
+  prompt is `instruction + "\\n" + input` when input is non-empty (as the alpaca template joins them);
+  ChatGLM2 has no system role, so `system + "\\n"` is prepended to the first query of the conversation.
+* sharegpt: `conversations` (or `messages`): a list of `{from|role, value|content}` with roles
+  human/user, gpt/assistant, system. Every assistant turn becomes one row whose history is the turns
+  before it: the official multi-turn semantics (THUDM/ChatGLM2-6B `ptuning/train_chat.sh`).
+
+Not done here: `--train-on all-turns` (every assistant turn of a conversation labelled in one row)
+needs a tokenizer path that labels several spans of one sequence; `resolve` refuses it with that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glmtune.errors import GlmtuneError
+
+FORMATS = ("auto", "columns", "alpaca", "sharegpt")
+TRAIN_ON = ("each-turn", "all-turns")
+_USER, _ASSISTANT, _SYSTEM = ("human", "user"), ("gpt", "assistant", "chatgpt", "bot"), ("system",)
+
+
+def detect(record: Any, prompt_column: str, response_column: str) -> str:
+    """The layout of a data file, from its first record: columns when the configured columns are there."""
+    if not isinstance(record, dict) or (prompt_column in record and response_column in record):
+        return "columns"
+    if isinstance(record.get("conversations", record.get("messages")), list):
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    return "columns"  # the column reader then names the missing column
+
+
+def resolve(data_format: str, train_on: str) -> None:
+    if data_format not in FORMATS:
+        raise GlmtuneError(f"data format must be one of {list(FORMATS)}, found {data_format!r}")
+    if train_on not in TRAIN_ON:
+        raise GlmtuneError(f"--train-on must be one of {list(TRAIN_ON)}, found {train_on!r}")
+    if train_on == "all-turns":
+        raise GlmtuneError("--train-on all-turns is not implemented yet (one row per assistant turn, "
+                           "each-turn, is: it is the official multi-turn training)")
+
+
+def _string(where: str, record: dict, key: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        found = "missing" if key not in record else f"{type(value).__name__} {value!r:.40}"
+        raise GlmtuneError(f"{where}: field {key!r}: expected a string, found {found}")
+    return value
+
+
+def _with_system(system: str, history: list[list[str]], prompt: str) -> tuple[list[list[str]], str]:
+    """`system` prepended to the first query (ChatGLM2's prompt has no system slot)."""
+    if not system:
+        return history, prompt
+    if history:
+        return [[system + "\n" + history[0][0], history[0][1]], *history[1:]], prompt
+    return history, system + "\n" + prompt
+
+
+def alpaca_rows(where: str, record: dict) -> list[dict]:
+    instruction = _string(where, record, "instruction")
+    extra = _string(where, record, "input", required=False)
+    output = _string(where, record, "output")
+    system = _string(where, record, "system", required=False)
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history
+    ):
+        raise GlmtuneError(f"{where}: field 'history': expected a list of [query, answer] string pairs, found {history!r:.80}")
+    prompt = instruction + "\n" + extra if extra else instruction
+    history, prompt = _with_system(system, [list(p) for p in history], prompt)
+    return [{"prompt": prompt, "response": output, "history": history}]
+
+
+def _role(where: str, index: int, turn: Any) -> tuple[str, str]:
+    if not isinstance(turn, dict):
+        raise GlmtuneError(f"{where}: conversations[{index}]: expected an object, found {type(turn).__name__}")
+    role = turn.get("from", turn.get("role"))
+    text = turn.get("value", turn.get("content"))
+    if not isinstance(text, str):
+        raise GlmtuneError(f"{where}: conversations[{index}]: field 'value'/'content': expected a string, found {text!r:.40}")
+    role = str(role).lower()
+    for name, spellings in (("user", _USER), ("assistant", _ASSISTANT), ("system", _SYSTEM)):
+        if role in spellings:
+            return name, text
+    raise GlmtuneError(f"{where}: conversations[{index}]: field 'from'/'role': expected one of "
+                       f"{list(_USER + _ASSISTANT + _SYSTEM)}, found {role!r}")
+
+
+def sharegpt_rows(where: str, record: dict) -> list[dict]:
+    """One row per assistant turn, the turns before it as [query, answer] history."""
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list):
+        raise GlmtuneError(f"{where}: field 'conversations': expected a list of turns, found {type(turns).__name__}")
+    system = record.get("system") if isinstance(record.get("system"), str) else ""
+    rows, history, query = [], [], None
+    for index, turn in enumerate(turns):
+        role, text = _role(where, index, turn)
+        if role == "system":
+            if index != 0:
+                raise GlmtuneError(f"{where}: conversations[{index}]: a system turn must come first")
+            system = text
+        elif role == "user":
+            if query is not None:
+                raise GlmtuneError(f"{where}: conversations[{index}]: two user turns in a row (expected an assistant turn)")
+            query = text
+        else:
+            if query is None:
+                raise GlmtuneError(f"{where}: conversations[{index}]: an assistant turn without a user turn before it")
+            row_history, prompt = _with_system(system, [list(p) for p in history], query)
+            rows.append({"prompt": prompt, "response": text, "history": row_history})
+            history.append([query, text])
+            query = None
+    return rows
+
+
+def convert(data_format: str, where: str, record: dict) -> list[dict]:
+    return alpaca_rows(where, record) if data_format == "alpaca" else sharegpt_rows(where, record)
