@@ -126,3 +126,34 @@ def sharegpt_rows(where: str, record: dict) -> list[dict]:
 
 def convert(data_format: str, where: str, record: dict) -> list[dict]:
     return alpaca_rows(where, record) if data_format == "alpaca" else sharegpt_rows(where, record)
+
+
+# --- showing what is trained on -----------------------------------------------------------------
+
+LABEL_OPEN, LABEL_CLOSE = "⟦", "⟧"
+
+
+def format_samples(dataset, tokenizer, count: int = 2) -> str:
+    """The first `count` tokenized rows decoded, the labelled span (what the loss is computed on) in ⟦ ⟧.
+
+    Training rows mark their labelled tokens; eval rows show the prompt and the reference they are scored
+    against. Special tokens ([gMASK], sop, </s>) are shown, since they are part of what the model sees.
+    """
+    from glmtune.data import IGNORE_INDEX
+
+    lines = [f"first {min(count, len(dataset))} rows as the model sees them ({LABEL_OPEN}...{LABEL_CLOSE} = trained on):"]
+    for index in range(min(count, len(dataset))):
+        row = dataset[index]
+        ids, labels = row["input_ids"], row["labels"]
+        if "reference" in row:  # eval rows: the prompt is generated from, the reference scored against
+            text = tokenizer.decode(ids, skip_special_tokens=False) + f"  ->  reference: {row['reference']}"
+        else:
+            parts, start = [], 0
+            for end in range(1, len(ids) + 1):
+                if end == len(ids) or (labels[end] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+                    piece = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+                    parts.append(piece if labels[start] == IGNORE_INDEX else f"{LABEL_OPEN}{piece}{LABEL_CLOSE}")
+                    start = end
+            text = "".join(parts)
+        lines.append(f"[{index}] {text!r}")
+    return "\n".join(lines)

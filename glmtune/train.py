@@ -408,6 +408,7 @@ class _Run:
         self.tracker = EvalTracker(config.metric_for_best_model, config.bigger_is_better,
                                    config.early_stopping_patience, config.early_stopping_threshold)
         self.step, self.losses, self.stop_reason, self.interrupted = 0, [], None, False
+        self.eval_seconds = 0.0  # kept out of the training tokens/s
         self.last_checkpoint: Path | None = None
         self.log = None
 
@@ -463,7 +464,7 @@ class _Run:
         config = self.config
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
         self.t0, self.tokens = time.perf_counter(), 0
-        first = True
+        first, window_eval = True, 0.0
         with Interrupts(self.say) as interrupts:
             while self.step < self.total_steps:
                 result = self._one_step(check_gradient=first)
@@ -476,13 +477,16 @@ class _Run:
                 self.tokens += result.tokens
                 self.log.step(result)
                 if step % config.logging_steps == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - window["t0"]
+                    elapsed = time.perf_counter() - window["t0"] - window_eval
+                    window_eval = 0.0
                     self.log.record({"step": step, "epoch": round(self.epoch, 4), "loss": window["loss"] / window["steps"],
                                      "learning_rate": result.learning_rate, "grad_norm": result.grad_norm,
                                      "tokens": window["tokens"], "tokens_per_second": round(window["tokens"] / max(elapsed, 1e-9), 1),
                                      "elapsed_s": round(time.perf_counter() - self.t0, 3)})
                     window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+                before = self.eval_seconds
                 evaluated, predictions = self._maybe_evaluate()
+                window_eval += self.eval_seconds - before
                 if self.tracker.should_stop:
                     self.stop_reason = self.tracker.stop_reason()
                 if self.dist.any(interrupts.requested is not None):
@@ -522,6 +526,7 @@ class _Run:
             return False, []
         record, predictions, references = run_validation(self.model, self.tokenizer, self.data.validation, self.config,
                                                          self.dist, self.step, self.epoch)
+        self.eval_seconds += record["eval_runtime_s"]
         best = self.tracker.update(record)
         self.log.record(record)
         if best:
@@ -643,9 +648,12 @@ def _load_data(config: TrainConfig, tokenizer, dist: Dist, say) -> TrainData:
         held = math.ceil(config.val_size * len(train))
         if held >= len(train):
             raise GlmtuneError(f"--val-size {config.val_size}: would hold out all {len(train)} training rows")
-        # datasets' own seeded split (in memory: nothing is written beside a cached dataset).
-        split = train.train_test_split(test_size=held, seed=config.seed, keep_in_memory=True)
-        train, validation = split["train"], split["test"]
+        # A seeded permutation + select rather than datasets' train_test_split: that one, on a dataset read
+        # from disk, either writes index files beside the (shared) cache entry or, with keep_in_memory,
+        # fails on its own generated cache-file names.
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        validation = train.select(sorted(order[:held]), keep_in_memory=True)
+        train = train.select(sorted(order[held:]), keep_in_memory=True)
         say(f"--val-size {config.val_size}: {len(validation)} of the {len(train) + len(validation)} rows held out for validation (seed {config.seed})")
     rows, mix_rows = len(train), 0
     if config.mix_file:
