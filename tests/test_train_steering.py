@@ -250,3 +250,52 @@ def test_training_with_a_mix_file_counts_its_rows_per_epoch(tiny_model, tmp_path
     assert result.global_step == math.ceil((40 + 20) / 10)
     state = json.loads((result.final_checkpoint / "trainer_state.json").read_text())
     assert state["mix_count"] == 20
+
+
+# --- more than one machine ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow  # ~25 s of process start-ups; the --nproc test in test_train.py covers the same code path by default
+def test_two_single_process_nodes_on_loopback_equal_one_process_and_resume_on_one_node(tiny_model, tmp_path):
+    """torchrun's multi-node form (two "nodes" on 127.0.0.1, gloo): the same losses and prefix as one process
+    with the same global batch; only rank 0 writes; resuming on one node at the same global batch works."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    common = ["--model-path", str(tiny_model), "--train-file", str(TRAIN_FILE), "--pre-seq-len", "4", "--max-steps", "4",
+              "--logging-steps", "1", "--save-steps", "2", "--disable-tqdm", "--report-to", "none"]
+    port = str(_free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--master-addr", "127.0.0.1", "--master-port", port, "--nproc-per-node", "1",
+                               "-m", "glmtune", "train", *common, "--output-dir", str(tmp_path / "nodes"),
+                               "--per-device-train-batch-size", "2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    one = _train(tiny_model, tmp_path / "one", max_steps=4, save_steps=2, per_device_train_batch_size=4)
+    outputs = [node.communicate(timeout=400) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert "2 process(es) x batch 2" in outputs[0][1] and "training on" not in outputs[1][1]  # rank 0 speaks, and writes
+    a = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "nodes" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    prefix = lambda out: load_file(out / "checkpoint-4" / "model.safetensors")[PREFIX_KEY]
+    torch.testing.assert_close(prefix(tmp_path / "nodes"), prefix(one.output_dir), rtol=1e-5, atol=1e-5)
+    state = json.loads((tmp_path / "nodes" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(torch.load(tmp_path / "nodes" / "checkpoint-4" / "rng_state.pt", weights_only=True)["ranks"]) == 2
+    # resume the two-node run from step 2 on one process with the same global batch (4 = 1 x 4)
+    shutil.rmtree(tmp_path / "nodes" / "checkpoint-4")
+    resumed = _train(tiny_model, tmp_path / "nodes", max_steps=4, save_steps=2, per_device_train_batch_size=4, resume=True)
+    assert resumed.global_step == 4
+    torch.testing.assert_close(prefix(tmp_path / "nodes"), prefix(one.output_dir), rtol=1e-5, atol=1e-5)
