@@ -242,9 +242,14 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1, help="Processes for tokenizing and scoring."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
+    compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model (prefix off) on the same rows, side by side [default: off]."),
+    general_file: Optional[Path] = typer.Option(None, "--general-file", "--general_file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
 ) -> None:
     """Generate for an eval set (batched, greedy by default) and score BLEU-4 / ROUGE-1/2/L as the official scripts."""
     from glmtune import data, evaluate
+
+    if general_file is not None and not compare_base:
+        raise GlmtuneError("--general-file needs --compare-base")
 
     fields = {"prompt_column": prompt_column, "response_column": response_column, "history_column": history_column,
               "source_prefix": source_prefix, "max_source_length": max_source_length, "max_target_length": max_target_length}
@@ -255,6 +260,15 @@ def eval_command(
     config = data.DataConfig(**given, max_samples=max_samples)
     settings = evaluate.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
                                            temperature=temperature, num_beams=num_beams, seed=seed)
+    if compare_base:
+        comparison = evaluate.compare_base(
+            model_path, output_dir, test_file=test_file, dataset_dir=dataset, general_file=general_file, config=config,
+            ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit, settings=settings,
+            batch_size=batch_size, official_truncation=official_truncation, dtype=dtype, device=device,
+            num_workers=num_workers, progress=progress)
+        typer.echo(evaluate.format_comparison(comparison))
+        typer.echo(f"wrote {output_dir / evaluate.COMPARISON_FILE} (predictions in {output_dir / 'base'} and {output_dir / 'tuned'})")
+        return
     out = evaluate.run_eval(
         model_path, output_dir, test_file=test_file, dataset_dir=dataset, config=config,
         ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len, quantization_bit=quantization_bit,
