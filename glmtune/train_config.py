@@ -285,6 +285,7 @@ def launch_torchrun(config: TrainConfig) -> int:
     The resolved settings travel as a JSON config file, so every process sees exactly what was asked.
     """
     import os
+    import signal
     import subprocess
     import sys
     import tempfile
@@ -295,7 +296,25 @@ def launch_torchrun(config: TrainConfig) -> int:
         json.dump(settings, file, indent=2)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
                "-m", "glmtune", "train", "--config", path]
+    # Its own session, so a Ctrl-C at the terminal reaches this launcher only, and the workers get exactly one
+    # signal (torchrun turns the forwarded one into one SIGTERM each): they save a checkpoint and stop. Left
+    # in our process group, each worker would get the terminal's SIGINT and then torchrun's SIGTERM, which
+    # counts as the second signal ("exit at once").
+    process = subprocess.Popen(command, start_new_session=True)
+    signals = []
+
+    def forward(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1:
+            process.send_signal(signal.SIGTERM)
+        else:
+            process.kill()
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.call(command)
+        code = process.wait()
+        return 130 if signals else code  # torchrun reports its own SIGTERM as a failure; the workers saved
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         os.unlink(path)
