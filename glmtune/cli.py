@@ -82,6 +82,7 @@ def preprocess(
     ),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1),
     data_format: str = typer.Option("auto", "--data-format", "--data_format", help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
+    train_on: str = typer.Option("each-turn", "--train-on", "--train_on", help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
 ) -> None:
     """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
     from glmtune import data, dataset_store
@@ -97,7 +98,7 @@ def preprocess(
     config = data.DataConfig(
         prompt_column=prompt_column, response_column=response_column, history_column=history_column,
         source_prefix=source_prefix, max_source_length=max_source_length, max_target_length=max_target_length,
-        max_samples=max_samples, data_format=data_format,
+        max_samples=max_samples, data_format=data_format, train_on=train_on,
     )
     config.validate()
     tokenizer = load_tokenizer(model_path)
@@ -161,7 +162,7 @@ def train(
     disable_tqdm: Optional[bool] = typer.Option(None, *_both("disable_tqdm"), help="No progress bar."),
     nproc: Optional[int] = typer.Option(None, "--nproc", "--nproc-per-node", help="Data-parallel processes on this machine (runs torchrun)."),
     data_format: Optional[str] = typer.Option(None, *_both("data_format"), help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
-    train_on: Optional[str] = typer.Option(None, *_both("train_on"), help="sharegpt: each-turn (one row per assistant turn) [default: each-turn]."),
+    train_on: Optional[str] = typer.Option(None, *_both("train_on"), help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
     mix_file: Optional[str] = typer.Option(None, *_both("mix_file"), help="General-purpose rows mixed into every epoch (against forgetting)."),
     mix_ratio: Optional[float] = typer.Option(None, *_both("mix_ratio"), help="Rows drawn from --mix-file per epoch, as a share of the training rows [default: 0]."),
     validation_file: Optional[str] = typer.Option(None, *_both("validation_file"), help="Validation data (any format --train-file reads)."),

@@ -52,6 +52,7 @@ class DataConfig:
     max_target_length: int = 128
     max_samples: int | None = None  # first N rows read, before empty ones are dropped (see the module docstring)
     data_format: str = "auto"  # columns, alpaca, sharegpt, or auto from the first row (glmtune.data_formats)
+    train_on: str = "each-turn"  # or all-turns: every answer of a row's history labelled too (glmtune.data_formats)
 
     def validate(self) -> None:
         # The prompt always starts with the two tokens `[gMASK] sop`; fewer than 3 leaves no text at all.
@@ -61,6 +62,7 @@ class DataConfig:
             raise GlmtuneError(f"max_target_length must be at least 1, got {self.max_target_length}")
         if self.max_samples is not None and self.max_samples < 1:
             raise GlmtuneError(f"max_samples must be at least 1, got {self.max_samples}")
+        data_formats.resolve(self.data_format, self.train_on)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
             raise GlmtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
         layout = layout or data_formats.detect(record, config.prompt_column, config.response_column)
         if layout != "columns":  # alpaca / sharegpt records become the same rows (glmtune.data_formats)
-            rows.extend(data_formats.convert(layout, where, record))
+            rows.extend(data_formats.convert(layout, where, record, config.train_on))
             continue
         prompt = _text_field(where, record, config.prompt_column)
         response = _text_field(where, record, config.response_column)
@@ -237,6 +239,9 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
     kept = _usable(rows)
     if not kept:
         raise GlmtuneError("every row has an empty prompt or response: nothing to tokenize")
+    if config.train_on == "all-turns" and mode == "train":  # every answer labelled (glmtune.data_formats)
+        encoded = [data_formats.encode_all_turns(row, tokenizer, config) for row in kept]
+        return datasets.Dataset.from_dict({k: [e[k] for e in encoded] for k in encoded[0]})
     texts = [
         {"prompt_text": config.source_prefix + tokenizer.build_prompt(row["prompt"], row["history"]), "response": row["response"]}
         for row in kept

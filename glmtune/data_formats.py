@@ -12,8 +12,13 @@ equivalent column row.
   human/user, gpt/assistant, system. Every assistant turn becomes one row whose history is the turns
   before it: the official multi-turn semantics (THUDM/ChatGLM2-6B `ptuning/train_chat.sh`).
 
-Not done here: `--train-on all-turns` (every assistant turn of a conversation labelled in one row)
-needs a tokenizer path that labels several spans of one sequence; `resolve` refuses it with that reason.
+`--train-on all-turns` (not in the official scripts; ChatGLM3's finetuning does the same): one row per
+conversation in which every answer is labelled, not only the last. The row is encoded segment by segment,
+`[gMASK] sop` + round header, answer, next round header, answer, ..., eos: the headers are what the
+tokenizer's own `build_prompt` adds between answers (so another model family's prompt format carries
+over), each answer is encoded on its own as the official code encodes a response, and the whole row is
+cut on the right to max_source_length + max_target_length + 1 tokens. It applies to any row with history
+(columns with --history-column, alpaca `history`, sharegpt).
 """
 
 from __future__ import annotations
@@ -43,9 +48,6 @@ def resolve(data_format: str, train_on: str) -> None:
         raise GlmtuneError(f"data format must be one of {list(FORMATS)}, found {data_format!r}")
     if train_on not in TRAIN_ON:
         raise GlmtuneError(f"--train-on must be one of {list(TRAIN_ON)}, found {train_on!r}")
-    if train_on == "all-turns":
-        raise GlmtuneError("--train-on all-turns is not implemented yet (one row per assistant turn, "
-                           "each-turn, is: it is the official multi-turn training)")
 
 
 def _string(where: str, record: dict, key: str, required: bool = True) -> str:
@@ -124,8 +126,39 @@ def sharegpt_rows(where: str, record: dict) -> list[dict]:
     return rows
 
 
-def convert(data_format: str, where: str, record: dict) -> list[dict]:
-    return alpaca_rows(where, record) if data_format == "alpaca" else sharegpt_rows(where, record)
+def convert(data_format: str, where: str, record: dict, train_on: str = "each-turn") -> list[dict]:
+    if data_format == "alpaca":
+        return alpaca_rows(where, record)
+    rows = sharegpt_rows(where, record)
+    # all-turns: the last row already holds every earlier turn as history, and all of them are labelled.
+    return rows[-1:] if train_on == "all-turns" else rows
+
+
+# --- all-turns rows -------------------------------------------------------------------------------
+
+
+def encode_all_turns(row: dict, tokenizer, config) -> dict:
+    """input_ids / labels with every answer of the conversation labelled (see the module docstring)."""
+    from glmtune.data import IGNORE_INDEX
+
+    turns = [*row["history"], [row["prompt"], row["response"]]]
+    ids, labels, seen = [], [], ""
+    for index, (query, answer) in enumerate(turns):
+        text = config.source_prefix + tokenizer.build_prompt(query, turns[:index])
+        if not text.startswith(seen):
+            raise GlmtuneError("--train-on all-turns: this tokenizer's prompt does not extend the previous round's text")
+        header = tokenizer.encode(text[len(seen):], add_special_tokens=index == 0)
+        answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+        ids += header + answer_ids
+        labels += [IGNORE_INDEX] * len(header) + answer_ids
+        seen = text + answer
+    ids.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id)
+    limit = config.max_source_length + config.max_target_length + 1
+    pad_id = tokenizer.pad_token_id
+    return {"input_ids": ids[:limit], "labels": [IGNORE_INDEX if t == pad_id else t for t in labels[:limit]],
+            "prompt_tokens": sum(1 for t in labels if t == IGNORE_INDEX),
+            "target_tokens": sum(1 for t in labels if t != IGNORE_INDEX) - 1}
 
 
 # --- showing what is trained on -----------------------------------------------------------------

@@ -82,7 +82,7 @@ def _read_json(file: Path) -> Any:
 _CONFIG_TYPES = {
     "prompt_column": (str,), "response_column": (str,), "history_column": (str, type(None)), "source_prefix": (str,),
     "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
-    "data_format": (str,),  # glmtune.data_formats; folders written before it existed hold column data
+    "data_format": (str,), "train_on": (str,),  # glmtune.data_formats; older folders: column data, each turn
 }
 
 
@@ -117,7 +117,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     stored = meta.get("config")
     if not isinstance(stored, dict):
         raise bad("config", "an object of settings", stored)
-    stored = {"data_format": "columns", **stored}
+    stored = {"data_format": "columns", "train_on": "each-turn", **stored}
     unknown, missing = sorted(set(stored) - set(_CONFIG_TYPES)), sorted(set(_CONFIG_TYPES) - set(stored))
     if unknown or missing:
         problem = f"has unknown setting(s) {unknown}" if unknown else f"lacks setting(s) {missing}"

@@ -125,7 +125,7 @@ def load_train_data(config: TrainConfig, tokenizer, dist, say) -> TrainData:
         prompt_column=config.prompt_column, response_column=config.response_column,
         history_column=config.history_column, source_prefix=config.source_prefix,
         max_source_length=config.max_source_length, max_target_length=config.max_target_length,
-        max_samples=config.max_train_samples, data_format=config.data_format,
+        max_samples=config.max_train_samples, data_format=config.data_format, train_on=config.train_on,
     )
     whole = DataConfig(**{**data_config.__dict__, "max_samples": None})
 

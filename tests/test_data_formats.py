@@ -90,11 +90,33 @@ def test_the_configured_columns_win_over_detection_and_bad_turns_are_named(tmp_p
         load_rows(bad)
 
 
-def test_train_on_all_turns_is_refused_with_the_reason(tmp_path):
-    from glmtune.train_config import build_config
-
-    with pytest.raises(GlmtuneError, match="all-turns is not implemented"):
-        build_config(None, dict(model_path="m", train_file="t.json", output_dir=str(tmp_path / "o"), train_on="all-turns"))
+def test_all_turns_labels_every_answer_of_a_conversation_in_one_row(tmp_path, tokenizer):
+    conversation = {"conversations": [{"from": "human", "value": "写裤子"}, {"from": "gpt", "value": "阔腿裤显瘦。"},
+                                      {"from": "human", "value": "面料呢？"}, {"from": "gpt", "value": "真丝。"},
+                                      {"from": "human", "value": "颜色？"}, {"from": "gpt", "value": "黑色。"}]}
+    path = _write(tmp_path / "s.jsonl", [conversation])
+    each = _ids(path, tokenizer, max_source_length=256)
+    [(ids, labels)] = _ids(path, tokenizer, max_source_length=256, train_on="all-turns")
+    assert len(each) == 3  # each-turn: one row per answer
+    spans, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    spans.append(current)
+    answers = ["阔腿裤显瘦。", "真丝。", "黑色。"]
+    assert spans[:2] == [tokenizer.encode(a, add_special_tokens=False) for a in answers[:2]]
+    assert spans[2] == tokenizer.encode(answers[2], add_special_tokens=False) + [tokenizer.eos_token_id]
+    # the last answer is labelled as in the each-turn row, and the text around the answers is the official prompt
+    assert [t for t in each[-1][1] if t != -100] == spans[2]
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == tokenizer.build_prompt(
+        "颜色？", [["写裤子", answers[0]], ["面料呢？", answers[1]]]).replace(" ", "") + answers[2]
+    assert ids[:2] == [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
+    # cut on the right to max_source_length + max_target_length + 1 tokens
+    [(short, short_labels)] = _ids(path, tokenizer, max_source_length=10, max_target_length=5, train_on="all-turns")
+    assert short == ids[:16] and short_labels == labels[:16]
 
 
 def test_preprocess_prints_two_decoded_rows_with_the_label_span_marked(tiny_model, tmp_path):
@@ -109,3 +131,20 @@ def test_preprocess_prints_two_decoded_rows_with_the_label_span_marked(tiny_mode
         text = line.split(" ", 1)[1]
         assert f"问：写广告{i}" in text and text.count("⟦") == 1
         assert text.split("⟦")[1].startswith(f"真丝面料{i}") and "问" not in text.split("⟦")[1]
+
+
+def test_train_with_all_turns_runs_and_records_the_setting_for_resume(tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    from glmtune.train import train
+    from glmtune.train_config import build_config
+
+    monkeypatch.setenv("GLMTUNE_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    common = dict(model_path=str(tiny_model), train_file=str(REPO / "data" / "multiturn_sample.json"), prompt_column="prompt",
+                  response_column="response", history_column="history", max_source_length=256, pre_seq_len=4,
+                  per_device_train_batch_size=4, max_steps=1, disable_tqdm=True, report_to="none")
+    result = train(build_config(None, dict(common, output_dir=str(tmp_path / "all-turns"), train_on="all-turns")))
+    assert len(result.losses) == 1 and 0 < result.losses[0][1] < 20
+    state = json.loads((tmp_path / "all-turns" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["config"]["train_on"] == "all-turns"
