@@ -282,6 +282,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     say(run.banner())
     from glmtune.train_log import RunLog, tensorboard_available
 
+    if config.report_to == "tensorboard" and not tensorboard_available():
+        raise GlmtuneError("--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     tensorboard = config.report_to == "tensorboard" or (config.report_to == "auto" and tensorboard_available())
     run.log = RunLog(out if dist.main else None, tensorboard, run.step, run.total_steps, show_bar, say)
     run.last_checkpoint = resume_dir
@@ -347,6 +349,10 @@ class _Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.dist.rank < len(ckpt["rng"]):
             restore_rng(ckpt["rng"][self.dist.rank])
+        saved_metric = (state.get("eval") or {}).get("metric", self.tracker.metric)
+        if saved_metric != self.tracker.metric:
+            raise GlmtuneError(f"{resume_dir}: --metric-for-best-model was {saved_metric} in the interrupted run, now "
+                               f"{self.tracker.metric}; the best checkpoint so far was chosen by {saved_metric}")
         self.tracker = EvalTracker.from_state(state.get("eval"), metric=self.tracker.metric,
                                               greater_is_better=self.tracker.greater_is_better,
                                               patience=self.tracker.patience, threshold=self.tracker.threshold)
@@ -374,6 +380,9 @@ class _Run:
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
         self.t0, self.tokens = time.perf_counter(), 0
         first, window_eval = True, 0.0
+        if self.tracker.should_stop:  # resuming a run that had already stopped early: nothing left to do
+            self.stop_reason = self.tracker.stop_reason()
+            return
         with Interrupts(self.say) as interrupts:
             while self.step < self.total_steps:
                 result = self._one_step(check_gradient=first)

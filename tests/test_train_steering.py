@@ -116,6 +116,9 @@ def test_an_overfitting_run_stops_early_keeps_best_and_latest_and_names_the_best
     assert [r["eval_loss"] for r in state["eval"]["history"]] == losses and state["eval"]["bad_evaluations"] == 2
     results = json.loads((out / "train_results.json").read_text())
     assert results["best_model_checkpoint"] == str(result.best_checkpoint) and results["stop_reason"] == result.stop_reason
+    # resuming a run that stopped early trains no further
+    again = _train(tiny_model, out, save_total_limit=1, resume=True, **overfit)
+    assert (again.global_step, again.losses, again.stop_reason) == (result.global_step, [], result.stop_reason)
 
 
 def test_resume_from_a_mid_run_checkpoint_ends_with_the_same_best_and_stop_step(tiny_model, tmp_path, overfit):
