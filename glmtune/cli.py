@@ -184,10 +184,9 @@ def train(
 
     overrides = {k: v for k, v in locals().items() if k not in ("config", "os", "build_config", "launch_torchrun")}
     settings = build_config(config, overrides)
-    # The command line as typed, so an interrupted run can print the exact command that resumes it.
-    os.environ.setdefault("GLMTUNE_COMMAND", shlex.join(["glmtune", *sys.argv[1:]]))
     if settings.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        code = launch_torchrun(settings)
+        # The workers see `--config TMPFILE`; they get the command as typed, for the resume hint.
+        code = launch_torchrun(settings, command_line=shlex.join(["glmtune", *sys.argv[1:]]))
         if code:
             raise typer.Exit(code)
         return

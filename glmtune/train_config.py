@@ -279,10 +279,11 @@ def build_config(config_file: str | Path | None = None, overrides: dict | None =
     return config
 
 
-def launch_torchrun(config: TrainConfig) -> int:
+def launch_torchrun(config: TrainConfig, command_line: str | None = None) -> int:
     """`glmtune train --nproc N`: rerun this command as N local processes under torchrun; returns the exit code.
 
-    The resolved settings travel as a JSON config file, so every process sees exactly what was asked.
+    The resolved settings travel as a JSON config file, so every process sees exactly what was asked;
+    `command_line` is the command as typed, which the workers print when interrupted.
     """
     import os
     import signal
@@ -294,13 +295,14 @@ def launch_torchrun(config: TrainConfig) -> int:
     handle, path = tempfile.mkstemp(prefix="glmtune-train-", suffix=".json")
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         json.dump(settings, file, indent=2)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
-               "-m", "glmtune", "train", "--config", path]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
+            "-m", "glmtune", "train", "--config", path]
     # Its own session, so a Ctrl-C at the terminal reaches this launcher only, and the workers get exactly one
     # signal (torchrun turns the forwarded one into one SIGTERM each): they save a checkpoint and stop. Left
     # in our process group, each worker would get the terminal's SIGINT and then torchrun's SIGTERM, which
     # counts as the second signal ("exit at once").
-    process = subprocess.Popen(command, start_new_session=True)
+    env = dict(os.environ, GLMTUNE_COMMAND=command_line) if command_line else None  # see train_log.resume_command
+    process = subprocess.Popen(argv, start_new_session=True, env=env)
     signals = []
 
     def forward(signum, frame):

@@ -82,7 +82,8 @@ class RunLog:
 
 def resume_command() -> str:
     """The command that continues this run: the one that started it, with `--resume`."""
-    command = os.environ.get("GLMTUNE_COMMAND")
+    # A worker started by `--nproc` sees only `--config TMPFILE`; the launcher passes the typed command.
+    command = os.environ.get("GLMTUNE_COMMAND") if "WORLD_SIZE" in os.environ else None
     args = shlex.split(command) if command else ["glmtune", *sys.argv[1:]]
     kept, skip = [], False
     for arg in args:

@@ -70,6 +70,7 @@ def test_compare_base_scores_the_base_and_the_tuned_model_as_separate_evals_woul
         compare_base(model, tmp_path / "x", test_file=DEV_FILE, config=config, settings=settings, progress=False)
 
 
+@pytest.mark.slow  # ~20 s: two evaluations in a fresh process; the test above covers the numbers
 def test_compare_base_through_the_cli_prints_both_columns(tuned, tmp_path):
     model, checkpoint = tuned
     done = subprocess.run([sys.executable, "-m", "glmtune", "eval", "--model-path", str(model), "--ptuning-checkpoint",
