@@ -40,7 +40,8 @@ class RunLog:
         if out is not None and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out / "runs"), purge_step=start_step or None)
+            # TensorBoard hides events at steps >= purge_step: those a killed run logged after its checkpoint.
+            self.writer = SummaryWriter(log_dir=str(out / "runs"), purge_step=start_step + 1 if start_step else None)
         self.bar = None
         if out is not None and show_bar:
             from tqdm.auto import tqdm

@@ -122,6 +122,9 @@ def test_an_overfitting_run_stops_early_keeps_best_and_latest_and_names_the_best
 
 
 def test_resume_from_a_mid_run_checkpoint_ends_with_the_same_best_and_stop_step(tiny_model, tmp_path, overfit):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overfit = dict(overfit, report_to="tensorboard")
     whole = _train(tiny_model, tmp_path / "whole", **overfit)
     evals = [r["step"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "eval_loss" in r]
     # the state a run killed after its third evaluation left behind
@@ -139,6 +142,10 @@ def test_resume_from_a_mid_run_checkpoint_ends_with_the_same_best_and_stop_step(
     a = load_file(whole.final_checkpoint / "model.safetensors")[PREFIX_KEY]
     b = load_file(resumed.final_checkpoint / "model.safetensors")[PREFIX_KEY]
     assert torch.equal(a, b)
+    # TensorBoard: the resumed run purges what the killed one logged after its checkpoint
+    curves = [EventAccumulator(str(out / "runs")).Reload() for out in (tmp_path / "whole", cut)]
+    for tag in ("eval/loss", "train/loss"):
+        assert [(e.step, e.value) for e in curves[0].Scalars(tag)] == [(e.step, e.value) for e in curves[1].Scalars(tag)]
 
 
 def test_eval_generate_scores_with_the_official_metrics_and_writes_predictions_beside_the_checkpoint(tiny_model, tmp_path):
