@@ -233,7 +233,11 @@ class TrainResult:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run `glmtune train` with `config` (in this process, or as one rank of a torchrun job)."""
+    """Run `glmtune train` with `config` (in this process, or as one rank of a torchrun job).
+
+    While the loop runs, the first SIGINT/SIGTERM (Ctrl-C) makes it save a checkpoint after the current step
+    and return with `interrupted=True` (the CLI then exits 130); a second one ends the process at once.
+    """
     config.validate()
     dist = setup_distributed(config.device)
     try:
