@@ -64,8 +64,16 @@ def has_run_artifacts(output_dir: str | Path) -> list[str]:
         return []
     return sorted(
         c.name for c in folder.iterdir()
-        if _CHECKPOINT.match(c.name) or _PARTIAL.match(c.name) or c.name in (METRICS_FILE, LOSS_PLOT, RESULTS_FILE, RUNS_DIR)
+        if _CHECKPOINT.match(c.name) or _PARTIAL.match(c.name) or c.name in (METRICS_FILE, LOSS_PLOT, RESULTS_FILE)
+        or (c.name == RUNS_DIR and _only_event_files(c))
     )
+
+
+def _only_event_files(folder: Path) -> bool:
+    # A `runs/` folder counts as ours (and --overwrite-output-dir may delete it) only if it holds nothing but
+    # TensorBoard event files: an --output-dir of `.` must not take a project's own runs/ folder for a log.
+    children = list(folder.iterdir()) if folder.is_dir() else []
+    return bool(children) and all(c.is_file() and c.name.startswith("events.out.tfevents.") for c in children)
 
 
 def clear_partial(output_dir: str | Path) -> None:

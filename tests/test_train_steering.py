@@ -209,6 +209,16 @@ def test_tensorboard_events_and_the_plot_hold_training_and_validation_curves(tin
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_only_a_runs_folder_of_event_files_counts_as_a_previous_run(tmp_path):
+    from glmtune.checkpoint import has_run_artifacts
+
+    (tmp_path / "runs" / "demo").mkdir(parents=True)  # e.g. a project's own runs/ folder
+    assert has_run_artifacts(tmp_path) == []
+    (tmp_path / "runs" / "demo").rmdir()
+    (tmp_path / "runs" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    assert has_run_artifacts(tmp_path) == ["runs"]
+
+
 def test_loss_plot_draws_a_validation_line(tmp_path, monkeypatch):
     import matplotlib.axes
 
