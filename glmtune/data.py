@@ -18,7 +18,8 @@ included) are kept, then empty rows are dropped, so fewer than N may remain.
 Unlike the official code nothing is padded here: `collate_train` pads right and `collate_eval` pads left per
 batch, so the unpadded ids and labels are identical and batches are shorter.
 
-Saving tokenized rows to disk (`glmtune preprocess` folders, the raw-file cache) is `glmtune.dataset_store`.
+Saving tokenized rows to disk (`glmtune preprocess` folders, the raw-file cache) is `glmtune.dataset_store`;
+alpaca / sharegpt records and `--train-on all-turns` rows are `glmtune.data_formats`.
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
         columns = columns or sorted(record)
         history = _history_field(where, record, config.history_column) if config.history_column else []
         rows.append({"prompt": prompt, "response": response, "history": history})
+    if config.max_samples is not None:
+        rows = rows[: config.max_samples]  # a sharegpt record may have given several rows
     if not rows:
         raise GlmtuneError(f"{path}: no data rows")
     if config.history_column is not None and not history_seen and layout == "columns":

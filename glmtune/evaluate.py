@@ -15,6 +15,10 @@ Differences from the official run, on purpose:
 - the generation budget is `max_new_tokens` (default: `max_target_length`) instead of the official
   `max_length = max_source_length + max_target_length + 1` counted over prompt and answer together;
 - an empty prediction scores 0 with a warning (the official `rouge_chinese` call crashed on it).
+
+Not in the official scripts: `compare_base` (`glmtune eval --compare-base`) scores the base model (the
+same model object with its prefix switched off) next to the tuned one, and measures how far the tuned
+answers moved from the base's on a general-purpose file.
 """
 
 from __future__ import annotations
