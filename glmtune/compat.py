@@ -6,3 +6,41 @@ breaks here (and in tests/test_compat.py), not somewhere deep in a training run.
 """
 
 from __future__ import annotations
+
+
+# --- quantized CPU kernels (glmtune.qkernels) ----------------------------------------------------
+# torch has no public weight-only int4/int8 matmul for CPU: these aten operators (used by torchao and
+# gpt-fast) are the only vectorised ones. Imported lazily: `glmtune --help` must not import torch.
+
+INT4_MM_OP = "_weight_int4pack_mm_for_cpu"
+INT8_MM_OP = "_weight_int8pack_mm"
+INT4_PACK_OP = "_convert_weight_to_int4pack_for_cpu"
+QUANTIZED_CPU_OPS = (INT4_MM_OP, INT8_MM_OP, INT4_PACK_OP)
+
+
+def _aten(name: str):
+    import torch
+
+    return getattr(torch.ops.aten, name)
+
+
+def int4pack_mm_cpu(x, packed, group_size: int, scales_and_zeros):
+    """x [M, K] @ dequantized(packed)^T with torch's CPU int4 layout; scales_and_zeros [K/group, N, 2]."""
+    return _aten(INT4_MM_OP)(x, packed, group_size, scales_and_zeros)
+
+
+def int8pack_mm(x, q, scale):
+    """x [M, K] @ (q [N, K] int8 * scale [N])^T."""
+    return _aten(INT8_MM_OP)(x, q, scale)
+
+
+def convert_weight_to_int4pack_cpu(values, inner_k_tiles: int):
+    """int32 [N, K] nibbles 0..15 -> torch's CPU int4 layout (uint8 [N, K/2]); used to verify ours."""
+    return _aten(INT4_PACK_OP)(values, inner_k_tiles)
+
+
+def missing_quantized_cpu_ops() -> list[str]:
+    """The kernel operators this torch build lacks (then int4/int8 run the exact path only)."""
+    import torch
+
+    return [name for name in QUANTIZED_CPU_OPS if not hasattr(torch.ops.aten, name)]
