@@ -200,8 +200,11 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
                 hidden = hidden[:, -logits_to_keep:]
             elif isinstance(logits_to_keep, torch.Tensor):
                 hidden = hidden[:, logits_to_keep]
-            # contiguous: a strided 3-D input makes F.linear expand the weight into a batched matmul.
-            logits = self.lm_head(hidden.contiguous())
+            # Always a 2-D input: torch 2.13 runs F.linear on some 3-D inputs (e.g. a prompt's last
+            # position, [1, 1, hidden]) as a batched matmul that first copies the whole [vocab, hidden]
+            # weight transposed: 0.5 GB and seconds per prompt for ChatGLM2-6B (bench/quant.py --decode-6b).
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            logits = self.lm_head(flat).view(*hidden.shape[:-1], -1)
             if labels is not None:
                 loss = F.cross_entropy(
                     logits[:, :-1].float().reshape(-1, logits.shape[-1]),

@@ -404,3 +404,32 @@ def test_model_saved_after_kernel_repacking_reloads_with_official_logits(golden,
     with torch.no_grad():
         logits = reloaded(input_ids=exp["input_ids"]).logits
     assert (logits - exp["int4/logits"]).abs().max().item() <= TOL
+
+
+# --- decoding speed: what bench/quant.py --decode-6b found -----------------------------------
+
+
+def test_last_position_logits_run_as_one_matrix_product_not_a_batched_one():
+    """A prompt's last position ([1, 1, hidden], strided) used to reach F.linear as a 3-D input, which
+    torch 2.13 runs as a batched matmul after copying the whole [vocab, hidden] weight transposed
+    (0.5 GB, ~10 s per prompt for the 6B model on 1 thread, bench/quant.py --decode-6b)."""
+    from torch.profiler import profile
+
+    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+
+    cfg = dict(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
+               ffn_hidden_size=96, padded_vocab_size=512, multi_query_attention=True, add_qkv_bias=True)
+    torch.manual_seed(0)
+    model = ChatGLM2ForCausalLM(glm_config_from_chatglm(cfg)).eval()
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        last = model(input_ids=ids, logits_to_keep=1).logits
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+        dims = [x.dim() for x in seen]
+        with profile() as prof:
+            model.lm_head(seen[-1])
+    assert dims == [2, 2]
+    assert "aten::bmm" not in {e.key for e in prof.key_averages()}
