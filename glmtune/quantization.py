@@ -47,6 +47,12 @@ MODES = ("auto", "exact", "kernel", "bf16")
 # crossovers measured at the 6B shapes by bench/quant.py (section "crossover", AVX512 CPU, 1 and 2
 # threads). The bf16 kernels are vectorised: int4 beats dequantize + BLAS up to ~128 rows, int8 up to
 # 16-64. The fp32/fp16 ones are scalar loops, slower than the exact path even for one token.
+# The 64-token prompt of `bench/quant.py --decode-6b` was re-measured per 6B shape (1 thread, bf16,
+# ms, kernel vs exact with the weight in the official / the kernel layout, which is where it is
+# after the first decoding step): gate_up 187 vs 296 / 385, down 93 vs 101 / 155, o 22 vs 25 / 33,
+# k/v 1.2 vs 1.0 / 1.5; at 128 rows they tie (480 vs 401 / 526, 162 vs 152 / 208, 47 vs 44 / 40).
+# So the kernel stays the faster path for a 64-row prompt at every shape, and one threshold serves
+# them all; the slow 6B prompt was the output layer's weight copy (see modeling.py), not this.
 AUTO_KERNEL_MAX_ROWS = {
     (8, torch.bfloat16): 32, (4, torch.bfloat16): 128,
     (8, torch.float32): 0, (4, torch.float32): 0,
