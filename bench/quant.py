@@ -177,7 +177,6 @@ DECODE_CHILD = r"""
 import json, os, statistics, sys, time, torch
 from transformers import StoppingCriteria
 import glmtune.loading as L
-from glmtune.quantization import QuantizedLinear
 torch.set_num_threads(int(sys.argv[3]))
 
 
@@ -185,10 +184,12 @@ def loadavg():
     return float(open("/proc/loadavg").read().split()[0])
 
 
-# Read bandwidth in this process, with its threads, right before and after decoding: the sum of a
-# 1 GiB fp32 tensor (larger than any cache; torch's vectorised sum is memory-bound on 1+ cores).
-BUF = torch.ones(1 << 28)
-def bandwidth(reps=5):
+# Read bandwidth in this process, with its threads: the sum of a 256 MiB fp32 tensor (8x the L3
+# cache; torch's vectorised sum is memory-bound on 1+ cores). Sampled before, during (every 8th
+# decoding step, its time left out of the step's) and after decoding, so a shared machine's load
+# weighs on the bound as it weighs on decoding.
+BUF = torch.ones(1 << 26)
+def bandwidth(reps=3):
     times = []
     for _ in range(reps):
         t0 = time.perf_counter(); BUF.sum(); times.append(time.perf_counter() - t0)
@@ -198,9 +199,13 @@ def bandwidth(reps=5):
 class Clock(StoppingCriteria):
     # generate() calls this once per new token: timestamps of every step inside one generate call.
     def __init__(self):
-        self.stamps = []
+        self.stamps, self.samples, self.excluded = [], [], 0.0
     def __call__(self, input_ids, scores, **kwargs):
-        self.stamps.append(time.perf_counter())
+        now = time.perf_counter()
+        self.stamps.append(now - self.excluded)
+        if len(self.stamps) % 8 == 0:
+            self.samples.append(bandwidth(1))
+            self.excluded += time.perf_counter() - now
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
@@ -225,11 +230,13 @@ with torch.inference_mode():
                          stopping_criteria=[clock])
     total_s = time.perf_counter() - t0
     bw_after = bandwidth()
+bw_all = [bw_before, *clock.samples, bw_after]
 steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
 print(json.dumps({"new_tokens": out.shape[1] - prompt_len, "load_s": load_s, "prefill_s": clock.stamps[0] - t0,
                   "decode_s": clock.stamps[-1] - clock.stamps[0], "decode_steps": len(steps),
                   "median_step_s": statistics.median(steps), "total_s": total_s,
-                  "bw_before": bw_before, "bw_after": bw_after, "step_bytes": step_bytes,
+                  "bw_before": bw_before, "bw_after": bw_after, "bw_median": statistics.median(bw_all),
+                  "bw_min": min(bw_all), "bw_max": max(bw_all), "step_bytes": step_bytes,
                   "load_before": load0, "load_after": loadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}))
 """
 
@@ -238,8 +245,8 @@ def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
     """Greedy decoding of the random 6B model on CPU: 64 new tokens after a 64-token prompt, bf16 compute.
 
     Each run is a fresh process. Its decode speed is compared with the bound the memory allows in the
-    same run: read bandwidth (measured just before and after decoding, same threads) / bytes a step
-    reads. The quantized checkpoint is written once (`glmtune.quantization.quantize_checkpoint`, the
+    same run: read bandwidth (median of samples before, during and after decoding, same threads) /
+    bytes a step reads. The quantized checkpoint is written once (`glmtune.quantization.quantize_checkpoint`, the
     same model `load_model(..., quantization_bit=bits)` builds from the fp16 one) so runs load fast."""
     from glmtune.quantization import quantize_checkpoint
 
@@ -252,14 +259,15 @@ def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
             quantize_checkpoint(folder, quantized, bits, force=True)
         for run in range(1, repeats + 1):
             r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()))
-            bw = statistics.median((r["bw_before"], r["bw_after"]))
+            bw = r["bw_median"]
             bound = bw / r["step_bytes"]
             decode = r["decode_steps"] / r["decode_s"]
             rows.append({"bits": bits, "threads": torch.get_num_threads(), "run": run,
                          "load_avg": f"{r['load_before']:.1f}/{r['load_after']:.1f}",
                          "prefill_s": round(r["prefill_s"], 2), "decode_tok_s": round(decode, 2),
                          "median_step_tok_s": round(1 / r["median_step_s"], 2),
-                         "GB_per_token": _gb(r["step_bytes"]), "bw_GB_s": f"{r['bw_before'] / 1e9:.1f}/{r['bw_after'] / 1e9:.1f}",
+                         "GB_per_token": _gb(r["step_bytes"]), "bw_GB_s": round(bw / 1e9, 1),
+                         "bw_range": f"{r['bw_min'] / 1e9:.0f}-{r['bw_max'] / 1e9:.0f}",
                          "bound_tok_s": round(bound, 2), "share_of_bound": round(decode / bound, 2),
                          "overall_tok_s": round(r["new_tokens"] / r["total_s"], 2)})
             print(rows[-1], flush=True)
