@@ -15,6 +15,21 @@
     --repeats fresh processes; each prints its decode speed next to the bound memory allows in the
     same run (read bandwidth measured before and after decoding / bytes a decoding step reads), the
     share of that bound, and the load average (the machine may be shared: compare shares, not speeds).
+    What it found (2-core AVX-512 machine shared with other jobs, load average 5-9):
+    * threads: with 2 threads and other runnable processes, every parallel region (~170 kernel calls
+      a token) waits for a descheduled thread: 0.33 tokens/s against 5.1 on 1 thread at the same load.
+      Pass --threads 1 on a busy machine; 2 only pays when both cores are free;
+    * the int4 kernel, not memory, limits a core: `_weight_int4pack_mm_for_cpu` on one row reads
+      its weight at 0.4-0.5x the speed `sum` reads memory on the same threads, so on one core decoding
+      stays near 40-55% of the bound;
+    * the output layer (0.53 GB of the 3.39 GB a step reads): oneDNN's bf16 GEMV ran at 2/3 of
+      torch's own, now used for one row (glmtune/modeling.py);
+    * the prompt: the last position's logits copied the whole output-layer weight transposed (a
+      batched matmul on a 3-D input; 9.4 s against 0.09 s in one run), now a 2-D product. At 64
+      rows the int4 kernel still beats dequantize + matmul at every 6B shape (see
+      `AUTO_KERNEL_MAX_ROWS` in glmtune/quantization.py);
+    * not it: page cache (the int4 weights are repacked into anonymous memory at the first step),
+      the KV cache (28 KB a position), Python and small ops (< 5% of a step in torch.profiler).
 
     python bench/quant.py [--only model,layers,crossover] [--full-6b] [--decode-6b] [--threads 1]
 """

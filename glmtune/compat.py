@@ -18,10 +18,18 @@ INT4_PACK_OP = "_convert_weight_to_int4pack_for_cpu"
 QUANTIZED_CPU_OPS = (INT4_MM_OP, INT8_MM_OP, INT4_PACK_OP)
 
 
-def _aten(name: str):
-    import torch
+_OPS: dict = {}
 
-    return getattr(torch.ops.aten, name)
+
+def _aten(name: str):
+    # Looked up once: a 6B decoding step calls these 168 times, and the lookup costs as much as a
+    # small kernel call.
+    op = _OPS.get(name)
+    if op is None:
+        import torch
+
+        op = _OPS[name] = getattr(torch.ops.aten, name)
+    return op
 
 
 def int4pack_mm_cpu(x, packed, group_size: int, scales_and_zeros):

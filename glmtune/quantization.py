@@ -177,6 +177,8 @@ class QuantizedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._kernel_scale: tuple[torch.dtype, torch.Tensor] | None = None
+        self._kernel_supported: bool | None = None
+        self._kernel_pad = qkernels.int4_kernel_width(in_features) - in_features if bits == 4 else 0
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
@@ -270,16 +272,23 @@ class QuantizedLinear(nn.Module):
 
     # -- compute --
 
-    def _choose_path(self, x: torch.Tensor) -> str:
-        if self.mode not in MODES:
-            raise GlmtuneError(f"QuantizedLinear.mode: expected one of {MODES}, found {self.mode!r}")
-        if (self.mode == "exact" or x.device.type != "cpu" or self.weight.device.type != "cpu"
-                or x.dtype not in qkernels.KERNEL_DTYPES
-                or not qkernels.kernel_supported(self.bits, self.out_features, self.in_features)):
+    def _choose_path(self, x: torch.Tensor, weight: torch.Tensor) -> str:
+        mode = self.mode
+        if mode not in MODES:
+            raise GlmtuneError(f"QuantizedLinear.mode: expected one of {MODES}, found {mode!r}")
+        if (mode == "exact" or x.device.type != "cpu" or weight.device.type != "cpu"
+                or x.dtype not in qkernels.KERNEL_DTYPES or not self._kernel_ok()):
             return "exact"
-        if self.mode in ("kernel", "bf16"):
-            return self.mode
+        if mode != "auto":
+            return mode
         return "kernel" if x.shape[0] <= AUTO_KERNEL_MAX_ROWS[self.bits, x.dtype] else "exact"
+
+    def _kernel_ok(self) -> bool:
+        # Fixed per layer (bits and shape never change), so asked once: a 6B decoding step makes 168
+        # calls, and Python per call is a measurable share of a step (bench/quant.py --decode-6b).
+        if self._kernel_supported is None:
+            self._kernel_supported = qkernels.kernel_supported(self.bits, self.out_features, self.in_features)
+        return self._kernel_supported
 
     def _scale_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self._kernel_scale is None or self._kernel_scale[0] != dtype:
@@ -292,16 +301,18 @@ class QuantizedLinear(nn.Module):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        weight = self.weight  # read once: module buffers go through nn.Module.__getattr__
         if self.bits == 8:
-            return qkernels.int8_mm(x, self.weight, self._scale_for(x.dtype))
-        self._to_kernel_layout()
-        pad = qkernels.int4_kernel_width(self.in_features) - self.in_features
-        if pad:  # the kernel's copy has zero columns up to a multiple of 32
-            x = F.pad(x, (0, pad))
-        return qkernels.int4_mm(x, self.weight, self._scale_for(x.dtype))
+            return qkernels.int8_mm(x, weight, self._scale_for(x.dtype))
+        if weight.dtype != torch.uint8:
+            self._to_kernel_layout()
+            weight = self.weight
+        if self._kernel_pad:  # the kernel's copy has zero columns up to a multiple of 32
+            x = F.pad(x, (0, self._kernel_pad))
+        return qkernels.int4_mm(x, weight, self._scale_for(x.dtype))
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None, path: str) -> torch.Tensor:
-        b = None if bias is None else bias.to(x.dtype)
+        b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
         if path == "kernel":
             y = self._kernel(x)
             return y if b is None else y.add_(b)
@@ -336,7 +347,7 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"QuantizedLinear: input width {x.shape[-1]}, expected {self.in_features}")
         x2 = x.reshape(-1, self.in_features)
-        path = self._choose_path(x2)
+        path = self._choose_path(x2, self.weight)
         if torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             y = _QuantizedMatmul.apply(x2, self.bias, self, path)
         else:
