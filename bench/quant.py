@@ -28,8 +28,11 @@
       batched matmul on a 3-D input; 9.4 s against 0.09 s in one run), now a 2-D product. At 64
       rows the int4 kernel still beats dequantize + matmul at every 6B shape (see
       `AUTO_KERNEL_MAX_ROWS` in glmtune/quantization.py);
+    * Python per step: the same 28 layers with tiny matrices still take 38-64 ms a step at load 9
+      (transformers' layers and generate, and 168 QuantizedLinear calls of which glmtune's Python
+      was trimmed from ~54 to ~47 us a call over a ~15 us kernel): a real share on a busy core;
     * not it: page cache (the int4 weights are repacked into anonymous memory at the first step),
-      the KV cache (28 KB a position), Python and small ops (< 5% of a step in torch.profiler).
+      the KV cache (28 KB a position).
 
     python bench/quant.py [--only model,layers,crossover] [--full-6b] [--decode-6b] [--threads 1]
 """
