@@ -255,7 +255,8 @@ print(json.dumps({"new_tokens": out.shape[1] - prompt_len, "load_s": load_s, "pr
                   "median_step_s": statistics.median(steps), "total_s": total_s,
                   "bw_before": bw_before, "bw_after": bw_after, "bw_median": statistics.median(bw_all),
                   "bw_min": min(bw_all), "bw_max": max(bw_all), "step_bytes": step_bytes,
-                  "load_before": load0, "load_after": loadavg(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}))
+                  "load_before": load0, "load_after": loadavg(),
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}))
 """
 
 

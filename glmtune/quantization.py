@@ -209,7 +209,8 @@ class QuantizedLinear(nn.Module):
         if self.bits == 8:
             return self.weight[r0:r1].to(dtype)
         if self._cpu_layout:
-            return qkernels.cpu_int4_rows(self.weight, qkernels.cpu_int4_layout(), r0, r1)[:, : self.in_features].to(dtype)
+            rows = qkernels.cpu_int4_rows(self.weight, qkernels.cpu_int4_layout(), r0, r1)
+            return rows[:, : self.in_features].to(dtype)
         return qkernels.unpack_int4(self.weight[r0:r1], dtype)
 
     def _cols(self, k0: int, k1: int, dtype: torch.dtype) -> torch.Tensor:
@@ -243,7 +244,7 @@ class QuantizedLinear(nn.Module):
             # Replace, not add: the module keeps one copy of the weight (the same bytes, plus zero
             # columns up to a multiple of 32 when the input width needs them).
             self.weight = qkernels.official_to_cpu_int4(self.weight, qkernels.cpu_int4_layout(),
-                                                  self._chunk(self.out_features, self.in_features))
+                                                        self._chunk(self.out_features, self.in_features))
 
     # -- keep the official representation at the module's boundaries --
 
@@ -295,7 +296,8 @@ class QuantizedLinear(nn.Module):
             if self.bits == 8:
                 scale = self.weight_scale.to(dtype)
             else:
-                scale = qkernels.int4_scales_and_zeros(self.weight_scale, qkernels.int4_kernel_width(self.in_features), dtype)
+                width = qkernels.int4_kernel_width(self.in_features)
+                scale = qkernels.int4_scales_and_zeros(self.weight_scale, width, dtype)
             self._kernel_scale = (dtype, scale)
         return self._kernel_scale[1]
 

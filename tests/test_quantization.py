@@ -149,7 +149,8 @@ def test_exact_path_in_row_blocks_matches_one_block(bits, monkeypatch):
 
 
 needs_kernels = pytest.mark.skipif(
-    not (qkernels.cpu_int8_kernel_ok() and qkernels.cpu_int4_layout()), reason="torch CPU weight-only kernels unavailable"
+    not (qkernels.cpu_int8_kernel_ok() and qkernels.cpu_int4_layout()),
+    reason="torch CPU weight-only kernels unavailable"
 )
 
 
