@@ -354,6 +354,37 @@ def quantize(
     typer.echo(f"wrote {out}: {bits}-bit weights, {size / 1e6:,.1f} MB")
 
 
+# --- serve (serve) ---
+@app.command()
+def serve(
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder, or one written by `glmtune merge` (served with its prefix)."),
+    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", "--ptuning_checkpoint", help="A P-tuning checkpoint, served as a model named after its folder."),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=CHECKPOINT: serve a P-tuning checkpoint as model NAME on the same base (repeatable)."),
+    served_name: Optional[str] = typer.Option(None, "--served-name", help="Model id of the base (default: the folder's name)."),
+    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", "--quantization_bit", help="Quantize the base weights to 4 or 8 bits while loading."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs that support it, else float16; float32 on CPU)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (only this machine by default)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GLMTUNE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set GLMTUNE_API_KEY)."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1, help="Requests decoded together; more wait for a free row."),
+    max_length: int = typer.Option(8192, "--max-length", min=2, help="Prompt + answer tokens at most (also capped by the model's seq_length)."),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Cap on a request's max_tokens."),
+    max_request_bytes: int = typer.Option(1_000_000, "--max-request-bytes", min=1024, help="Request bodies over this size get 413."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
+) -> None:
+    """Serve the base model and P-tuning adapters over an OpenAI-compatible API, with a chat page at /."""
+    from glmtune.serve.models import parse_adapter_specs
+
+    adapters = parse_adapter_specs(adapter)
+    from glmtune.serve.api import run_server
+
+    run_server(model_path, adapters=adapters, ptuning_checkpoint=ptuning_checkpoint, served_name=served_name,
+               quantization_bit=quantization_bit, dtype=dtype, device=device, host=host, port=port, api_key=api_key,
+               max_batch_size=max_batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
+               max_body_bytes=max_request_bytes, log_level=log_level)
+
+
 
 def main() -> None:
     try:

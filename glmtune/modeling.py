@@ -11,6 +11,9 @@ what the native model cannot express:
   re-derive it from cache lengths (which would count the prefix as positions);
 * `generate()` that keeps both of the above: the 2-D attention mask and position ids cover the real
   tokens only, the prefix lives in the cache;
+* `prefix_mask`: rows of one batch may carry different prefixes (different adapters, different
+  pre_seq_len) that the caller placed in the cache as one padded block; each row sees only its own
+  slots (used by `glmtune.serve`);
 * `loss_only=True`, used in training: the LM head runs only on positions that have a label. The
   official code projects every position to the 65k vocabulary, a third of which are prompt tokens
   whose logits are thrown away.
@@ -122,15 +125,24 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
     # --- masks and positions ---------------------------------------------------------------------
 
     def _attention_mask_4d(
-        self, attention_mask: torch.Tensor, past_real: int, q_len: int, dtype: torch.dtype
+        self,
+        attention_mask: torch.Tensor,
+        past_real: int,
+        q_len: int,
+        dtype: torch.dtype,
+        prefix_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Additive mask [B, 1, q, pre + past + q]: prefix always visible, causal + padding on real tokens."""
+        """Additive mask [B, 1, q, pre + past + q]: prefix visible (where `prefix_mask` allows), causal + padding on real tokens."""
         device = attention_mask.device
         kv_real = past_real + q_len
         q_idx = torch.arange(past_real, kv_real, device=device)[:, None]
         k_idx = torch.arange(kv_real, device=device)[None, :]
         allowed = (k_idx <= q_idx)[None] & attention_mask[:, None, :kv_real].bool()
-        if self.pre_seq_len:
+        if prefix_mask is not None:
+            # Per-row prefixes share one block; each row sees only its own slots.
+            slots = prefix_mask.to(device=device, dtype=torch.bool)[:, None, :].expand(-1, q_len, -1)
+            allowed = torch.cat([slots, allowed], dim=-1)
+        elif self.pre_seq_len:
             ones = allowed.new_ones(allowed.shape[0], q_len, self.pre_seq_len)
             allowed = torch.cat([ones, allowed], dim=-1)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
@@ -146,6 +158,12 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
     def _prefix_kv(self, batch_size: int, dtype: torch.dtype):
         return self.prefix_encoder(batch_size, dtype)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations (and prefix keys/values) use; quantized int weights compute in fp32."""
+        dtype = self.model.embed_tokens.weight.dtype
+        return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
     # --- forward ---------------------------------------------------------------------------------
 
     def forward(
@@ -159,48 +177,33 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         loss_only: bool = False,
+        prefix_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """`attention_mask` / `position_ids` cover the real tokens (past and present); the prefix is internal."""
+        """`attention_mask` / `position_ids` cover the real tokens (past and present); the prefix is internal.
+
+        `prefix_mask` [B, slots] (bool) is for callers that put the prefixes into `cache` themselves
+        (the serving scheduler: each row its own prefix, shorter ones padded in a shared block of
+        `slots` positions ahead of the real tokens). The model's own prefix encoder is then not used.
+        """
         kwargs.pop("return_dict", None)
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         source = input_ids if input_ids is not None else inputs_embeds
         batch_size, q_len = source.shape[:2]
-        device = source.device
-        dtype = self.model.embed_tokens.weight.dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        pre = self.pre_seq_len
+        dtype = self.compute_dtype
 
         # Training with gradients never uses a growing cache (see PrefixKV).
         if self.training and torch.is_grad_enabled():
             use_cache = False
         elif use_cache is None:
             use_cache = self.config.use_cache
-
-        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if pre and isinstance(cache, Cache) and past == 0:
-            for layer_idx, (k, v) in enumerate(self._prefix_kv(batch_size, dtype)):
-                cache.update(k, v, layer_idx)
-            past = pre
-        elif pre and cache is None:
-            cache = PrefixKV(self._prefix_kv(batch_size, dtype))
-        past_real = past - pre if isinstance(cache, Cache) and past else 0
-
-        if attention_mask is None:
-            attention_mask = torch.ones(batch_size, past_real + q_len, dtype=torch.long, device=device)
-        elif attention_mask.ndim != 2 or attention_mask.shape[1] != past_real + q_len:
-            raise ValueError(
-                f"attention_mask must be [batch, {past_real + q_len}] over the real tokens "
-                f"(past {past_real} + new {q_len}), found {tuple(attention_mask.shape)}"
-            )
-        if position_ids is None:
-            position_ids = self.positions_from_mask(attention_mask)[:, -q_len:]
-        mask4d = self._attention_mask_4d(attention_mask, past_real, q_len, dtype)
-
+        if prefix_mask is not None and not isinstance(cache, Cache):
+            raise ValueError("prefix_mask needs a cache that already holds the prefix block")
+        cache, past_real = self._prepare_cache(cache, use_cache, batch_size, dtype, prefix_mask)
+        attention_mask, position_ids, mask4d = self._masks(
+            attention_mask, position_ids, past_real, batch_size, q_len, source.device, dtype, prefix_mask
+        )
         outputs = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -210,31 +213,63 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state
+        logits, loss = self._head(outputs.last_hidden_state, labels, logits_to_keep, loss_only)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
+    def _prepare_cache(self, cache, use_cache, batch_size, dtype, prefix_mask) -> tuple[object, int]:
+        """The cache to run with (the prefix put in first when it is empty) and how many real tokens it holds."""
+        if prefix_mask is not None:
+            return cache, cache.get_seq_length() - prefix_mask.shape[1]
+        pre = self.pre_seq_len
+        past = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if pre and isinstance(cache, Cache) and past == 0:
+            for layer_idx, (k, v) in enumerate(self._prefix_kv(batch_size, dtype)):
+                cache.update(k, v, layer_idx)
+            past = pre
+        elif pre and cache is None:
+            cache = PrefixKV(self._prefix_kv(batch_size, dtype))
+        return cache, (past - pre if isinstance(cache, Cache) and past else 0)
+
+    def _masks(self, attention_mask, position_ids, past_real, batch_size, q_len, device, dtype, prefix_mask):
+        """2-D mask over the real tokens (checked), position ids counted on real tokens, the ready 4-D mask."""
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, past_real + q_len, dtype=torch.long, device=device)
+        elif attention_mask.ndim != 2 or attention_mask.shape[1] != past_real + q_len:
+            raise ValueError(
+                f"attention_mask must be [batch, {past_real + q_len}] over the real tokens "
+                f"(past {past_real} + new {q_len}), found {tuple(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            position_ids = self.positions_from_mask(attention_mask)[:, -q_len:]
+        mask4d = self._attention_mask_4d(attention_mask, past_real, q_len, dtype, prefix_mask)
+        return attention_mask, position_ids, mask4d
+
+    def _head(self, hidden, labels, logits_to_keep, loss_only) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (of the kept positions) and/or the loss."""
         logits = loss = None
         if labels is not None and loss_only:
-            loss = self._label_only_loss(hidden, labels)
-        else:
-            if labels is not None:
-                logits_to_keep = 0  # the loss needs every position's logits
-            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-                hidden = hidden[:, -logits_to_keep:]
-            elif isinstance(logits_to_keep, torch.Tensor):
-                hidden = hidden[:, logits_to_keep]
-            # Always a 2-D input: torch 2.13 runs F.linear on some 3-D inputs (e.g. a prompt's last
-            # position, [1, 1, hidden]) as a batched matmul that first copies the whole [vocab, hidden]
-            # weight transposed: 0.5 GB and seconds per prompt for ChatGLM2-6B (bench/quant.py --decode-6b).
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            with _native_cpu_gemv(flat):
-                logits = self.lm_head(flat).view(*hidden.shape[:-1], -1)
-            if labels is not None:
-                loss = F.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                    labels[:, 1:].reshape(-1).to(logits.device),
-                    ignore_index=IGNORE_INDEX,
-                )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+            return None, self._label_only_loss(hidden, labels)
+        if labels is not None:
+            logits_to_keep = 0  # the loss needs every position's logits
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        # Always a 2-D input: torch 2.13 runs F.linear on some 3-D inputs (e.g. a prompt's last
+        # position, [1, 1, hidden]) as a batched matmul that first copies the whole [vocab, hidden]
+        # weight transposed: 0.5 GB and seconds per prompt for ChatGLM2-6B (bench/quant.py --decode-6b).
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        with _native_cpu_gemv(flat):
+            logits = self.lm_head(flat).view(*hidden.shape[:-1], -1)
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=IGNORE_INDEX,
+            )
+        return logits, loss
 
     def _label_only_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled positions, projecting only those to the vocabulary."""

@@ -12,3 +12,11 @@ else
   "$PY" -m pip install -q -r requirements.txt
 fi
 "$PY" -m pip install -q --no-deps -e .
+
+# The serving page's browser test (tests/test_serve_api.py) drives Debian's headless Chromium through
+# chromedriver. Installed only when missing, and only as root on a Debian/Ubuntu system; otherwise the
+# test is skipped outside CI and fails in CI (CI=true). The CJK font only makes the screenshot legible.
+if [[ ! -x /usr/bin/chromedriver && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei \
+    || echo "warning: could not install chromium/chromium-driver: the browser test cannot run" >&2
+fi
