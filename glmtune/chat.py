@@ -1,4 +1,4 @@
-"""Chat with a ChatGLM2 model (optionally with a P-tuning v2 prefix): Python API and terminal REPL.
+"""Chat with a ChatGLM2 or ChatGLM3 model (optionally with a P-tuning v2 prefix): Python API and terminal REPL.
 
 Reproduces `ChatGLMForConditionalGeneration.chat` / `stream_chat` of THUDM/chatglm2-6b
 (modeling_chatglm.py) on transformers' `generate`:
@@ -12,6 +12,15 @@ Reproduces `ChatGLMForConditionalGeneration.chat` / `stream_chat` of THUDM/chatg
   punctuation swapping, unlike ChatGLM-6B);
 * `chat` returns `(response, history + [(query, response)])`; `stream_chat` yields that pair after
   every generated token.
+
+ChatGLM3 (the tokenizer's family, `glmtune.family`) follows `chat` / `stream_chat` of THUDM/chatglm3-6b
+instead: the prompt is `build_chat_input(query, history, role)` over message dicts (system prompt and
+tools, observations), generation stops on `</s>`, `<|user|>` or `<|observation|>`, and the reply goes
+through `glmtune.glm3.process_response` (a tool call comes back as a dict, parsed without `eval`). Two
+official quirks are not copied: the official `chat` decodes `generated[:-1]`, dropping the last token
+even when generation stopped at the length limit (glmtune drops only a stop token), and when the first
+token is a stop token the official `chat` returns "" while `stream_chat` yields nothing (glmtune's
+stream yields `("", history)` once).
 
 Additions: when the prompt would not fit the window (`seq_length` of the model, or `max_length` if
 smaller, minus room for the answer) the oldest rounds are dropped and a `HistoryTruncatedWarning`
@@ -83,8 +92,9 @@ def normalize_history(history, source: str = "history") -> History:
     return rounds
 
 
-def read_history_file(path: str | Path) -> History:
-    """A JSON file holding a list of [query, answer] pairs (what `--json` prints as "history")."""
+def read_history_file(path: str | Path) -> list:
+    """A JSON file holding a list of [query, answer] pairs, or (ChatGLM3) of messages {role, content}
+    (what `--json` prints as "history")."""
     path = Path(path)
     if not path.is_file():
         raise GlmtuneError(f"{path}: history file not found")
@@ -94,20 +104,28 @@ def read_history_file(path: str | Path) -> History:
         raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
     if isinstance(data, dict) and "history" in data:  # accept `--json` output as is
         data = data["history"]
+    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        from glmtune.glm3 import normalize_messages
+
+        return normalize_messages(data, source=str(path))
     return normalize_history(data, source=str(path))
 
 
-def find_tokenizer(*folders: str | Path | None):
-    """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint)."""
+def find_tokenizer(*folders: str | Path | None, family: str | None = None):
+    """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint);
+    its family is `family`, else detected from the first folder (the model's)."""
     from glmtune.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     candidates = [Path(f) for f in folders if f is not None]
     for folder in candidates:
         if not folder.is_dir():
             raise GlmtuneError(f"{folder}: folder not found")
+    from glmtune.family import resolve_family
+
+    family = resolve_family(candidates[0], family).name if candidates else family
     for folder in candidates:
         if (folder / TOKENIZER_FILE).is_file():
-            return load_tokenizer(folder)
+            return load_tokenizer(folder, family=family)
     raise GlmtuneError(
         f"no {TOKENIZER_FILE} in {' or '.join(map(str, candidates))}: the tokenizer of ChatGLM2 is needed "
         "(copy it from the base model folder)"
@@ -121,17 +139,19 @@ def load_chat_model(
     quantization_bit: int | None = None,
     device: str | None = "auto",
     dtype: str | None = "auto",
+    family: str | None = None,
 ):
-    """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint."""
+    """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint, the
+    family (`glmtune.family`) from `family` or the model folder."""
     from glmtune.loading import load_model, read_chatglm_config
 
     read_chatglm_config(model_path)  # "not a model folder" says more than "no tokenizer"
-    tokenizer = find_tokenizer(model_path, ptuning_checkpoint)
+    tokenizer = find_tokenizer(model_path, ptuning_checkpoint, family=family)
     from glmtune.loading import resolve_device
 
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, family=tokenizer.family)
     return model, tokenizer
 
 
@@ -158,26 +178,51 @@ def context_window(model, max_length: int = DEFAULT_MAX_LENGTH) -> int:
     return min(int(max_length), int(seq_length))
 
 
+def is_glm3(tokenizer) -> bool:
+    """Whether the tokenizer speaks the ChatGLM3 role format (see glmtune.family)."""
+    return getattr(tokenizer, "family", "chatglm2") == "chatglm3"
+
+
 def build_chat_prompt(
-    tokenizer, query: str, history=None, *, window: int, answer_room: int
+    tokenizer, query: str, history=None, *, window: int, answer_room: int, role: str = "user"
 ) -> ChatPrompt:
-    """The official prompt with as many of the latest rounds as fit in `window - answer_room` tokens."""
-    rounds = normalize_history(history)
+    """The official prompt with as many of the latest rounds as fit in `window - answer_room` tokens.
+
+    ChatGLM2: `history` is `[(query, answer), ...]`. ChatGLM3: a list of messages `{role, content}`; the
+    leading system message (with its tools) always stays, the oldest other messages are dropped first.
+    """
     limit = window - answer_room
     if limit <= 0:
         raise GlmtuneError(f"no room for a prompt: window {window} tokens, {answer_room} kept for the answer")
+    if is_glm3(tokenizer):
+        from glmtune.glm3 import ROLES, normalize_messages
 
-    def attempt(start: int) -> ChatPrompt | None:
-        prompt = tokenizer.build_prompt(query, rounds[start:])
-        ids = tokenizer(prompt)["input_ids"]
-        return ChatPrompt(prompt, ids, rounds[start:], start, window) if len(ids) <= limit else None
+        if role not in ROLES:
+            raise GlmtuneError(f"role: expected one of {list(ROLES)}, found {role!r}")
+        messages = normalize_messages(history)
+        keep = 1 if messages and messages[0]["role"] == "system" else 0
+        pinned, rounds = messages[:keep], messages[keep:]
+
+        def attempt(start: int) -> ChatPrompt | None:
+            ids = tokenizer.chat_input_ids(query, pinned + rounds[start:], role)
+            kept = pinned + rounds[start:]
+            return ChatPrompt(tokenizer.decode(ids), ids, kept, start, window) if len(ids) <= limit else None
+    else:
+        if role != "user":
+            raise GlmtuneError(f"role {role!r}: ChatGLM2 has only user/assistant rounds (use a ChatGLM3 model)")
+        rounds = normalize_history(history)
+
+        def attempt(start: int) -> ChatPrompt | None:
+            prompt = tokenizer.build_prompt(query, rounds[start:])
+            ids = tokenizer(prompt)["input_ids"]
+            return ChatPrompt(prompt, ids, rounds[start:], start, window) if len(ids) <= limit else None
 
     best = attempt(0)
     if best is not None:
         return best
     best = attempt(len(rounds))
     if best is None:
-        alone = len(tokenizer(tokenizer.build_prompt(query))["input_ids"])
+        alone = len(attempt_ids_alone(tokenizer, query, role))
         raise GlmtuneError(
             f"the query alone is {alone} tokens; at most {limit} fit (window {window} minus {answer_room} "
             "for the answer; raise --max-length or lower --max-new-tokens)"
@@ -194,11 +239,32 @@ def build_chat_prompt(
     return best
 
 
+def attempt_ids_alone(tokenizer, query: str, role: str = "user") -> list[int]:
+    """The prompt ids of `query` with no history."""
+    if is_glm3(tokenizer):
+        return tokenizer.chat_input_ids(query, [], role)
+    return tokenizer(tokenizer.build_prompt(query))["input_ids"]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end an answer for the tokenizer's family (ChatGLM2: eos; ChatGLM3: eos, <|user|>, <|observation|>)."""
+    from glmtune.family import stop_ids_for
+
+    return stop_ids_for(tokenizer)
+
+
 def _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p, temperature, top_k,
-             logits_processor, on_prompt, extra) -> tuple[ChatPrompt, dict]:
+             logits_processor, on_prompt, extra, role="user") -> tuple[ChatPrompt, dict]:
     window = context_window(model, max_length)
     room = max_new_tokens if max_new_tokens else min(DEFAULT_ANSWER_ROOM, max(1, window // 4))
-    prepared = build_chat_prompt(tokenizer, query, history, window=window, answer_room=room)
+    try:
+        prepared = build_chat_prompt(tokenizer, query, history, window=window, answer_room=room, role=role)
+    except GlmtuneError:
+        if max_new_tokens:
+            raise
+        # No answer length was asked for: as the official chat, a prompt that leaves room for one token is
+        # still answered (up to max_length), rather than refused for the default answer room.
+        prepared = build_chat_prompt(tokenizer, query, history, window=window, answer_room=1, role=role)
     if on_prompt is not None:
         on_prompt(prepared)
     elif prepared.dropped:
@@ -212,6 +278,7 @@ def _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sa
         "max_new_tokens": max_new_tokens or window - len(prepared.input_ids),
         "do_sample": do_sample,
         "logits_processor": processors,
+        "eos_token_id": stop_token_ids(tokenizer),
     }
     if do_sample:  # greedy ignores them, and transformers warns when they are set without sampling
         kwargs.update(top_p=top_p, temperature=temperature, top_k=top_k)
@@ -219,10 +286,23 @@ def _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sa
     return prepared, kwargs
 
 
+def _answer(tokenizer, prepared: ChatPrompt, query: str, role: str, ids: list[int], warn: bool = True):
+    """(response, history) for the generated `ids` of one answer, in the family's format."""
+    if not is_glm3(tokenizer):
+        response = process_response(tokenizer.decode(ids))
+        return response, prepared.history + [(query, response)]
+    from glmtune.glm3 import process_response as glm3_response
+
+    if ids and ids[-1] in stop_token_ids(tokenizer):
+        ids = ids[:-1]  # the stop token; a last token cut by the length limit is kept (see the module docstring)
+    return glm3_response(tokenizer.decode(ids), prepared.history + [{"role": role, "content": query}], warn=warn)
+
+
 def truncation_message(prepared: ChatPrompt) -> str:
+    unit = "message(s)" if prepared.history and isinstance(prepared.history[0], dict) else "round(s)"  # ChatGLM3
     return (
         f"chat history too long for the {prepared.window}-token window: dropped the oldest "
-        f"{prepared.dropped} round(s), kept {len(prepared.history)}"
+        f"{prepared.dropped} {unit}, kept {len(prepared.history)}"
     )
 
 
@@ -243,18 +323,21 @@ def chat(
     top_k: int = 50,
     logits_processor=None,
     on_prompt: Callable[[ChatPrompt], None] | None = None,
+    role: str = "user",
     **generate_kwargs,
-) -> tuple[str, History]:
+) -> tuple:
     """One answer to `query` after `history`: `(response, history + [(query, response)])`.
 
+    ChatGLM3: `history` is a list of messages and `role` the query's role (user, observation, system); the
+    result is `(response, history + [{role, content: query}, {role: assistant, metadata, content}])`, the
+    response a string or, for a tool call, `{"name", "parameters"}` (see glmtune.glm3).
     `max_new_tokens` caps the answer (default: whatever the window leaves). `on_prompt` receives the
     `ChatPrompt` before generation (then no warning is issued for dropped rounds: the callback decides).
     """
     prepared, kwargs = _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p,
-                                temperature, top_k, logits_processor, on_prompt, generate_kwargs)
+                                temperature, top_k, logits_processor, on_prompt, generate_kwargs, role)
     output = model.generate(**kwargs)
-    response = process_response(tokenizer.decode(output[0, len(prepared.input_ids):].tolist()))
-    return response, prepared.history + [(query, response)]
+    return _answer(tokenizer, prepared, query, role, output[0, len(prepared.input_ids):].tolist())
 
 
 class _TokenQueue(BaseStreamer):
@@ -300,16 +383,21 @@ def stream_chat(
     top_k: int = 50,
     logits_processor=None,
     on_prompt: Callable[[ChatPrompt], None] | None = None,
+    role: str = "user",
     **generate_kwargs,
-) -> Iterator[tuple[str, History]]:
+) -> Iterator[tuple]:
     """Like `chat`, yielding `(partial_response, history + [(query, partial_response)])` per token.
 
     `generate` runs in a worker thread feeding a queue, so the consumer can stop at any time: closing
     the generator (or an exception such as KeyboardInterrupt while it waits) stops generation after
     the token being computed and joins the thread.
+
+    ChatGLM3 (as the official `stream_chat`): a partial answer is yielded only when its text is not empty
+    and does not end in an incomplete character (U+FFFD); the final answer is always yielded once.
     """
     prepared, kwargs = _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p,
-                                temperature, top_k, logits_processor, on_prompt, generate_kwargs)
+                                temperature, top_k, logits_processor, on_prompt, generate_kwargs, role)
+    glm3 = is_glm3(tokenizer)
     tokens = _TokenQueue()
     stop = threading.Event()
     criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
@@ -324,6 +412,7 @@ def stream_chat(
     worker = threading.Thread(target=work, name="glmtune-generate", daemon=True)
     worker.start()
     ids: list[int] = []
+    last_text = None
     try:
         while True:
             try:
@@ -336,8 +425,20 @@ def stream_chat(
             if isinstance(item, BaseException):
                 raise item
             ids.extend(item)
-            response = process_response(tokenizer.decode(ids))
-            yield response, prepared.history + [(query, response)]
+            if not glm3:
+                response = process_response(tokenizer.decode(ids))
+                yield response, prepared.history + [(query, response)]
+                continue
+            if ids[-1] in kwargs["eos_token_id"]:
+                continue  # the stop token adds no text; the final answer below covers an empty reply
+            text = tokenizer.decode(ids)
+            if text and not text.endswith("\ufffd"):
+                last_text = text
+                yield _answer(tokenizer, prepared, query, role, ids, warn=False)
+        if glm3:
+            final = _answer(tokenizer, prepared, query, role, ids)  # warns once if a tool call was refused
+            if tokenizer.decode(ids[:-1] if ids and ids[-1] in kwargs["eos_token_id"] else ids) != last_text:
+                yield final
     finally:
         stop.set()
         worker.join()
@@ -356,9 +457,14 @@ def run_repl(
     out: TextIO | None = None,
     err: TextIO | None = None,
     debug_prompt: bool = False,
+    start: list | None = None,
     **chat_kwargs,
-) -> History:
-    """The interactive loop; returns the history at exit. `chat_kwargs` go to `stream_chat`."""
+) -> list:
+    """The interactive loop; returns the history at exit. `chat_kwargs` go to `stream_chat`.
+
+    ChatGLM3: `start` is the history to begin with and to return to on `clear` (the `--system` / `--tools`
+    message); when a reply is a tool call, it is printed as JSON and the next line typed is sent back as
+    the tool's observation (role `observation`). Nothing is ever executed."""
     out = out or sys.stdout
     err = err or sys.stderr
 
@@ -373,10 +479,12 @@ def run_repl(
         out.flush()
 
     out.write(BANNER + "\n")
-    history: History = []
+    start = list(start or [])
+    history: list = list(start)
+    role = "user"
     while True:
         try:
-            query = read("\nUser: ")
+            query = read("\nObservation: " if role == "observation" else "\nUser: ")
         except EOFError:
             out.write("\n")
             break
@@ -389,23 +497,31 @@ def run_repl(
         if query == "stop":
             break
         if query == "clear":
-            history = []
+            history, role = list(start), "user"
             out.write("history cleared\n")
             continue
         printed, latest = "", None
         try:
             with contextlib.closing(
-                stream_chat(model, tokenizer, query, history, on_prompt=show_prompt, **chat_kwargs)
+                stream_chat(model, tokenizer, query, history, on_prompt=show_prompt, role=role, **chat_kwargs)
             ) as stream:
+                role = "user"
                 for response, latest in stream:
+                    if not isinstance(response, str):  # a ChatGLM3 tool call or metadata reply: shown at the end
+                        continue
                     # Hold back a trailing U+FFFD: the rest of that character's bytes are still coming.
                     shown = response.rstrip("\ufffd")
                     if shown.startswith(printed) and len(shown) > len(printed):
                         out.write(shown[len(printed):])
                         out.flush()
                         printed = shown
-            if latest is not None and latest[-1][1].startswith(printed):  # the held-back tail, if any
-                out.write(latest[-1][1][len(printed):])
+            if latest is not None and isinstance(response, dict):
+                out.write(json.dumps(response, ensure_ascii=False))
+                if "parameters" in response:  # a tool call: the user runs the tool and types its result
+                    role = "observation"
+                    out.write("\n(tool call: type the tool's result as the observation)")
+            elif latest is not None and response.startswith(printed):  # the held-back tail, if any
+                out.write(response[len(printed):])
             out.write("\n")
         except KeyboardInterrupt:
             out.write(" [stopped]\n")

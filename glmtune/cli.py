@@ -40,8 +40,9 @@ def init_model_command(
     weights_format: str = typer.Option("safetensors", "--format", help="Weights format: safetensors or bin."),
     shards: int = typer.Option(1, help="Number of weight shards (>1 writes an index json)."),
     overwrite: bool = typer.Option(False, help="Replace an existing non-empty OUT_DIR."),
+    family: str = typer.Option("chatglm2", "--family", help="Model family: chatglm2 or chatglm3 (role tokens in the tokenizer)."),
 ) -> None:
-    """Write a tiny random ChatGLM2 model (config, weights, tokenizer) for tests and CPU demos."""
+    """Write a tiny random ChatGLM2 or ChatGLM3 model (config, weights, tokenizer) for tests and CPU demos."""
     import json
 
     from glmtune.tiny import init_model, read_text_file
@@ -50,7 +51,7 @@ def init_model_command(
     out = init_model(
         out_dir, layers=layers, hidden_size=hidden_size, heads=heads, kv_channels=kv_channels, groups=groups,
         ffn_hidden_size=ffn_hidden_size, seq_length=seq_length, seed=seed, texts=texts, vocab_size=vocab_size,
-        weights_format=weights_format, shards=shards, overwrite=overwrite,
+        weights_format=weights_format, shards=shards, overwrite=overwrite, family=family,
     )
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     print(f"wrote {out}: {config['num_layers']} layers, hidden {config['hidden_size']}, "
@@ -80,6 +81,9 @@ def preprocess(
         None, "--max-samples", "--max_train_samples", "--max_eval_samples", "--max_predict_samples", help="Keep the first N rows."
     ),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    chatglm3_rules: str = typer.Option("2023", "--chatglm3-rules", help="ChatGLM3 data rules: 2023 (official demo of Nov 2023: loss flags, tools) or finetune-hf (the 2024 finetune_hf.py)."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", "--max_seq_length", min=3, help="ChatGLM3 conversations (2023 rules): tokens kept per conversation (default: source + target + 1)."),
 ) -> None:
     """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
     from glmtune import data, dataset_store
@@ -95,10 +99,11 @@ def preprocess(
     config = data.DataConfig(
         prompt_column=prompt_column, response_column=response_column, history_column=history_column,
         source_prefix=source_prefix, max_source_length=max_source_length, max_target_length=max_target_length,
-        max_samples=max_samples,
+        max_samples=max_samples, glm3_rules=chatglm3_rules, max_seq_length=max_seq_length,
     )
     config.validate()
-    report = dataset_store.preprocess(source, load_tokenizer(model_path), output_dir, config, mode, num_workers)
+    tokenizer = load_tokenizer(model_path, family=family)
+    report = dataset_store.preprocess(source, tokenizer, output_dir, config, mode, num_workers)
     typer.echo(data.format_report(report))
     typer.echo(f"wrote {output_dir} (report: {output_dir / dataset_store.REPORT_FILE})")
 
@@ -207,6 +212,7 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1, help="Processes for tokenizing and scoring."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
 ) -> None:
     """Generate for an eval set (batched, greedy by default) and score BLEU-4 / ROUGE-1/2/L as the official scripts."""
     from glmtune import data, evaluate
@@ -224,7 +230,7 @@ def eval_command(
         model_path, output_dir, test_file=test_file, dataset_dir=dataset, config=config,
         ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len, quantization_bit=quantization_bit,
         settings=settings, batch_size=batch_size, official_truncation=official_truncation, dtype=dtype,
-        device=device, num_workers=num_workers, progress=progress,
+        device=device, num_workers=num_workers, progress=progress, family=family,
     )
     if out.results.get("empty_predictions"):
         typer.echo(f"warning: {out.results['empty_predictions']} of {out.results['predict_samples']} pairs have an "
@@ -270,6 +276,10 @@ def chat(
     history_file: Optional[Path] = typer.Option(None, "--history-file", help="One-shot: JSON list of [query, answer] pairs before --query."),
     json_out: bool = typer.Option(False, "--json", help="One-shot: print {\"response\", \"history\"} as JSON."),
     debug_prompt: bool = typer.Option(False, "--debug-prompt", help="Print each prompt sent to the model (JSON string) and its token count to stderr."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    system: Optional[str] = typer.Option(None, "--system", help="ChatGLM3: system prompt."),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="ChatGLM3: JSON file with a list of tool descriptions (tool calls are shown, never executed)."),
+    role: str = typer.Option("user", "--role", help="ChatGLM3 one-shot: role of --query (user, or observation to answer a tool call)."),
 ) -> None:
     """Chat in the terminal (streaming, multi-turn), or answer one --query and exit."""
     if query is None and (history_file is not None or json_out):
@@ -281,13 +291,18 @@ def chat(
     import json
 
     from glmtune import chat as chat_lib
+    from glmtune import glm3
 
     history = chat_lib.read_history_file(history_file) if history_file is not None else []
+    tool_list = glm3.read_tools_file(tools) if tools is not None else None
     if query is None:
         typer.echo("loading model ...", err=True)
     model, tokenizer = chat_lib.load_chat_model(
-        model_path, ptuning_checkpoint, quantization_bit=quantization_bit, device=device, dtype=dtype
+        model_path, ptuning_checkpoint, quantization_bit=quantization_bit, device=device, dtype=dtype, family=family
     )
+    start = glm3.system_messages(tokenizer, system, tool_list)
+    if start and history and isinstance(history[0], dict) and history[0].get("role") == "system":
+        raise GlmtuneError("--system/--tools and a history file that starts with a system message: give one of them")
     if seed is not None:
         from transformers import set_seed
 
@@ -300,7 +315,7 @@ def chat(
                 import readline  # noqa: F401  (line editing and history for input())
             except ImportError:
                 pass
-        chat_lib.run_repl(model, tokenizer, debug_prompt=debug_prompt, **options)
+        chat_lib.run_repl(model, tokenizer, debug_prompt=debug_prompt, start=start, **options)
         return
 
     def note(prepared) -> None:
@@ -309,11 +324,12 @@ def chat(
         if debug_prompt:
             typer.echo(f"[prompt {len(prepared.input_ids)} tokens] {json.dumps(prepared.prompt, ensure_ascii=False)}", err=True)
 
-    response, new_history = chat_lib.chat(model, tokenizer, query, history, on_prompt=note, **options)
+    response, new_history = chat_lib.chat(model, tokenizer, query, start + history, on_prompt=note, role=role, **options)
     if json_out:
-        typer.echo(json.dumps({"response": response, "history": [list(r) for r in new_history]}, ensure_ascii=False))
+        shown = new_history if chat_lib.is_glm3(tokenizer) else [list(r) for r in new_history]
+        typer.echo(json.dumps({"response": response, "history": shown}, ensure_ascii=False))
     else:
-        typer.echo(response)
+        typer.echo(response if isinstance(response, str) else json.dumps(response, ensure_ascii=False))
 
 
 @app.command()
@@ -325,6 +341,7 @@ def merge(
     fold_prefix: bool = typer.Option(False, "--fold-prefix", help="Store the prefix after its projection MLP as plain embeddings (same outputs, smaller, faster)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output-dir."),
     dtype: str = typer.Option("auto", help="Weight dtype of the merged folder: float32, bfloat16, float16, or auto (as the base model's config)."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
 ) -> None:
     """Bake a P-tuning checkpoint into a self-contained model folder (weights, prefix, tokenizer)."""
     from glmtune.merge import check_output_dir
@@ -333,7 +350,7 @@ def merge(
     from glmtune.merge import merge_checkpoint
 
     result = merge_checkpoint(model_path, ptuning_checkpoint, output_dir, quantization_bit=quantization_bit,
-                              fold=fold_prefix, force=force, dtype=dtype)
+                              fold=fold_prefix, force=force, dtype=dtype, family=family)
     typer.echo(result.summary())
 
 

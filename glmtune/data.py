@@ -50,6 +50,11 @@ class DataConfig:
     max_source_length: int = 64
     max_target_length: int = 128
     max_samples: int | None = None  # first N rows read, before empty ones are dropped (see the module docstring)
+    # The model family (set from the tokenizer by `with_family`); ChatGLM3 data is `glmtune.data_glm3`, with
+    # the 2023 or 2024 ("finetune-hf") rules of the official demo and its conversation length limit.
+    family: str = "chatglm2"
+    glm3_rules: str = "2023"
+    max_seq_length: int | None = None
 
     def validate(self) -> None:
         # The prompt always starts with the two tokens `[gMASK] sop`; fewer than 3 leaves no text at all.
@@ -151,6 +156,10 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
     a missing prompt/response column (with the columns present), a non-string value, a malformed history.
     """
     config = config or DataConfig()
+    if config.family == "chatglm3":
+        from glmtune.data_glm3 import load_rows as load_glm3_rows
+
+        return load_glm3_rows(path, config)
     path = Path(path)
     if not path.is_file():
         raise GlmtuneError(f"{path}: no such file")
@@ -179,7 +188,16 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
 # --- tokenizing ----------------------------------------------------------------------------------
 
 
+def with_family(config: DataConfig, tokenizer: Any) -> DataConfig:
+    """`config` for the tokenizer's model family (ChatGLM3 data has its own formats and rules)."""
+    import dataclasses
+
+    return dataclasses.replace(config, family=getattr(tokenizer, "family", "chatglm2"))
+
+
 def is_usable(row: dict) -> bool:
+    if "conversations" in row:  # ChatGLM3 rows: glmtune.data_glm3.skip_reason decides
+        return True
     # The official filter is truthiness: "" and None are dropped, whitespace-only text is kept.
     return bool(row["prompt"] and row["response"])
 
@@ -221,6 +239,10 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
     if mode not in MODES:
         raise GlmtuneError(f"mode must be one of {MODES}, got {mode!r}")
     config.validate()
+    if config.family == "chatglm3":
+        from glmtune.data_glm3 import tokenize as tokenize_glm3
+
+        return tokenize_glm3(rows, tokenizer, config, mode)
     import datasets
 
     # The format version and fingerprints belong to dataset_store, which imports this module: importing them
@@ -332,6 +354,10 @@ def _percentiles(values: list[int]) -> dict[str, float]:
 
 def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, source: str | os.PathLike) -> dict:
     """Rows read/skipped, untruncated token lengths, and how many prompts/targets the limits cut."""
+    if config.family == "chatglm3":
+        from glmtune.data_glm3 import build_report as build_glm3_report
+
+        return build_glm3_report(rows, dataset, config, mode, source)
     empty_prompt = sum(1 for row in rows if not row["prompt"])
     empty_response = sum(1 for row in rows if row["prompt"] and not row["response"])
     prompt_tokens = list(dataset["prompt_tokens"])

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from glmtune.data import MODES, DataConfig, build_report, is_usable, load_rows, tokenize
+from glmtune.data import MODES, DataConfig, build_report, is_usable, load_rows, tokenize, with_family
 from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,15 @@ def digest(parts: Any) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the SentencePiece model the tokenizer runs (what decides the ids)."""
+    """sha256 of the SentencePiece model the tokenizer runs (what decides the ids), and of its family:
+    ChatGLM3 ships the same tokenizer.model as ChatGLM2 but other prompt ids."""
     sp_model = getattr(tokenizer, "sp_model", None)
-    if sp_model is not None:
-        return hashlib.sha256(sp_model.serialized_model_proto()).hexdigest()
-    return hashlib.sha256(Path(tokenizer.vocab_file).read_bytes()).hexdigest()
+    hasher = hashlib.sha256(sp_model.serialized_model_proto() if sp_model is not None
+                            else Path(tokenizer.vocab_file).read_bytes())
+    family = getattr(tokenizer, "family", "chatglm2")
+    if family != "chatglm2":  # ChatGLM2 fingerprints stay what they were
+        hasher.update(family.encode())
+    return hasher.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:
@@ -82,7 +86,10 @@ def _read_json(file: Path) -> Any:
 _CONFIG_TYPES = {
     "prompt_column": (str,), "response_column": (str,), "history_column": (str, type(None)), "source_prefix": (str,),
     "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
+    "family": (str,), "glm3_rules": (str,), "max_seq_length": (int, type(None)),
 }
+# Settings added with the ChatGLM3 family; folders written before them are ChatGLM2 ones.
+_CONFIG_DEFAULTS = {"family": "chatglm2", "glm3_rules": "2023", "max_seq_length": None}
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -116,6 +123,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     stored = meta.get("config")
     if not isinstance(stored, dict):
         raise bad("config", "an object of settings", stored)
+    if isinstance(stored, dict):
+        stored = {**_CONFIG_DEFAULTS, **stored}
     unknown, missing = sorted(set(stored) - set(_CONFIG_TYPES)), sorted(set(_CONFIG_TYPES) - set(stored))
     if unknown or missing:
         problem = f"has unknown setting(s) {unknown}" if unknown else f"lacks setting(s) {missing}"
@@ -155,7 +164,7 @@ def preprocess(
 
     An existing glmtune dataset folder at `output_dir` is replaced; any other non-empty folder is refused.
     """
-    config = config or DataConfig()
+    config = with_family(config or DataConfig(), tokenizer)
     source, output_dir = Path(source), Path(output_dir)
     _check_output_dir(output_dir)
     rows = load_rows(source, config)
@@ -230,13 +239,15 @@ def load_or_build_dataset(
     edited file or a changed flag builds a new entry and an unchanged one is reused. A folder keeps the
     settings it was made with; only `config.max_samples` applies to it, by the raw-file rule.
     """
-    config = config or DataConfig()
+    config = with_family(config or DataConfig(), tokenizer)
     source = Path(source)
     if source.is_dir():
         dataset, report, meta = load_preprocessed(source, tokenizer, mode, config.max_samples)
         differing = {
             k: (v, getattr(config, k)) for k, v in asdict(meta["config"]).items()
             if k != "max_samples" and getattr(config, k) != v  # max_samples is applied, not a stored setting
+            # ChatGLM3 rules / max_seq_length are `preprocess` options: left at their defaults they ask nothing
+            and not (k in _CONFIG_DEFAULTS and getattr(config, k) == _CONFIG_DEFAULTS[k])
         }
         if differing:
             logger.warning("%s was preprocessed with other settings; using the stored ones: %s", source, differing)

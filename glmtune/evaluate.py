@@ -142,8 +142,14 @@ def generate_texts(
 ) -> list[str]:
     """`generate_token_ids`, decoded without special tokens (eos, padding) and stripped, as the official
     `generated_predictions`."""
-    ids = generate_token_ids(model, prompts, settings, batch_size, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                             progress)
+    from glmtune.family import stop_ids_for
+
+    # ChatGLM3 answers end at </s>, <|user|> or <|observation|> (glmtune.family); ChatGLM2 ones at </s>.
+    stops = stop_ids_for(tokenizer)
+    ids = generate_token_ids(model, prompts, settings, batch_size, tokenizer.pad_token_id,
+                             stops if len(stops) > 1 else stops[0], progress)
+    if len(stops) > 1:  # cut at the stop token: ChatGLM3 decodes role tokens as text
+        ids = [next((row[:i] for i, t in enumerate(row) if t in stops), row) for row in ids]
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -272,8 +278,11 @@ def run_eval(
     cache_dir: str | os.PathLike | None = None,
     num_workers: int = 1,
     progress: bool = True,
+    family: str | None = None,
 ) -> EvalOutput:
     """Load the model (and P-tuning checkpoint), read the eval data, and `evaluate`; what `glmtune eval` runs.
+
+    `family` (chatglm2, chatglm3) overrides the one detected from the model folder (glmtune.family).
 
     `settings.max_new_tokens` of None means `config.max_target_length`.
     """
@@ -290,7 +299,7 @@ def run_eval(
     if out.exists() and not out.is_dir():
         raise GlmtuneError(f"{out}: exists and is not a folder")
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, family=family)
     # Data first: a wrong column or a malformed line fails before the (slow) model load.
     dataset, config = load_eval_data(tokenizer, test_file, dataset_dir, config, cache_dir, num_workers)
     if settings.max_new_tokens is None:
@@ -301,5 +310,5 @@ def run_eval(
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len,
                        prefix_projection=prefix_projection, quantization_bit=quantization_bit, dtype=dtype,
-                       device=device)
+                       device=device, family=tokenizer.family)
     return evaluate(model, tokenizer, dataset, out, settings, batch_size, official_truncation, num_workers, progress)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from glmtune.errors import GlmtuneError
+from glmtune.family import FAMILY_FIELD, check_same_family, resolve_family
 from glmtune.fsutil import atomic_dir
 from glmtune.modeling import ChatGLM2ForCausalLM, attention_dims, glm_config_from_chatglm
 from glmtune.prefix import (
@@ -232,9 +233,10 @@ def native_to_official(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, t
         else:
             raise KeyError(name)
     rotary_dim = attention_dims(cfg)[2] // 2
-    base = 10000.0 * float(cfg.get("rope_ratio", 1.0))
+    # Base 10000 whatever `rope_ratio` and family: both official 32k codes keep this buffer as the plain
+    # model's and apply rope_ratio in their forward (their released weights hold the base-10000 values).
     out["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (
-        base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+        10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
     )
     return out
 
@@ -259,18 +261,25 @@ def load_model(
     quantization_bit: int | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    family: str | None = None,
 ) -> ChatGLM2ForCausalLM:
     """Load a ChatGLM2 folder (official layout, or one written by `save_model` / `glmtune merge`).
 
     The base model is frozen. With `ptuning_checkpoint`, or `pre_seq_len` for a fresh prefix, the
     model carries a trainable prefix encoder (kept in fp32 whatever `dtype`, as the official trainer
     does). `pre_seq_len` / `prefix_projection` default to what the checkpoint or folder says; a
-    disagreement is an error naming both values.
+    disagreement is an error naming both values. `family` (`glmtune.family`) overrides the detected one; it
+    decides the rope rule and is recorded in what is saved from the model; a checkpoint of another family
+    is refused.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise GlmtuneError(f"{folder}: model folder not found")
     cfg = read_chatglm_config(folder)
+    model_family = resolve_family(folder, family)
+    cfg[FAMILY_FIELD] = model_family.name
+    if ptuning_checkpoint is not None:
+        check_same_family(model_family, ptuning_checkpoint)
     compute_dtype = parse_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

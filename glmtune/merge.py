@@ -104,6 +104,7 @@ def merge_checkpoint(
     force: bool = False,
     dtype: str | None = "auto",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    family: str | None = None,
 ) -> MergeResult:
     """Write base model + P-tuning checkpoint (+ tokenizer) as one folder; see the module docstring.
 
@@ -119,9 +120,9 @@ def merge_checkpoint(
         raise GlmtuneError(f"--model-path {model_path}: folder not found")
     if dtype in (None, "auto"):
         dtype = _source_dtype(model_path)  # also checks that it is a ChatGLM2 folder
-    tokenizer = find_tokenizer(model_path, ptuning_checkpoint)
+    tokenizer = find_tokenizer(model_path, ptuning_checkpoint, family=family)  # family: glmtune.family
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
-                       dtype=dtype, device="cpu")
+                       dtype=dtype, device="cpu", family=tokenizer.family)
     folded = fold_prefix(model) if fold else False
     save_model(model, out, include_prefix=True, max_shard_bytes=max_shard_bytes, dtype=dtype, tokenizer=tokenizer)
     files = [p for p in out.iterdir() if p.is_file()]

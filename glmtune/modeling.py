@@ -30,6 +30,7 @@ from transformers import DynamicCache, GlmConfig, GlmForCausalLM
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from glmtune.family import FAMILY_FIELD, get_family
 from glmtune.prefix import PrefixConfig, PrefixEncoder, PrefixKV
 
 IGNORE_INDEX = -100
@@ -58,12 +59,9 @@ def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
         rms_norm_eps=cfg.get("layernorm_epsilon", 1e-5),
         attention_bias=cfg.get("add_qkv_bias", True),
         attention_dropout=cfg.get("attention_dropout", 0.0),
-        # ChatGLM2 rotates half of each head with base 10000 (times rope_ratio in later releases).
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0 * float(cfg.get("rope_ratio", 1.0)),
-            "partial_rotary_factor": 0.5,
-        },
+        # ChatGLM rotates half of each head with base 10000; `rope_ratio` (the 32k releases) means position
+        # interpolation for ChatGLM2 and base scaling for ChatGLM3: the family decides (glmtune.family).
+        rope_parameters=get_family(cfg.get(FAMILY_FIELD)).rope_parameters(float(cfg.get("rope_ratio", 1.0))),
         pad_token_id=cfg.get("pad_token_id", 0),
         eos_token_id=cfg.get("eos_token_id", 2),
         bos_token_id=None,

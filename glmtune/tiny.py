@@ -298,8 +298,12 @@ def init_model(
     weights_format: str = "safetensors",
     shards: int = 1,
     overwrite: bool = False,
+    family: str = "chatglm2",
 ) -> Path:
     """Write a tiny random ChatGLM2 (config, weights, tokenizer) into `out_dir`, atomically.
+
+    `family="chatglm3"` makes a tiny ChatGLM3: the same network, a tokenizer with the four role tokens after
+    the command tokens (saved with its family, so every command detects it) and the family in config.json.
 
     `texts` train the tokenizer (default: the bundled sample data). Everything is built in a temporary
     sibling folder that is renamed into place at the end, so a failure leaves nothing half-written.
@@ -319,8 +323,16 @@ def init_model(
         train_tokenizer(texts, tmp, vocab_size=vocab_size)
         from glmtune.tokenizer import load_tokenizer
 
-        padded = -(-len(load_tokenizer(tmp)) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        from glmtune.family import FAMILY_FIELD, get_family
+
+        family_name = get_family(family).name
+        tokenizer = load_tokenizer(tmp, family=family_name)
+        if family_name != "chatglm2":
+            tokenizer.save_pretrained(str(tmp))  # tokenizer_config.json records the family
+        padded = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         config = official_config(cfg, padded)
+        if family_name != "chatglm2":
+            config[FAMILY_FIELD] = family_name
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         write_weights(random_state_dict(cfg, padded, seed), tmp, weights_format, shards)
     return out_dir

@@ -9,8 +9,11 @@ run under transformers 4.30), checked id for id against ../shared/reference/toke
 * with special tokens a sequence is `[gMASK] sop tokens...` (a pair adds `b... </s>`), so truncation to
   `max_length` counts those two tokens, and cuts on the right;
 * padding is on the left and batches carry `position_ids` (0.. on the real tokens, 0 on the padding);
-* the command tokens are not split out of raw text (the text "sop" stays ordinary SentencePiece text), but
-  the literal strings `<unk>` and `</s>` are, as transformers did for the official class;
+* text is text: no string in the input becomes a special id. The official class encodes `"好</s>"` as
+  SentencePiece text (`[46458, 1833, 30917, 30994]`), and so does this one: special tokens (`<unk>`, `</s>`,
+  the command tokens, any token added as special) are never split out of raw text, and a SentencePiece
+  piece spelled like a command name keeps its own id. Tokens added as *non*-special (`add_tokens`) are
+  vocabulary the user asked for and are split out, as transformers does;
 * decoding drops the command tokens, bos/eos, pad/unk and negative ids (label padding -100): the official
   class maps all of them to empty pieces.
 
@@ -24,16 +27,18 @@ The chat prompt (`build_prompt`) is the official `[Round N]\\n\\n问：...\\n\\n
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 from transformers import AddedToken, PreTrainedTokenizer
+from transformers.tokenization_python import Trie
 from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
 from transformers.utils import PaddingStrategy
 
+from glmtune import compat
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import atomic_file
 
 TOKENIZER_FILE = "tokenizer.model"
 # Order matters: it fixes their ids right after the SentencePiece pieces, as in the official model.
@@ -53,6 +58,9 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     """SentencePiece + ChatGLM2 command tokens, left padding with position ids."""
 
     vocab_files_names = {"vocab_file": TOKENIZER_FILE}
+    #: The family name (glmtune.family) and the command tokens that follow the SentencePiece pieces.
+    family = "chatglm2"
+    command_tokens: tuple[str, ...] = COMMAND_TOKENS
     model_input_names = ["input_ids", "attention_mask", "position_ids"]
     padding_side = "left"
 
@@ -63,20 +71,21 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         self._model_proto = Path(vocab_file).read_bytes()
         self.sp_model = SentencePieceProcessor(model_proto=self._model_proto)
         self.n_pieces = self.sp_model.get_piece_size()
-        self.command_ids = {name: self.n_pieces + i for i, name in enumerate(COMMAND_TOKENS)}
+        self.command_ids = {name: self.n_pieces + i for i, name in enumerate(self.command_tokens)}
         self._command_names = {i: name for name, i in self.command_ids.items()}
         # Ids the official class turns into empty pieces when decoding (bos/eos/unk=pad, commands).
         self._silent_ids = {self.sp_model.bos_id(), self.sp_model.eos_id(), self.sp_model.unk_id()}
         self._silent_ids.update(self.command_ids.values())
         self._silent_ids.discard(-1)
         self._vocab: dict[str, int] | None = None
-        # The official special tokens; bos stays unset because ChatGLM2 inputs never carry one.
-        # transformers 4.30 split `<unk>` and `</s>` out of raw text and stripped the whitespace around
-        # them; registering them as added tokens with lstrip/rstrip reproduces that.
-        self._added_tokens_decoder = {
-            i: AddedToken(self.sp_model.id_to_piece(i), lstrip=True, rstrip=True, normalized=False, special=True)
+        # The official special tokens; bos stays unset because ChatGLM2 inputs never carry one. They are
+        # registered as special added tokens (their ids are the SentencePiece control ids), but `tokenize`
+        # below never splits a special token out of text: the official class encodes "</s>" in text as
+        # ordinary pieces.
+        compat.seed_added_tokens(self, {
+            i: AddedToken(self.sp_model.id_to_piece(i), lstrip=False, rstrip=False, normalized=False, special=True)
             for i in (self.sp_model.unk_id(), self.sp_model.eos_id())
-        }
+        })
         kwargs.setdefault("unk_token", self.sp_model.id_to_piece(self.sp_model.unk_id()))
         kwargs.setdefault("eos_token", self.sp_model.id_to_piece(self.sp_model.eos_id()))
         kwargs.setdefault("pad_token", self.sp_model.id_to_piece(self.sp_model.unk_id()))
@@ -90,21 +99,21 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self.n_pieces + len(COMMAND_TOKENS)
+        return self.n_pieces + len(self.command_tokens)
 
     def get_vocab(self) -> dict[str, int]:
         if self._vocab is None:
             vocab = {self.sp_model.id_to_piece(i): i for i in range(self.n_pieces)}
             vocab.update(self.command_ids)
             self._vocab = vocab
-        return {**self._vocab, **self._added_tokens_encoder}
+        return {**self._vocab, **compat.added_tokens_encoder(self)}
 
     @property
     def pad_token_id(self) -> int | None:
         # transformers' `_pad` reads this once per padded row. Without a class attribute every read first
         # fails normal lookup and lands in `PreTrainedTokenizerBase.__getattr__` (several µs each); this
         # gives the same answer from the same map. Setting it still goes through the base `__setattr__`.
-        token = self.__dict__.get("_special_tokens_map", {}).get("pad_token")
+        token = compat.stored_pad_token(self)
         if token is None:
             return super().__getattr__("pad_token_id")  # unset: the base class's answer and log line
         return self.convert_tokens_to_ids(str(token))
@@ -115,16 +124,53 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         if token in named:
             return named[token]
         if token not in self.command_ids:
-            raise KeyError(f"{token!r} is not a ChatGLM2 command token (expected one of {list(COMMAND_TOKENS)})")
+            raise KeyError(f"{token!r} is not a {self.family} command token (expected one of {list(self.command_tokens)})")
         return self.command_ids[token]
+
+    def _splitting_tokens(self) -> set[str]:
+        """Added tokens that are split out of raw text: the non-special ones only (text is text)."""
+        special = set(self.all_special_tokens)
+        decoder = compat.added_tokens_decoder(self)
+        return {t for t, i in compat.added_tokens_encoder(self).items() if not decoder[i].special and t not in special}
+
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        # transformers' `tokenize` splits every added token out of the text, special ones included, and keeps
+        # a chunk equal to a special token whole: "好</s>" would end with eos. The official ChatGLM tokenizers
+        # never do that, so only non-special added tokens split here (with their lstrip/rstrip options).
+        split_special_tokens = kwargs.pop("split_special_tokens", self.split_special_tokens)
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        splitting = set() if split_special_tokens else self._splitting_tokens()
+        if not any(t in text for t in splitting):
+            return self._tokenize(text)
+        trie = Trie()
+        for token in splitting:
+            trie.add(token)
+        chunks = trie.split(text)
+        for i, chunk in enumerate(chunks):
+            if chunk in splitting:
+                added = compat.added_tokens_decoder(self)[compat.added_tokens_encoder(self)[chunk]]
+                if added.rstrip and i + 1 < len(chunks):
+                    chunks[i + 1] = chunks[i + 1].lstrip()
+                if added.lstrip and i > 0:
+                    chunks[i - 1] = chunks[i - 1].rstrip()
+        pieces: list[str] = []
+        for chunk in chunks:
+            if chunk in splitting:
+                pieces.append(chunk)
+            elif chunk:
+                pieces.extend(self._tokenize(chunk))
+        return pieces
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return self.sp_model.encode(text, out_type=str)
 
     def _convert_token_to_id(self, token: str) -> int:
-        if token in self.command_ids:
+        # A SentencePiece piece keeps its own id even when it is spelled like a command token (only possible
+        # in a vocabulary trained with such a piece; not in the official one), so text never becomes a command.
+        piece_id = self.sp_model.piece_to_id(token)
+        if token in self.command_ids and self.sp_model.id_to_piece(piece_id) != token:
             return self.command_ids[token]
-        return self.sp_model.piece_to_id(token)
+        return piece_id
 
     def _convert_id_to_token(self, index: int) -> str:
         if index in self._command_names:
@@ -151,6 +197,14 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     # done nothing more than `piece_to_id` on each piece, which `_fast_text_ids` checks; everything
     # after the ids (special tokens, truncation, padding, tensors) still runs through transformers.
 
+    # Why not a `tokenizers` (Rust) fast tokenizer built from tokenizer.model (issue 9 item 19b)? Built as
+    # transformers' converters do (BPE from SentencePieceExtractor, byte fallback, "▁" prepend/replace
+    # normalizer) it gives the same ids on all 370 golden texts (ChatGLM2 and ChatGLM3 files), but measured
+    # 1.6-2.2x slower than this path on the 308 ChatGLM2 golden texts x 20 (3 runs, loaded 2-core machine:
+    # 0.56/0.51/0.51 s here vs 1.02/0.93/0.83 s `encode_batch`, 1.23/1.09/0.91 s one by one), and it needs
+    # `SentencePieceExtractor`, whose signature already changed within transformers 5. SentencePiece itself
+    # (what the official tokenizer runs) stays the engine; only the per-piece Python lookups are skipped.
+
     #: Set False (on the class or an instance) to encode through the generic route, e.g. to compare.
     use_fast_encode = True
 
@@ -158,20 +212,23 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         """Strings that make the generic route split the text, and piece ids it maps elsewhere.
 
         Rebuilt whenever added or special tokens change (a dict/list comparison, cheap per call)."""
-        key = (self._added_tokens_encoder, self._special_tokens_map, self._extra_special_tokens)
+        encoder = compat.added_tokens_encoder(self)
+        special_map, extra = compat.special_tokens_state(self)
+        key = (encoder, special_map, extra)
         state = self._fast_state
         if state is not None and state[0] == key:
             return state[1], state[2]
-        # The trie splits on added tokens; `tokenize` keeps a whole chunk equal to a special token.
-        needles = tuple({*self._added_tokens_encoder, *self.all_special_tokens})
-        # `_convert_token_to_id_with_added_voc` looks a piece up among added tokens, then command names,
-        # before SentencePiece: a piece spelled like one of those gets that id instead of its own.
+        # `tokenize` splits the non-special added tokens out of the text (special ones never).
+        needles = tuple(self._splitting_tokens())
+        # `_convert_token_to_id_with_added_voc` looks a piece up among added tokens before SentencePiece: a
+        # piece spelled like one of those gets that id instead of its own (never a command token: see
+        # `_convert_token_to_id`).
         remap = {}
-        for name, token_id in {**self.command_ids, **self._added_tokens_encoder}.items():
+        for name, token_id in encoder.items():
             piece_id = self.sp_model.piece_to_id(name)
             if self.sp_model.id_to_piece(piece_id) == name and piece_id != token_id:
                 remap[piece_id] = token_id
-        copied = (dict(self._added_tokens_encoder), dict(self._special_tokens_map), list(self._extra_special_tokens))
+        copied = (dict(encoder), dict(special_map), list(extra))
         self._fast_state = (copied, needles, remap)
         return needles, remap
 
@@ -182,7 +239,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         needles, remap = self._fast_tables()
         # With split_special_tokens the generic route skips the trie and sends the whole text to SentencePiece.
         if not kwargs.get("split_special_tokens", self.split_special_tokens) and any(n in text for n in needles):
-            return None  # `<unk>` / `</s>` in the text: split and whitespace-stripped by `tokenize`
+            return None  # a user-added token in the text: `tokenize` splits it out
         ids = self.sp_model.encode(text)
         if remap:
             ids = [remap.get(i, i) for i in ids]
@@ -214,7 +271,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             if ids is not None:
                 if add_special_tokens:
                     ids = self.build_inputs_with_special_tokens(ids)
-                self._eventual_warn_about_too_long_sequence(ids, None, True)
+                compat.warn_if_too_long(self, ids)
                 return ids
         return super().encode(
             text,
@@ -364,34 +421,33 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         target = directory / ((filename_prefix + "-" if filename_prefix else "") + TOKENIZER_FILE)
         if not directory.is_dir():
             target = directory  # transformers' convention: a file path instead of a folder
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tokenizer-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self._model_proto)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; a tokenizer is not private
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target, "wb") as handle:
+            handle.write(self._model_proto)
         return (str(target),)
 
 
-def load_tokenizer(path: str | Path) -> ChatGLM2Tokenizer:
+def load_tokenizer(path: str | Path, family: Any = None) -> ChatGLM2Tokenizer:
     """The tokenizer of a model or checkpoint folder (or a `tokenizer.model` file given directly).
 
-    Only `tokenizer.model` is read: the official tokenizer_config.json names remote code, and nothing else
-    in it changes the behaviour.
+    Only `tokenizer.model` is read for the vocabulary: the official tokenizer_config.json names remote code.
+    The family (`glmtune.family`: ChatGLM3 adds role tokens) is `family` when given, else detected from the
+    folder; a ChatGLM3 folder gives a `ChatGLM3Tokenizer`.
     """
+    from glmtune.family import resolve_family
+
     path = Path(path)
     model_file = path if path.is_file() else path / TOKENIZER_FILE
     if not model_file.is_file():
         raise GlmtuneError(
-            f"{path}: no {TOKENIZER_FILE} found (expected a ChatGLM2 model or checkpoint folder holding "
+            f"{path}: no {TOKENIZER_FILE} found (expected a ChatGLM2/ChatGLM3 model or checkpoint folder holding "
             f"the SentencePiece file {TOKENIZER_FILE})"
         )
+    cls: type[ChatGLM2Tokenizer] = ChatGLM2Tokenizer
+    if resolve_family(path, family).name == "chatglm3":
+        from glmtune.tokenizer_glm3 import ChatGLM3Tokenizer
+
+        cls = ChatGLM3Tokenizer
     try:
-        return ChatGLM2Tokenizer(vocab_file=model_file)
+        return cls(vocab_file=model_file)
     except (RuntimeError, OSError) as exc:
         raise GlmtuneError(f"{model_file}: not a readable SentencePiece model ({exc})") from exc

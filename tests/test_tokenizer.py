@@ -44,7 +44,7 @@ def test_command_tokens_follow_the_sentencepiece_pieces(official):
 
 
 def test_encoding_matches_official_ids_with_and_without_special_tokens(official, golden):
-    assert len(golden["texts"]) == 300
+    assert len(golden["texts"]) == 308  # 300 ADGEN texts + 8 with literal special strings
     for row in golden["texts"]:
         assert official.encode(row["text"], add_special_tokens=False) == row["ids"], row["text"]
         assert official.encode(row["text"]) == row["ids_special"], row["text"]
@@ -86,11 +86,31 @@ def test_text_target_gives_labels_encoded_like_inputs(official):
     assert enc["input_ids"] == [official.encode("类型#裤")]
 
 
-def test_command_names_in_raw_text_stay_ordinary_text(official):
-    # The official class never split "[gMASK]" or "sop" out of user text; "</s>" it did.
-    ids = official.encode("sop [gMASK]", add_special_tokens=False)
-    assert not set(ids) & {64790, 64792}
-    assert official.encode("好</s>", add_special_tokens=False)[-1] == official.eos_token_id
+SPECIAL_IDS = {0, 1, 2, 64789, 64790, 64791, 64792, 64793}
+
+
+def test_special_strings_in_raw_text_stay_ordinary_text(official, golden):
+    # The official class never splits "[gMASK]", "sop", "</s>" or "<unk>" out of user text (issue 9 item 1):
+    # an eos inside an answer's labels, or a user ending the answer, must be impossible.
+    literal = golden["texts"][300:]  # the 8 official rows with literal special strings (+ 1 prompt row)
+    assert all(any(s in r["text"] for s in ("</s>", "<unk>", "[MASK]", "[gMASK]", "<|user|>")) for r in literal)
+    for row in literal:
+        ids = official.encode(row["text"], add_special_tokens=False)
+        assert ids == row["ids"], row["text"]
+        assert not set(ids) & SPECIAL_IDS, row["text"]
+        assert official(row["text"])["input_ids"] == row["ids_special"], row["text"]
+        assert official.convert_tokens_to_ids(official.tokenize(row["text"])) == row["ids"], row["text"]
+    assert official.encode("好</s>", add_special_tokens=False) == [46458, 1833, 30917, 30994]
+    for prompt in golden["prompts"]:
+        assert not set(official.encode(prompt["prompt"])[2:]) & SPECIAL_IDS
+
+
+def test_special_strings_stay_text_in_a_tiny_tokenizer_too(tiny):
+    special = {tiny.pad_token_id, tiny.eos_token_id, tiny.sp_model.bos_id(), *tiny.command_ids.values()}
+    for text in ("好</s>", "<unk>", " </s> ", "<s>[gMASK]sop", "a</s>b<unk>c", "</s></s>"):
+        ids = tiny.encode(text, add_special_tokens=False)
+        assert not set(ids) & special, text
+        assert tiny.decode(ids) == text
 
 
 def test_decode_skips_label_padding_pad_and_eos(tiny):
@@ -197,17 +217,14 @@ def test_fast_ids_equal_generic_route_without_reference_data(tiny):
     for text in texts:
         assert tiny.encode(text, add_special_tokens=False) == _generic_ids(tiny, text), repr(text)
         fallbacks += tiny._fast_text_ids(text, {}) is None
-    assert fallbacks == sum("<unk>" in t or "</s>" in t for t in texts)
+    assert fallbacks == 0  # special strings are ordinary text now: nothing to split out
 
 
 def test_fast_path_covers_all_text_without_unk_or_eos_strings(official, golden):
     # The fast path must really be taken (not fall back) on ordinary text, or the speed-up is lost.
     for text in [r["text"] for r in golden["texts"]] + TRICKY_TEXTS:
         fast = official._fast_text_ids(text, {})
-        if "<unk>" in text or "</s>" in text:
-            assert fast is None, repr(text)
-        else:
-            assert fast == _generic_ids(official, text), repr(text)
+        assert fast == _generic_ids(official, text), repr(text)
 
 
 @pytest.mark.parametrize(
@@ -274,7 +291,10 @@ def test_fast_encoding_keeps_command_pieces_and_unknown_text_like_generic(tmp_pa
     assert tok.sp_model.id_to_piece(tok.sp_model.piece_to_id("sop")) == "sop"
     for text in ("sop", "a sopsop shop", "shop 好 soap", "好", "eop [gMASK]"):
         assert tok.encode(text, add_special_tokens=False) == _generic_ids(tok, text), text
-    assert tok.get_command("sop") in tok.encode("a sop", add_special_tokens=False)
+    # Text is text: the piece "sop" keeps its own id, never the command id; the name still gives the command.
+    assert tok.get_command("sop") not in tok.encode("a sop", add_special_tokens=False)
+    assert tok.sp_model.piece_to_id("sop") in tok.encode("a sop", add_special_tokens=False)
+    assert tok.convert_tokens_to_ids("[gMASK]") == tok.get_command("[gMASK]")
 
 
 def test_pad_token_id_follows_changes_to_the_pad_token(tiny):

@@ -68,6 +68,9 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
+    from glmtune.family import stop_ids_for
+
+    ids.update(stop_ids_for(tokenizer))  # ChatGLM3 also stops on <|user|> and <|observation|>
     return frozenset(int(i) for i in ids)
 
 

@@ -151,7 +151,14 @@ def answer_room(req: _Common, window: int, max_tokens_cap: int) -> int:
 
 
 def chat_prompt_ids(tokenizer, req: ChatRequest, window: int, max_tokens_cap: int) -> list[int]:
-    query, history = split_messages(req.messages)
+    if chat_lib.is_glm3(tokenizer):
+        # ChatGLM3 has roles: the system prompt and every message go to the model as they are.
+        if req.messages[-1].role != "user":
+            raise ApiError(400, f"the last message must have role 'user', found {req.messages[-1].role!r}",
+                           param="messages")
+        query, history = req.messages[-1].text(), [{"role": m.role, "content": m.text()} for m in req.messages[:-1]]
+    else:
+        query, history = split_messages(req.messages)
     room = answer_room(req, window, max_tokens_cap)
     try:
         return chat_lib.build_chat_prompt(tokenizer, query, history, window=window, answer_room=room).input_ids

@@ -1,0 +1,237 @@
+"""The ChatGLM model families: what differs between ChatGLM2-6B and ChatGLM3-6B (and their 32k variants).
+
+ChatGLM3-6B has the network and weight layout of ChatGLM2-6B; what differs is listed here, in one place, so
+no command branches on a family name itself:
+
+* tokenizer: ChatGLM3 adds four role tokens `<|system|> <|user|> <|assistant|> <|observation|>` after the five
+  GLM command tokens (`glmtune.tokenizer_glm3`);
+* prompt building and stop tokens: ChatGLM2 uses the `[Round N]\\n\\n问：...\\n\\n答：` template and stops on
+  `</s>`; ChatGLM3 uses role messages (`build_chat_input`) and stops on `</s>`, `<|user|>` or `<|observation|>`;
+* response parsing: ChatGLM3 replies may carry metadata (a tool name) and a tool call (`glmtune.glm3`);
+* the rotary rule for `rope_ratio` (the 32k releases): THUDM/chatglm2-6b-32k divides the positions by it
+  (position interpolation), THUDM/chatglm3-6b-32k multiplies the rotary base by it;
+* the default P-tuning data format: ADGEN prompt/response for ChatGLM2, `conversations` for ChatGLM3.
+
+The family of a folder is recorded in config.json (`glmtune_family`, written into every P-tuning checkpoint
+and merged model glmtune saves), else detected from the tokenizer (ChatGLM3's tokenizer_config.json names
+its role tokens), else from the release name the official config.json carries (`THUDM/chatglm3-6b`), else
+ChatGLM2; `--family` overrides. The official releases do not record a family: a
+folder with no tokenizer (e.g. a bare 32k weight folder) needs `--family chatglm3` to be read as ChatGLM3.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import GlmtuneError
+
+FAMILY_FIELD = "glmtune_family"  # key in config.json of checkpoints and merged folders
+GLM3_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+ROPE_INTERPOLATE = "interpolate-positions"  # chatglm2-6b-32k: position / rope_ratio
+ROPE_SCALE_BASE = "scale-base"  # chatglm3-6b-32k: base 10000 * rope_ratio
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family; the functions take the family's own tokenizer (see `load_tokenizer`)."""
+
+    name: str
+    title: str
+    role_tokens: tuple[str, ...]
+    rope_rule: str
+    default_data_format: str
+    stop_tokens: tuple[str, ...]
+    # messages [{"role", "content", "metadata"?, "tools"?}, ...] -> prompt ids ending where the assistant answers
+    _messages_to_ids: Callable[[Any, Sequence[dict]], list[int]] = field(repr=False)
+    # decoded answer text + the messages so far -> (response, messages + the answer)
+    _parse_response: Callable[[str, list[dict]], tuple[Any, list[dict]]] = field(repr=False)
+
+    def messages_to_ids(self, tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+        """Prompt ids for a conversation (roles system / user / assistant / observation), ready to generate."""
+        return self._messages_to_ids(tokenizer, messages)
+
+    def stop_token_ids(self, tokenizer: Any) -> list[int]:
+        """Ids that end an answer (eos first)."""
+        return [tokenizer.eos_token_id] + [tokenizer.get_command(t) for t in self.stop_tokens]
+
+    def parse_response(self, text: str, messages: list[dict]) -> tuple[Any, list[dict]]:
+        """The official post-processing of a decoded answer: (response, messages with the answer appended)."""
+        return self._parse_response(text, messages)
+
+    def rope_parameters(self, rope_ratio: float) -> dict:
+        """transformers `rope_parameters` for ChatGLM's half-head rotary embedding under this family's rule."""
+        base = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        if rope_ratio == 1.0:
+            return base
+        if self.rope_rule == ROPE_INTERPOLATE:
+            # transformers' "linear" rope divides the positions by `factor`: the chatglm2-6b-32k code exactly.
+            return {**base, "rope_type": "linear", "factor": float(rope_ratio)}
+        return {**base, "rope_theta": 10000.0 * float(rope_ratio)}
+
+
+# --- ChatGLM2 ------------------------------------------------------------------------------------
+
+
+def _glm2_messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    """ChatGLM2 knows user/assistant rounds only: a system message is put in front of the first query
+    (ChatGLM2 has no system role; this is what its users do), an observation role is an error."""
+    history, system = [], []
+    pending: str | None = None
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content", "")
+        if not isinstance(content, str):
+            raise GlmtuneError(f"messages[{i}]: content must be a string for ChatGLM2, found {type(content).__name__}")
+        if role == "system":
+            system.append(content)
+        elif role == "user":
+            if pending is not None:
+                history.append((pending, ""))
+            pending = content
+        elif role == "assistant":
+            history.append((pending or "", content))
+            pending = None
+        else:
+            raise GlmtuneError(f"messages[{i}]: role {role!r} is not supported by ChatGLM2 (system, user, assistant)")
+    if pending is None:
+        raise GlmtuneError("messages: the last message must come from the user")
+    query = pending
+    if system:
+        if history:
+            history[0] = ("\n".join(system) + "\n" + history[0][0], history[0][1])
+        else:
+            query = "\n".join(system) + "\n" + query
+    return tokenizer(tokenizer.build_prompt(query, history))["input_ids"]
+
+
+def _glm2_parse_response(text: str, messages: list[dict]) -> tuple[str, list[dict]]:
+    from glmtune.chat import process_response
+
+    response = process_response(text)
+    return response, [*messages, {"role": "assistant", "content": response}]
+
+
+def _glm3_messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    from glmtune.glm3 import messages_to_ids
+
+    return messages_to_ids(tokenizer, messages)
+
+
+def _glm3_parse_response(text: str, messages: list[dict]) -> tuple[Any, list[dict]]:
+    from glmtune.glm3 import process_response
+
+    return process_response(text, messages)
+
+
+CHATGLM2 = Family(
+    name="chatglm2",
+    title="ChatGLM2-6B (and chatglm2-6b-32k)",
+    role_tokens=(),
+    rope_rule=ROPE_INTERPOLATE,
+    default_data_format="prompt-response",
+    stop_tokens=(),
+    _messages_to_ids=_glm2_messages_to_ids,
+    _parse_response=_glm2_parse_response,
+)
+CHATGLM3 = Family(
+    name="chatglm3",
+    title="ChatGLM3-6B (and chatglm3-6b-32k)",
+    role_tokens=GLM3_ROLE_TOKENS,
+    rope_rule=ROPE_SCALE_BASE,
+    default_data_format="conversations",
+    stop_tokens=("<|user|>", "<|observation|>"),
+    _messages_to_ids=_glm3_messages_to_ids,
+    _parse_response=_glm3_parse_response,
+)
+FAMILIES: dict[str, Family] = {f.name: f for f in (CHATGLM2, CHATGLM3)}
+DEFAULT_FAMILY = CHATGLM2
+
+
+# --- detection -----------------------------------------------------------------------------------
+
+
+def get_family(name: str | Family | None) -> Family:
+    """The registered family called `name` (None: the default, ChatGLM2)."""
+    if isinstance(name, Family):
+        return name
+    if name is None:
+        return DEFAULT_FAMILY
+    if name not in FAMILIES:
+        raise GlmtuneError(f"--family: expected one of {sorted(FAMILIES)}, found {name!r}")
+    return FAMILIES[name]
+
+
+def recorded_family(folder: str | Path) -> str | None:
+    """The family a glmtune-written folder records in its config.json, if any."""
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # reported properly by whoever reads the config
+    value = cfg.get(FAMILY_FIELD) if isinstance(cfg, dict) else None
+    if value is not None and value not in FAMILIES:
+        raise GlmtuneError(f"{cfg_file}: field {FAMILY_FIELD}: expected one of {sorted(FAMILIES)}, found {value!r}")
+    return value
+
+
+def detect_family(folder: str | Path) -> Family:
+    """The family of a model, checkpoint or tokenizer folder (see the module docstring for the rule)."""
+    folder = Path(folder)
+    if folder.is_file():  # a tokenizer.model given directly: nothing says ChatGLM3
+        folder = folder.parent
+    recorded = recorded_family(folder)
+    if recorded:
+        return FAMILIES[recorded]
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        text = tok_cfg.read_text(encoding="utf-8", errors="replace")
+        try:
+            saved = json.loads(text).get(FAMILY_FIELD)  # written by glmtune's own tokenizers
+        except (json.JSONDecodeError, AttributeError):
+            saved = None
+        if saved in FAMILIES:
+            return FAMILIES[saved]
+        # The official ChatGLM3 tokenizer_config.json names its role tokens (in its chat_template).
+        if any(token in text for token in GLM3_ROLE_TOKENS):
+            return CHATGLM3
+    # Older downloads of the official ChatGLM3 folders lack the chat_template, but name their release.
+    for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "name_or_path")):
+        try:
+            origin = json.loads((folder / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        if isinstance(origin, str) and "chatglm3" in origin.lower():
+            return CHATGLM3
+    return DEFAULT_FAMILY
+
+
+def resolve_family(folder: str | Path | None, override: str | Family | None = None) -> Family:
+    """`--family` when given, else what the folder says."""
+    if override is not None:
+        return get_family(override)
+    return detect_family(folder) if folder is not None else DEFAULT_FAMILY
+
+
+def family_of(tokenizer: Any) -> Family:
+    """The family a glmtune tokenizer belongs to (what `load_tokenizer` detected or was told)."""
+    return get_family(getattr(tokenizer, "family", None))
+
+
+def stop_ids_for(tokenizer: Any) -> list[int]:
+    """Stop ids of the tokenizer's family (a ChatGLM2 tokenizer: [eos])."""
+    return family_of(tokenizer).stop_token_ids(tokenizer)
+
+
+def check_same_family(base: Family, checkpoint: str | Path) -> None:
+    """Refuse a P-tuning checkpoint trained on another family (the prefix shapes match, so it would load)."""
+    recorded = recorded_family(checkpoint)
+    if recorded is not None and recorded != base.name:
+        raise GlmtuneError(
+            f"{checkpoint}: P-tuning checkpoint of a {recorded} model, but the base model is {base.name} "
+            f"(pass the {recorded} base model, or --family if the base folder was detected wrongly)"
+        )

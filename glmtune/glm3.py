@@ -1,0 +1,167 @@
+"""ChatGLM3 conversations: messages to prompt ids, and the reply parsing of the official `chat`, without `eval`.
+
+Reproduces `build_chat_input` and `process_response` of THUDM/chatglm3-6b (modeling_chatglm.py, HF revision
+456aa875) for chat, stream_chat and serving:
+
+* a conversation is a list of messages `{"role": system|user|assistant|observation, "content": str}`; an
+  assistant message may carry `"metadata"` (a tool name), a system message may carry `"tools"` (a list of
+  tool descriptions, appended to its content as indented JSON by the tokenizer);
+* a reply is split at `<|assistant|>`; each part's first line is its metadata. A part without metadata is
+  text (stripped, `[[训练时间]]` -> `2023年`); with metadata, and tools in the system message, it is a tool
+  call `{"name": metadata, "parameters": {...}}`; with metadata and no tools, `{"name", "content"}`.
+
+Deliberate difference: the official code runs the tool-call text through Python's `eval` (model output
+executed as code: a reply can run anything). glmtune parses it with `ast` and accepts only
+`tool_call(name=<literal>, ...)` with keyword arguments that are Python literals (strings, numbers,
+lists, dicts, True/False/None); anything else comes back as plain text, with a `ToolCallWarning`.
+Nothing the model writes is ever executed.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import GlmtuneError
+
+ROLES = ("system", "user", "assistant", "observation")
+DEFAULT_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
+MAX_TOOL_CALL_CHARS = 100_000  # longer "calls" are text: ast.parse on megabytes of model output is not worth it
+
+
+class ToolCallWarning(UserWarning):
+    """A reply looked like a tool call (metadata with tools) but was not a literal `tool_call(...)`."""
+
+
+def normalize_messages(messages: Any, source: str = "history") -> list[dict]:
+    """Check a ChatGLM3 history (a list of message dicts); return copies. Errors name the item and field."""
+    if messages is None:
+        return []
+    if not isinstance(messages, (list, tuple)):
+        raise GlmtuneError(f"{source}: expected a list of messages {{role, content}}, found {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise GlmtuneError(f"{source}[{i}]: expected a message object {{role, content}}, found {message!r:.80}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise GlmtuneError(f"{source}[{i}]: field role: expected one of {list(ROLES)}, found {role!r}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise GlmtuneError(f"{source}[{i}]: field content: expected a string, found {type(content).__name__}")
+        metadata = message.get("metadata", "")
+        if not isinstance(metadata, str):
+            raise GlmtuneError(f"{source}[{i}]: field metadata: expected a string, found {type(metadata).__name__}")
+        if "tools" in message and (role != "system" or not isinstance(message["tools"], list)):
+            raise GlmtuneError(f"{source}[{i}]: field tools: expected a list, on a system message only")
+        out.append(copy.deepcopy(message))
+    return out
+
+
+def messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    """Prompt ids (`[gMASK] sop` ... `<|assistant|>`) for a conversation whose last message is the query."""
+    messages = normalize_messages(list(messages), "messages")
+    if not messages:
+        raise GlmtuneError("messages: empty conversation")
+    last = messages[-1]
+    if last["role"] == "assistant":
+        raise GlmtuneError("messages: the last message must not come from the assistant (nothing to answer)")
+    return tokenizer.chat_input_ids(last["content"], messages[:-1], last["role"])
+
+
+def parse_tool_call(code: str) -> dict | None:
+    """The keyword arguments of `tool_call(a=..., b=...)` when every value is a literal, else None.
+
+    Never executes anything: the text is parsed (`ast.parse`), the call's shape is checked, and each
+    argument goes through `ast.literal_eval`, which only builds constants and containers.
+    """
+    code = code.strip()
+    if not code or len(code) > MAX_TOOL_CALL_CHARS:
+        return None
+    try:
+        tree = ast.parse(code, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
+        return None
+    if call.args:
+        return None
+    parameters: dict[str, Any] = {}
+    for keyword in call.keywords:
+        if keyword.arg is None:  # **mapping
+            return None
+        try:
+            parameters[keyword.arg] = ast.literal_eval(keyword.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return parameters
+
+
+def parse_response(output: str, history: list[dict]) -> tuple[Any, list[dict], str | None]:
+    """(response, history + the assistant messages, problem): `process_response` plus what went wrong, if anything."""
+    content: Any = ""
+    history = copy.deepcopy(history)
+    problem = None
+    tools = bool(history) and history[0].get("role") == "system" and "tools" in history[0]
+    for part in output.split("<|assistant|>"):
+        metadata, content = part.split("\n", maxsplit=1) if "\n" in part else ("", part)
+        if not metadata.strip():
+            content = content.strip()
+            history.append({"role": "assistant", "metadata": metadata, "content": content})
+            content = content.replace("[[训练时间]]", "2023年")
+            continue
+        history.append({"role": "assistant", "metadata": metadata, "content": content})
+        if not tools:
+            content = {"name": metadata.strip(), "content": content}
+            continue
+        # The official code drops the first and last lines (the ``` fences) and evals the rest.
+        code = "\n".join(content.split("\n")[1:-1])
+        parameters = parse_tool_call(code)
+        if parameters is None:
+            problem = (
+                f"the reply names tool {metadata.strip()!r} but is not a literal tool_call(...): "
+                f"returned as text, nothing executed ({code[:80]!r})"
+            )
+        else:
+            content = {"name": metadata.strip(), "parameters": parameters}
+    return content, history, problem
+
+
+def process_response(output: str, history: list[dict], warn: bool = True) -> tuple[Any, list[dict]]:
+    """The official ChatGLM3 reply parsing (see the module docstring); warns when a tool call is refused."""
+    content, history, problem = parse_response(output, history)
+    if problem and warn:
+        warnings.warn(problem, ToolCallWarning, stacklevel=2)
+    return content, history
+
+
+def read_tools_file(path: str | Path) -> list:
+    """A JSON file holding a list of tool descriptions (ChatGLM3 `tools`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"{path}: tools file not found")
+    try:
+        tools = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise GlmtuneError(f"{path}: expected a JSON list of tool objects, found {type(tools).__name__}")
+    return tools
+
+
+def system_messages(tokenizer, system: str | None = None, tools: list | None = None) -> list[dict]:
+    """The ChatGLM3 history that starts a conversation with `--system` / `--tools` (none for ChatGLM2)."""
+    if system is None and tools is None:
+        return []
+    if getattr(tokenizer, "family", "chatglm2") != "chatglm3":
+        raise GlmtuneError("--system and --tools need a ChatGLM3 model (ChatGLM2 has no system role)")
+    message: dict = {"role": "system", "content": system if system is not None else DEFAULT_TOOLS_SYSTEM}
+    if tools is not None:
+        message["tools"] = tools
+    return [message]

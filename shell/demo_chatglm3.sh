@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The ChatGLM3 path end to end on a tiny ChatGLM3 (CPU, a few minutes):
+#   init-model --family chatglm3 -> conversations (system prompt, a tool call + observation) -> preprocess
+#   -> train -> eval (one example per assistant reply) -> chat with --tools (the tool call is shown, never run).
+# Usage: bash shell/demo_chatglm3.sh [OUT_DIR]   (default runs/demo-chatglm3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash shell/setup.sh
+OUT=${1:-runs/demo-chatglm3}
+STEPS=${STEPS:-60}
+mkdir -p "$OUT"
+
+echo "== 1/6 a tiny random ChatGLM3: the ChatGLM2 network, a tokenizer with <|system|> <|user|> <|assistant|> <|observation|>"
+glmtune init-model "$OUT/model" --family chatglm3 --layers 2 --hidden-size 128 --heads 4 --kv-channels 32 \
+  --groups 2 --ffn-hidden-size 344 --overwrite
+
+echo "== 2/6 the bundled ADGEN-style sample as ChatGLM3 conversations (+ a tool-call conversation every 50 rows)"
+cat > "$OUT/tools.json" <<'JSON'
+[{"name": "get_weather", "description": "查询城市天气",
+  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+JSON
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+tools = json.load(open(f"{out}/tools.json", encoding="utf-8"))
+for split in ("train", "dev"):
+    with open(f"data/adgen_sample/{split}.json", encoding="utf-8") as src, \
+            open(f"{out}/{split}.jsonl", "w", encoding="utf-8") as dst:
+        for i, line in enumerate(src):
+            row = json.loads(line)
+            conv = [{"role": "system", "content": "你是一位服装文案写手。"},
+                    {"role": "user", "content": row["content"]}, {"role": "assistant", "content": row["summary"]}]
+            record = {"conversations": conv}
+            if i % 50 == 5:
+                record = {"tools": tools, "conversations": [
+                    {"role": "user", "content": "北京天气怎么样？"},
+                    {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": {"weather": "晴"}},
+                    {"role": "assistant", "content": "北京今天晴，适合穿这条裙子出门。"}]}
+            dst.write(json.dumps(record, ensure_ascii=False) + "\n")
+PY
+
+echo "== 3/6 preprocess (official ChatGLM3 demo rules of 2023: loss on assistant replies and tool calls)"
+glmtune preprocess --model-path "$OUT/model" --train-file "$OUT/train.jsonl" --output-dir "$OUT/data-train" \
+  --max-seq-length 640
+
+echo "== 4/6 P-tuning v2 training (only the prefix trains)"
+glmtune train --model-path "$OUT/model" --dataset "$OUT/data-train" --output-dir "$OUT/ptuning" \
+  --pre-seq-len 32 --prefix-projection --per-device-train-batch-size 8 --max-steps "$STEPS" --learning-rate 2e-2 \
+  --logging-steps 20 --save-steps "$STEPS" --no-gradient-checkpointing --overwrite-output-dir --disable-tqdm
+
+CKPT="$OUT/ptuning/checkpoint-$STEPS"
+echo "== 5/6 batched greedy eval of $CKPT: one example per assistant reply"
+glmtune eval --model-path "$OUT/model" --ptuning-checkpoint "$CKPT" --test-file "$OUT/dev.jsonl" \
+  --output-dir "$OUT/eval" --batch-size 16 --max-source-length 640 --max-new-tokens 64 --no-progress
+
+echo "== 6/6 one-shot chat with --system and --tools (a tool call comes back as JSON, nothing is executed)"
+glmtune chat --model-path "$OUT/model" --ptuning-checkpoint "$CKPT" --greedy --max-new-tokens 64 \
+  --tools "$OUT/tools.json" --query "北京天气怎么样？" --json
