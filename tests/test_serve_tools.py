@@ -246,3 +246,36 @@ def test_a_tool_result_is_answered_as_the_observation_turn(glm3_tok):
     history = [system, {"role": "user", "content": "北京天气？"},
                {"role": "assistant", "metadata": "get_weather", "content": CALL}]
     assert scheduler.prompts == [glm3_tok.chat_input_ids('{"temperature": 25}', history, "observation")]
+
+
+def test_real_chatglm3_server_takes_tools_and_tool_results_from_the_openai_client(tmp_path):
+    """End to end on a tiny `init-model --family chatglm3`: random weights rarely call a tool, so this checks that
+    the conversation goes through and that the streamed and non-streamed greedy replies agree."""
+    from test_serve_api import start_server
+
+    from glmtune.tiny import init_model
+
+    model_dir = init_model(tmp_path / "m", family="chatglm3")
+    proc, url = start_server(["--model-path", str(model_dir), "--device", "cpu", "--dtype", "float32",
+                              "--max-new-tokens", "24", "--max-length", "512"], tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        messages = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 25}'}]
+        for conversation in (ASK, messages):
+            kwargs = dict(model=client.models.list().data[0].id, messages=conversation, tools=TOOLS, temperature=0)
+            reply = client.chat.completions.create(**kwargs).choices[0]
+            chunks = list(client.chat.completions.create(**kwargs, stream=True))
+            streamed_calls = [tc.function.name for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+            assert reply.finish_reason == chunks[-1].choices[0].finish_reason
+            if reply.message.tool_calls:
+                assert reply.finish_reason == "tool_calls" and reply.message.content is None
+                assert streamed_calls == [reply.message.tool_calls[0].function.name]
+            else:
+                assert reply.finish_reason in ("stop", "length") and not streamed_calls
+                assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
