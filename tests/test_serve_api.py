@@ -202,7 +202,9 @@ def test_malformed_json_is_a_400(server):
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages", "last message must have role 'user'"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages", "user/assistant pairs"),
-    ({"messages": [{"role": "tool", "content": "a"}]}, "messages.0.role", "Input should be"),
+    ({"messages": [{"role": "function", "content": "a"}]}, "messages.0.role", "Input should be"),
+    ({"messages": [{"role": "tool", "content": "a"}]}, "messages.0", "need a ChatGLM3 model"),  # ChatGLM2
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "need a ChatGLM3 model"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences"),
 ])
 def test_bad_fields_are_a_400_naming_the_field(server, change, param, words):
