@@ -205,6 +205,13 @@ def test_openai_client_gets_a_tool_call_with_finish_reason_tool_calls(glm3_tok, 
         reply = client.chat.completions.create(model="glm3", messages=ASK, tools=TOOLS)
         assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
         calls = reply.choices[0].message.tool_calls
+        # the README's loop: the client's own message object goes back with the tool's result
+        client.chat.completions.create(model="glm3", tools=TOOLS, messages=ASK + [
+            reply.choices[0].message, {"role": "tool", "tool_call_id": calls[0].id, "content": "25"}])
+        history = [{"role": "system", "content": protocol.DEFAULT_TOOLS_SYSTEM, "tools": [WEATHER]}, ASK[0],
+                   {"role": "assistant", "metadata": "get_weather", "content": CALL}]
+        assert scheduler.prompts[1] == glm3_tok.chat_input_ids("25", history, "observation")
+        del scheduler.prompts[1]
     assert len(calls) == 1 and calls[0].type == "function" and calls[0].id.startswith("call_")
     assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "北京"}
     system = {"role": "system", "content": protocol.DEFAULT_TOOLS_SYSTEM, "tools": [WEATHER]}
