@@ -11,8 +11,30 @@
     cache), loaded with `glmtune.loading.load_model(..., quantization_bit=4)`, then one P-tuning
     training step (pre_seq_len 128, --tokens tokens); absolute peak RSS (VmHWM) of each, in a fresh
     interpreter.
+(e) --decode-6b: greedy decoding of that model quantized (64 new tokens after 64 prompt tokens, bf16),
+    --repeats fresh processes; each prints its decode speed next to the bound memory allows in the
+    same run (read bandwidth measured before and after decoding / bytes a decoding step reads), the
+    share of that bound, and the load average (the machine may be shared: compare shares, not speeds).
+    What it found (2-core AVX-512 machine shared with other jobs, load average 5-9):
+    * threads: with 2 threads and other runnable processes, every parallel region (~170 kernel calls
+      a token) waits for a descheduled thread: 0.33 tokens/s against 5.1 on 1 thread at the same load.
+      Pass --threads 1 on a busy machine; 2 only pays when both cores are free;
+    * the int4 kernel, not memory, limits a core: `_weight_int4pack_mm_for_cpu` on one row reads
+      its weight at 0.4-0.5x the speed `sum` reads memory on the same threads, so on one core decoding
+      stays near 40-55% of the bound;
+    * the output layer (0.53 GB of the 3.39 GB a step reads): oneDNN's bf16 GEMV ran at 2/3 of
+      torch's own, now used for one row (glmtune/modeling.py);
+    * the prompt: the last position's logits copied the whole output-layer weight transposed (a
+      batched matmul on a 3-D input; 9.4 s against 0.09 s in one run), now a 2-D product. At 64
+      rows the int4 kernel still beats dequantize + matmul at every 6B shape (see
+      `AUTO_KERNEL_MAX_ROWS` in glmtune/quantization.py);
+    * Python per step: the same 28 layers with tiny matrices still take 38-64 ms a step at load 9
+      (transformers' layers and generate, and 168 QuantizedLinear calls of which glmtune's Python
+      was trimmed from ~54 to ~47 us a call over a ~15 us kernel): a real share on a busy core;
+    * not it: page cache (the int4 weights are repacked into anonymous memory at the first step),
+      the KV cache (28 KB a position).
 
-    python bench/quant.py [--only model,layers,crossover] [--full-6b] [--threads 1]
+    python bench/quant.py [--only model,layers,crossover] [--full-6b] [--decode-6b] [--threads 1]
 """
 
 from __future__ import annotations
@@ -170,38 +192,104 @@ print(json.dumps({"baseline": base, "load_peak": load_peak, "after_load": after_
 
 
 DECODE_CHILD = r"""
-import json, sys, time, torch
+import json, os, statistics, sys, time, torch
+from transformers import StoppingCriteria
 import glmtune.loading as L
 torch.set_num_threads(int(sys.argv[3]))
+
+
+def loadavg():
+    return float(open("/proc/loadavg").read().split()[0])
+
+
+# Read bandwidth in this process, with its threads: the sum of a 256 MiB fp32 tensor (8x the L3
+# cache; torch's vectorised sum is memory-bound on 1+ cores). Sampled before, during (every 8th
+# decoding step, its time left out of the step's) and after decoding, so a shared machine's load
+# weighs on the bound as it weighs on decoding.
+BUF = torch.ones(1 << 26)
+def bandwidth(reps=3):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); BUF.sum(); times.append(time.perf_counter() - t0)
+    return BUF.numel() * 4 / statistics.median(times)
+
+
+class Clock(StoppingCriteria):
+    # generate() calls this once per new token: timestamps of every step inside one generate call.
+    def __init__(self):
+        self.stamps, self.samples, self.excluded = [], [], 0.0
+    def __call__(self, input_ids, scores, **kwargs):
+        now = time.perf_counter()
+        self.stamps.append(now - self.excluded)
+        if len(self.stamps) % 8 == 0:
+            self.samples.append(bandwidth(1))
+            self.excluded += time.perf_counter() - now
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+load0 = loadavg()
+t0 = time.perf_counter()
 model = L.load_model(sys.argv[1], quantization_bit=int(sys.argv[2]), dtype="bfloat16")
-prompt = torch.randint(5, 60000, (1, 64), generator=torch.Generator().manual_seed(0))
-kwargs = dict(do_sample=False, min_new_tokens=64, max_new_tokens=64)
+load_s = time.perf_counter() - t0
+# Bytes one decoding step must read: every weight except the embedding table (one row of it), plus
+# the KV cache at the mean length. Quantized layers count their packed weight and scales.
+weights = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
+cfg = model.config
+prompt_len, new = 64, 64
+kv_per_pos = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+step_bytes = weights + kv_per_pos * (prompt_len + new // 2)
+prompt = torch.randint(5, 60000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
     model.generate(input_ids=prompt, do_sample=False, max_new_tokens=4)  # warm-up (kernel repacking)
+    bw_before = bandwidth()
+    clock = Clock()
     t0 = time.perf_counter()
-    model.generate(input_ids=prompt, do_sample=False, max_new_tokens=1)
-    prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = model.generate(input_ids=prompt, **kwargs)
+    out = model.generate(input_ids=prompt, do_sample=False, min_new_tokens=new, max_new_tokens=new,
+                         stopping_criteria=[clock])
     total_s = time.perf_counter() - t0
-new = out.shape[1] - prompt.shape[1]
-print(json.dumps({"new_tokens": new, "prefill_s": prefill_s, "total_s": total_s,
-                  "decode_tokens_per_s": (new - 1) / (total_s - prefill_s), "overall_tokens_per_s": new / total_s}))
+    bw_after = bandwidth()
+bw_all = [bw_before, *clock.samples, bw_after]
+steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+print(json.dumps({"new_tokens": out.shape[1] - prompt_len, "load_s": load_s, "prefill_s": clock.stamps[0] - t0,
+                  "decode_s": clock.stamps[-1] - clock.stamps[0], "decode_steps": len(steps),
+                  "median_step_s": statistics.median(steps), "total_s": total_s,
+                  "bw_before": bw_before, "bw_after": bw_after, "bw_median": statistics.median(bw_all),
+                  "bw_min": min(bw_all), "bw_max": max(bw_all), "step_bytes": step_bytes,
+                  "load_before": load0, "load_after": loadavg(),
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}))
 """
 
 
-def bench_decode_6b(bits_list: list[int]) -> list[dict]:
-    """Greedy decoding of the random 6B model on CPU: 64 new tokens after a 64-token prompt, bf16 compute."""
+def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
+    """Greedy decoding of the random 6B model on CPU: 64 new tokens after a 64-token prompt, bf16 compute.
+
+    Each run is a fresh process. Its decode speed is compared with the bound the memory allows in the
+    same run: read bandwidth (median of samples before, during and after decoding, same threads) /
+    bytes a step reads. The quantized checkpoint is written once (`glmtune.quantization.quantize_checkpoint`, the
+    same model `load_model(..., quantization_bit=bits)` builds from the fp16 one) so runs load fast."""
+    from glmtune.quantization import quantize_checkpoint
+
     folder = CACHE / "chatglm2-6b-random-fp16-7"
     write_random_checkpoint(folder, chatglm_cfg(SIX_B), n_shards=7, dtype="float16")
     rows = []
     for bits in bits_list:
-        r = run_isolated(DECODE_CHILD, str(folder), str(bits), str(torch.get_num_threads()))
-        rows.append({"bits": bits, "threads": torch.get_num_threads(), "prompt_tokens": 64,
-                     "new_tokens": r["new_tokens"], "prefill_s": round(r["prefill_s"], 2),
-                     "decode_tokens_per_s": round(r["decode_tokens_per_s"], 2),
-                     "overall_tokens_per_s": round(r["overall_tokens_per_s"], 2)})
-        print(rows[-1], flush=True)
+        quantized = CACHE / f"chatglm2-6b-random-int{bits}"
+        if not (quantized / "config.json").is_file():
+            quantize_checkpoint(folder, quantized, bits, force=True)
+        for run in range(1, repeats + 1):
+            r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()))
+            bw = r["bw_median"]
+            bound = bw / r["step_bytes"]
+            decode = r["decode_steps"] / r["decode_s"]
+            rows.append({"bits": bits, "threads": torch.get_num_threads(), "run": run,
+                         "load_avg": f"{r['load_before']:.1f}/{r['load_after']:.1f}",
+                         "prefill_s": round(r["prefill_s"], 2), "decode_tok_s": round(decode, 2),
+                         "median_step_tok_s": round(1 / r["median_step_s"], 2),
+                         "GB_per_token": _gb(r["step_bytes"]), "bw_GB_s": round(bw / 1e9, 1),
+                         "bw_range": f"{r['bw_min'] / 1e9:.0f}-{r['bw_max'] / 1e9:.0f}",
+                         "bound_tok_s": round(bound, 2), "share_of_bound": round(decode / bound, 2),
+                         "overall_tok_s": round(r["new_tokens"] / r["total_s"], 2)})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -244,6 +332,7 @@ def main() -> None:
     ap.add_argument("--grad-ckpt", action="store_true", help="--full-6b training step with gradient checkpointing")
     ap.add_argument("--decode-6b", action="store_true", help="greedy decode speed of the random 6B model (bf16)")
     ap.add_argument("--decode-bits", default="4", help="comma-separated bits for --decode-6b")
+    ap.add_argument("--repeats", type=int, default=3, help="--decode-6b runs (fresh processes) per bits")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared machine 1 gives stable figures: with "
                          "more threads than free cores every parallel region waits for descheduled threads")
@@ -274,9 +363,11 @@ def main() -> None:
             print_table(payload[key], list(payload[key][0]))
     if args.decode_6b:
         print("\n== decode-6b ==", flush=True)
-        payload["decode_6b"] = bench_decode_6b([int(b) for b in args.decode_bits.split(",")])
-        threads["decode_6b"] = torch.get_num_threads()
-        print_table(payload["decode_6b"], list(payload["decode_6b"][0]))
+        key = f"decode_6b_threads{torch.get_num_threads()}"  # runs at other thread counts are kept
+        payload.pop("decode_6b", None)  # the single-run figure of earlier versions
+        payload[key] = bench_decode_6b([int(b) for b in args.decode_bits.split(",")], args.repeats)
+        threads[key] = torch.get_num_threads()
+        print_table(payload[key], list(payload[key][0]))
     print("results:", write_results("quant", payload))
 
 

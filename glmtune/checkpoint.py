@@ -8,7 +8,9 @@ A checkpoint `OUT/checkpoint-N/` holds what the official P-tuning trainer (THUDM
 
 Atomicity: everything is written into `checkpoint-N.tmp/`, `trainer_state.json` last, and the folder is
 renamed into place; a run killed mid-write leaves only a `.tmp` folder, which is never taken for a
-checkpoint and is cleared at the next start.
+checkpoint and is cleared at the next start. (Not `fsutil.atomic_dir`: its hidden random temp names would
+not be found and cleared by the next run, and resuming needs the `.tmp`/`.old` names.) Single files (logs,
+results, the plot) go through `fsutil.atomic_file`. Files get the modes the umask allows, as elsewhere.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import numpy as np
 import torch
 
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import _umask_modes, atomic_file, atomic_write_text
 
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss_curve.png"
 RESULTS_FILE = "train_results.json"
+RUNS_DIR = "runs"  # TensorBoard event files
+PREDICTIONS_FILE = "generated_predictions.jsonl"  # --eval-generate answers, inside the checkpoint
 REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", STATE_FILE)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^checkpoint-\d+\.(tmp|old)$")
@@ -60,7 +65,15 @@ def has_run_artifacts(output_dir: str | Path) -> list[str]:
     return sorted(
         c.name for c in folder.iterdir()
         if _CHECKPOINT.match(c.name) or _PARTIAL.match(c.name) or c.name in (METRICS_FILE, LOSS_PLOT, RESULTS_FILE)
+        or (c.name == RUNS_DIR and _only_event_files(c))
     )
+
+
+def _only_event_files(folder: Path) -> bool:
+    # A `runs/` folder counts as ours (and --overwrite-output-dir may delete it) only if it holds nothing but
+    # TensorBoard event files: an --output-dir of `.` must not take a project's own runs/ folder for a log.
+    children = list(folder.iterdir()) if folder.is_dir() else []
+    return bool(children) and all(c.is_file() and c.name.startswith("events.out.tfevents.") for c in children)
 
 
 def clear_partial(output_dir: str | Path) -> None:
@@ -112,9 +125,13 @@ def _tuples(value):
 
 
 def save_checkpoint(
-    output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, rng_states: list[dict], state: dict
+    output_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler, rng_states: list[dict], state: dict,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write `output_dir/checkpoint-{step}` atomically (see the module docstring); returns its path."""
+    """Write `output_dir/checkpoint-{step}` atomically (see the module docstring); returns its path.
+
+    `extra_files` (name -> text) land in the same folder, e.g. the predictions of the evaluation at this step.
+    """
     from glmtune.loading import save_prefix_checkpoint
 
     out = Path(output_dir)
@@ -128,8 +145,11 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"ranks": rng_states}, tmp / "rng_state.pt")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     # The completeness marker goes last: a folder without it is never resumed from.
     _write_json(tmp / STATE_FILE, state)
+    _umask_modes(tmp)  # torch.save, safetensors and tokenizer files would otherwise mix 0600 and 0644
     _fsync_tree(tmp)
     if final.exists():  # re-saving a step after resuming from an earlier checkpoint
         old = out / f"checkpoint-{step}.old"
@@ -160,10 +180,36 @@ def load_checkpoint_state(checkpoint: str | Path) -> dict:
     rng = folder / "rng_state.pt"
     return {
         "state": state,
-        "optimizer": torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
-        "scheduler": torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True),
-        "rng": torch.load(rng, map_location="cpu", weights_only=True)["ranks"] if rng.is_file() else [],
+        "optimizer": _load_tensor_file(folder / "optimizer.pt"),
+        "scheduler": _load_tensor_file(folder / "scheduler.pt"),
+        "rng": _load_tensor_file(rng)["ranks"] if rng.is_file() else [],
     }
+
+
+def _load_tensor_file(path: Path):
+    """torch.load (weights only) with one clear error for a truncated or corrupt file."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise GlmtuneError(f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+                           "the file is truncated or corrupt: resume from an earlier checkpoint-N") from None
+    if not isinstance(data, dict) or (path.name == "rng_state.pt" and "ranks" not in data):
+        raise GlmtuneError(f"{path}: not a glmtune {path.stem.replace('_', ' ')} file (found {type(data).__name__})")
+    return data
+
+
+def prune_checkpoints(output_dir: str | Path, limit: int | None, keep: set[Path]) -> list[Path]:
+    """`--save-total-limit`: delete the oldest checkpoints beyond `limit`, never one in `keep` (best, latest)."""
+    if not limit:
+        return []
+    found = [path for _, path in checkpoints(output_dir)]
+    removable = [p for p in found if p not in keep]
+    removed = []
+    while len(found) - len(removed) > limit and removable:
+        victim = removable.pop(0)
+        shutil.rmtree(victim)
+        removed.append(victim)
+    return removed
 
 
 # --- logs --------------------------------------------------------------------------------------
@@ -176,9 +222,7 @@ def truncate_metrics(path: str | Path, step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if (record := _parse_line(line)) is not None and record.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _parse_line(line: str) -> dict | None:
@@ -198,9 +242,12 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
-    """Loss against step from metrics.jsonl as a PNG (matplotlib, headless); None when there is nothing to plot."""
-    rows = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
-    if not rows:
+    """Training and validation loss against step from metrics.jsonl on one PNG (matplotlib, headless);
+    None when there is nothing to plot."""
+    records = read_metrics(metrics_path)
+    rows = [r for r in records if r.get("loss") is not None]
+    evals = [r for r in records if r.get("eval_loss") is not None]
+    if not rows and not evals:
         return None
     import matplotlib
 
@@ -208,17 +255,21 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o" if len(rows) < 50 else None, lw=1.2)
+    if rows:
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o" if len(rows) < 50 else None, lw=1.2,
+                label="training loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="s", lw=1.2, label="validation loss")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title or "glmtune train")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(png_path, "wb") as handle:
+        fig.savefig(handle, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
     return png_path
 
 
@@ -227,9 +278,7 @@ def write_results(path: str | Path, results: dict) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -5,6 +5,7 @@ Every command imports its module lazily, so `glmtune --help` starts without impo
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -151,6 +152,8 @@ def preprocess(
     family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
     chatglm3_rules: str = typer.Option("2023", "--chatglm3-rules", help="ChatGLM3 data rules: 2023 (official demo of Nov 2023: loss flags, tools) or finetune-hf (the 2024 finetune_hf.py)."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", "--max_seq_length", min=3, help="ChatGLM3 conversations (2023 rules): tokens kept per conversation (default: source + target + 1)."),
+    data_format: str = typer.Option("auto", "--data-format", "--data_format", help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
+    train_on: str = typer.Option("each-turn", "--train-on", "--train_on", help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
 ) -> None:
     """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
     from glmtune import data, dataset_store
@@ -167,11 +170,15 @@ def preprocess(
         prompt_column=prompt_column, response_column=response_column, history_column=history_column,
         source_prefix=source_prefix, max_source_length=max_source_length, max_target_length=max_target_length,
         max_samples=max_samples, glm3_rules=chatglm3_rules, max_seq_length=max_seq_length,
+        data_format=data_format, train_on=train_on,
     )
     config.validate()
     tokenizer = load_tokenizer(model_path, family=family)
     report = dataset_store.preprocess(source, tokenizer, output_dir, config, mode, num_workers)
     typer.echo(data.format_report(report))
+    from glmtune.data_formats import format_samples
+
+    typer.echo(format_samples(dataset_store.load_preprocessed(output_dir)[0], tokenizer))
     typer.echo(f"wrote {output_dir} (report: {output_dir / dataset_store.REPORT_FILE})")
 
 
@@ -226,6 +233,21 @@ def train(
     overwrite_output_dir: Optional[bool] = typer.Option(None, *_both("overwrite_output_dir"), help="Delete a previous run's checkpoints and logs in --output-dir."),
     disable_tqdm: Optional[bool] = typer.Option(None, *_both("disable_tqdm"), help="No progress bar."),
     nproc: Optional[int] = typer.Option(None, "--nproc", "--nproc-per-node", help="Data-parallel processes on this machine (runs torchrun)."),
+    data_format: Optional[str] = typer.Option(None, *_both("data_format"), help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
+    train_on: Optional[str] = typer.Option(None, *_both("train_on"), help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
+    mix_file: Optional[str] = typer.Option(None, *_both("mix_file"), help="General-purpose rows mixed into every epoch (against forgetting)."),
+    mix_ratio: Optional[float] = typer.Option(None, *_both("mix_ratio"), help="Rows drawn from --mix-file per epoch, as a share of the training rows [default: 0]."),
+    validation_file: Optional[str] = typer.Option(None, *_both("validation_file"), help="Validation data (any format --train-file reads)."),
+    val_size: Optional[float] = typer.Option(None, *_both("val_size"), help="Hold out this seeded share of the training rows for validation [default: 0]."),
+    eval_steps: Optional[int] = typer.Option(None, *_both("eval_steps"), help="Validate (and checkpoint) every N steps and at the end [default: --save-steps]."),
+    per_device_eval_batch_size: Optional[int] = typer.Option(None, *_both("per_device_eval_batch_size"), help="[default: 8]"),
+    eval_generate: Optional[int] = typer.Option(None, *_both("eval_generate"), help="Also generate greedily for the first K validation rows and score BLEU-4/ROUGE [default: 0]."),
+    metric_for_best_model: Optional[str] = typer.Option(None, *_both("metric_for_best_model"), help="eval_loss, bleu-4, rouge-1, rouge-2 or rouge-l [default: eval_loss]."),
+    greater_is_better: Optional[bool] = typer.Option(None, *_switch("greater_is_better"), help="[default: inferred from the metric: lower loss, higher scores]"),
+    save_total_limit: Optional[int] = typer.Option(None, *_both("save_total_limit"), help="Keep at most N checkpoints; the best and the latest are never deleted [default: all]."),
+    early_stopping_patience: Optional[int] = typer.Option(None, *_both("early_stopping_patience"), help="Stop after P evaluations without improvement [default: off]."),
+    early_stopping_threshold: Optional[float] = typer.Option(None, *_both("early_stopping_threshold"), help="Smallest change that counts as an improvement [default: 0]."),
+    report_to: Optional[str] = typer.Option(None, *_both("report_to"), help="tensorboard (event files in OUTPUT/runs), none, or auto [default: auto: tensorboard when installed]."),
 ) -> None:
     """P-tuning v2: train a prefix for a frozen ChatGLM2 (official defaults; resumable; torchrun data parallel)."""
     import os
@@ -235,15 +257,28 @@ def train(
     overrides = {k: v for k, v in locals().items() if k not in ("config", "os", "build_config", "launch_torchrun")}
     settings = build_config(config, overrides)
     if settings.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        code = launch_torchrun(settings)
+        # The workers see `--config TMPFILE`; they get the command as typed, for the resume hint.
+        code = launch_torchrun(settings, command_line=shlex.join(["glmtune", *sys.argv[1:]]))
         if code:
             raise typer.Exit(code)
         return
     from glmtune.train import train as run_training
 
     result = run_training(settings)
-    if result.final_checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise typer.Exit(130 if result.interrupted else 0)
+    if result.interrupted:
+        from glmtune.train_log import resume_command
+
+        typer.echo(f"{result.stop_reason} at step {result.global_step}; saved {result.final_checkpoint}", err=True)
+        typer.echo(f"continue with:\n  {resume_command()}", err=True)
+        raise typer.Exit(130)
+    if result.stop_reason:
+        typer.echo(result.stop_reason)
+    if result.final_checkpoint is not None:
         typer.echo(f"trained to step {result.global_step}; checkpoint: {result.final_checkpoint}")
+        if result.best_checkpoint is not None:
+            typer.echo(f"best checkpoint: {result.best_checkpoint} ({result.metric} {result.best_metric:.6g})")
         if result.loss_curve is not None:
             typer.echo(f"loss curve: {result.loss_curve}")
 
@@ -280,9 +315,14 @@ def eval_command(
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1, help="Processes for tokenizing and scoring."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
     family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model (prefix off) on the same rows, side by side [default: off]."),
+    general_file: Optional[Path] = typer.Option(None, "--general-file", "--general_file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
 ) -> None:
     """Generate for an eval set (batched, greedy by default) and score BLEU-4 / ROUGE-1/2/L as the official scripts."""
     from glmtune import data, evaluate
+
+    if general_file is not None and not compare_base:
+        raise GlmtuneError("--general-file needs --compare-base")
 
     fields = {"prompt_column": prompt_column, "response_column": response_column, "history_column": history_column,
               "source_prefix": source_prefix, "max_source_length": max_source_length, "max_target_length": max_target_length}
@@ -293,6 +333,15 @@ def eval_command(
     config = data.DataConfig(**given, max_samples=max_samples)
     settings = evaluate.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
                                            temperature=temperature, num_beams=num_beams, seed=seed)
+    if compare_base:
+        comparison = evaluate.compare_base(
+            model_path, output_dir, test_file=test_file, dataset_dir=dataset, general_file=general_file, config=config,
+            ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit, settings=settings,
+            batch_size=batch_size, official_truncation=official_truncation, dtype=dtype, device=device,
+            num_workers=num_workers, progress=progress, family=family)
+        typer.echo(evaluate.format_comparison(comparison))
+        typer.echo(f"wrote {output_dir / evaluate.COMPARISON_FILE} (predictions in {output_dir / 'base'} and {output_dir / 'tuned'})")
+        return
     out = evaluate.run_eval(
         model_path, output_dir, test_file=test_file, dataset_dir=dataset, config=config,
         ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len, quantization_bit=quantization_bit,

@@ -95,3 +95,49 @@ def stored_pad_token(tokenizer: Any) -> Any:
 def warn_if_too_long(tokenizer: Any, ids: list[int]) -> None:
     """The over-long-sequence warning `prepare_for_model` gives, for ids built without it."""
     tokenizer._eventual_warn_about_too_long_sequence(ids, None, True)
+
+
+# --- quantized CPU kernels (glmtune.qkernels) ----------------------------------------------------
+# torch has no public weight-only int4/int8 matmul for CPU: these aten operators (used by torchao and
+# gpt-fast) are the only vectorised ones. Imported lazily: `glmtune --help` must not import torch.
+
+INT4_MM_OP = "_weight_int4pack_mm_for_cpu"
+INT8_MM_OP = "_weight_int8pack_mm"
+INT4_PACK_OP = "_convert_weight_to_int4pack_for_cpu"
+QUANTIZED_CPU_OPS = (INT4_MM_OP, INT8_MM_OP, INT4_PACK_OP)
+
+
+_OPS: dict = {}
+
+
+def _aten(name: str):
+    # Looked up once: a 6B decoding step calls these 168 times, and the lookup costs as much as a
+    # small kernel call.
+    op = _OPS.get(name)
+    if op is None:
+        import torch
+
+        op = _OPS[name] = getattr(torch.ops.aten, name)
+    return op
+
+
+def int4pack_mm_cpu(x, packed, group_size: int, scales_and_zeros):
+    """x [M, K] @ dequantized(packed)^T with torch's CPU int4 layout; scales_and_zeros [K/group, N, 2]."""
+    return _aten(INT4_MM_OP)(x, packed, group_size, scales_and_zeros)
+
+
+def int8pack_mm(x, q, scale):
+    """x [M, K] @ (q [N, K] int8 * scale [N])^T."""
+    return _aten(INT8_MM_OP)(x, q, scale)
+
+
+def convert_weight_to_int4pack_cpu(values, inner_k_tiles: int):
+    """int32 [N, K] nibbles 0..15 -> torch's CPU int4 layout (uint8 [N, K/2]); used to verify ours."""
+    return _aten(INT4_PACK_OP)(values, inner_k_tiles)
+
+
+def missing_quantized_cpu_ops() -> list[str]:
+    """The kernel operators this torch build lacks (then int4/int8 run the exact path only)."""
+    import torch
+
+    return [name for name in QUANTIZED_CPU_OPS if not hasattr(torch.ops.aten, name)]

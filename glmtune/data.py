@@ -18,7 +18,8 @@ included) are kept, then empty rows are dropped, so fewer than N may remain.
 Unlike the official code nothing is padded here: `collate_train` pads right and `collate_eval` pads left per
 batch, so the unpadded ids and labels are identical and batches are shorter.
 
-Saving tokenized rows to disk (`glmtune preprocess` folders, the raw-file cache) is `glmtune.dataset_store`.
+Saving tokenized rows to disk (`glmtune preprocess` folders, the raw-file cache) is `glmtune.dataset_store`;
+alpaca / sharegpt records and `--train-on all-turns` rows are `glmtune.data_formats`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from glmtune import data_formats
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import json_line, text_lines
 
@@ -75,6 +77,8 @@ class DataConfig:
     family: str = "chatglm2"
     glm3_rules: str = "2023"
     max_seq_length: int | None = None
+    data_format: str = "auto"  # columns, alpaca, sharegpt, or auto from the first row (glmtune.data_formats)
+    train_on: str = "each-turn"  # or all-turns: every answer of a row's history labelled too (glmtune.data_formats)
 
     def validate(self) -> None:
         # The prompt always starts with the two tokens `[gMASK] sop`; fewer than 3 leaves no text at all.
@@ -84,6 +88,7 @@ class DataConfig:
             raise GlmtuneError(f"max_target_length must be at least 1, got {self.max_target_length}")
         if self.max_samples is not None and self.max_samples < 1:
             raise GlmtuneError(f"max_samples must be at least 1, got {self.max_samples}")
+        data_formats.resolve(self.data_format, self.train_on)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -187,11 +192,16 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
         raise GlmtuneError(f"{path}: no such file")
     rows: list[dict[str, Any]] = []
     history_seen, columns = False, None
+    layout = None if config.data_format == "auto" else config.data_format
     for where, record in _iter_records(path):
         if config.max_samples is not None and len(rows) >= config.max_samples:
             break
         if not isinstance(record, dict):
             raise GlmtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        layout = layout or data_formats.detect(record, config.prompt_column, config.response_column)
+        if layout != "columns":  # alpaca / sharegpt records become the same rows (glmtune.data_formats)
+            rows.extend(data_formats.convert(layout, where, record, config.train_on))
+            continue
         prompt = _text_field(where, record, config.prompt_column)
         response = _text_field(where, record, config.response_column)
         if config.history_column is not None and config.history_column in record:
@@ -199,9 +209,11 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
         columns = columns or sorted(record)
         history = _history_field(where, record, config.history_column) if config.history_column else []
         rows.append({"prompt": prompt, "response": response, "history": history})
+    if config.max_samples is not None:
+        rows = rows[: config.max_samples]  # a sharegpt record may have given several rows
     if not rows:
         raise GlmtuneError(f"{path}: no data rows")
-    if config.history_column is not None and not history_seen:
+    if config.history_column is not None and not history_seen and layout == "columns":
         # Rows without history are single-turn, but a column found in no row at all is a typo.
         raise GlmtuneError(f"{path}: no column {config.history_column!r} in any row (columns present: {columns})")
     return rows
@@ -270,6 +282,9 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
     kept = _usable(rows)
     if not kept:
         raise GlmtuneError("every row has an empty prompt or response: nothing to tokenize")
+    if config.train_on == "all-turns" and mode == "train":  # every answer labelled (glmtune.data_formats)
+        encoded = [data_formats.encode_all_turns(row, tokenizer, config) for row in kept]
+        return datasets.Dataset.from_dict({k: [e[k] for e in encoded] for k in encoded[0]})
     texts = [
         {"prompt_text": config.source_prefix + tokenizer.build_prompt(row["prompt"], row["history"]), "response": row["response"]}
         for row in kept

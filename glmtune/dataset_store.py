@@ -73,9 +73,12 @@ _CONFIG_TYPES = {
     "prompt_column": (str,), "response_column": (str,), "history_column": (str, type(None)), "source_prefix": (str,),
     "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
     "family": (str,), "glm3_rules": (str,), "max_seq_length": (int, type(None)),
+    "data_format": (str,), "train_on": (str,),  # glmtune.data_formats
 }
-# Settings added with the ChatGLM3 family; folders written before them are ChatGLM2 ones.
-_CONFIG_DEFAULTS = {"family": "chatglm2", "glm3_rules": "2023", "max_seq_length": None}
+# Settings added with the ChatGLM3 family and the data formats; folders written before them are ChatGLM2
+# column data trained on each turn.
+_CONFIG_DEFAULTS = {"family": "chatglm2", "glm3_rules": "2023", "max_seq_length": None,
+                    "data_format": "columns", "train_on": "each-turn"}
 
 
 def read_meta(path: str | os.PathLike) -> dict:

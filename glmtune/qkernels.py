@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glmtune import compat
+
 # torch 2.13 `_weight_int8pack_mm` crashes or returns garbage when K is not a multiple of 16 (measured:
 # K=100 segfaults, K=104 and 120 give NaN); `_weight_int4pack_mm_for_cpu` needs N % 16 == 0 and a
 # group size of 32, 64, 128 or 256 dividing K, so its copy of a weight is padded with zero columns to
@@ -180,12 +182,11 @@ def int4_scales_and_zeros(scale: torch.Tensor, k: int, dtype: torch.dtype) -> to
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 2 * packed.shape[1] // scales_and_zeros.shape[0],
-                                                      scales_and_zeros)
+    return compat.int4pack_mm_cpu(x, packed, 2 * packed.shape[1] // scales_and_zeros.shape[0], scales_and_zeros)
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+    return compat.int8pack_mm(x, q, scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,7 +196,7 @@ def cpu_int4_layout() -> Int4Layout | None:
         gen = torch.Generator().manual_seed(0)
         n, k = 176, 64  # full 64- and 32-row blocks plus a partial one (176 = 2*64 + 48 = 5*32 + 16)
         u = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
-        reference = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 2)
+        reference = compat.convert_weight_to_int4pack_cpu(u, 2)
         if reference.dtype != torch.uint8 or tuple(reference.shape) != (n, k // 2):
             return None
         x = torch.randn(3, k, generator=gen).to(torch.bfloat16)

@@ -8,7 +8,8 @@ even column in the high nibble. State-dict names are the official `*.weight` (in
 `QuantizedLinear` keeps one copy of the weight and computes with one of two paths:
 
 * exact: dequantize (q * scale in the activation dtype) then matmul, row block by row block. This is
-  what the official fp32 outputs are (the golden int4/int8 logits match it within 1e-4, the tests' tolerance);
+  what the official fp32 outputs are (the golden int4/int8 logits match it within 1e-4, the tolerance
+  tests/test_quantization.py checks);
 * kernel: torch's CPU weight-only kernels (`_weight_int8pack_mm` on the official int8 layout,
   `_weight_int4pack_mm_for_cpu` after a one-time lossless repack, see `glmtune.qkernels`). In fp32 they
   form the same products as the exact path (only the summation order differs) but are scalar loops;
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmtune import qkernels as qk
+from glmtune import qkernels
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
 
@@ -46,6 +47,12 @@ MODES = ("auto", "exact", "kernel", "bf16")
 # crossovers measured at the 6B shapes by bench/quant.py (section "crossover", AVX512 CPU, 1 and 2
 # threads). The bf16 kernels are vectorised: int4 beats dequantize + BLAS up to ~128 rows, int8 up to
 # 16-64. The fp32/fp16 ones are scalar loops, slower than the exact path even for one token.
+# The 64-token prompt of `bench/quant.py --decode-6b` was re-measured per 6B shape (1 thread, bf16,
+# ms, kernel vs exact with the weight in the official / the kernel layout, which is where it is
+# after the first decoding step): gate_up 187 vs 296 / 385, down 93 vs 101 / 155, o 22 vs 25 / 33,
+# k/v 1.2 vs 1.0 / 1.5; at 128 rows they tie (480 vs 401 / 526, 162 vs 152 / 208, 47 vs 44 / 40).
+# So the kernel stays the faster path for a 64-row prompt at every shape, and one threshold serves
+# them all; the slow 6B prompt was the output layer's weight copy (see modeling.py), not this.
 AUTO_KERNEL_MAX_ROWS = {
     (8, torch.bfloat16): 32, (4, torch.bfloat16): 128,
     (8, torch.float32): 0, (4, torch.float32): 0,
@@ -110,7 +117,7 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
         safe = torch.where(s == 0, torch.ones_like(s), s)
         # The clamp never binds (the fp16 scale is within 2**-11 of absmax/qmax); it only guards the cast.
         q = torch.round(w / safe[:, None]).clamp_(-qmax, qmax).to(torch.int8)
-        out[r0: r0 + step] = q if bits == 8 else qk.pack_int4(q)
+        out[r0: r0 + step] = q if bits == 8 else qkernels.pack_int4(q)
     return out, scale
 
 
@@ -123,7 +130,7 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dty
             f"dequantize_weight: expected int8 [out, in{'/2' if bits == 4 else ''}] and scale [out], "
             f"found {qweight.dtype} {tuple(qweight.shape)} and {tuple(scale.shape)}"
         )
-    q = qweight.to(dtype) if bits == 8 else qk.unpack_int4(qweight, dtype)
+    q = qweight.to(dtype) if bits == 8 else qkernels.unpack_int4(qweight, dtype)
     return q.mul_(scale.to(dtype)[:, None])
 
 
@@ -170,6 +177,8 @@ class QuantizedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._kernel_scale: tuple[torch.dtype, torch.Tensor] | None = None
+        self._kernel_supported: bool | None = None
+        self._kernel_pad = qkernels.int4_kernel_width(in_features) - in_features if bits == 4 else 0
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
@@ -200,16 +209,17 @@ class QuantizedLinear(nn.Module):
         if self.bits == 8:
             return self.weight[r0:r1].to(dtype)
         if self._cpu_layout:
-            return qk.cpu_int4_rows(self.weight, qk.cpu_int4_layout(), r0, r1)[:, : self.in_features].to(dtype)
-        return qk.unpack_int4(self.weight[r0:r1], dtype)
+            rows = qkernels.cpu_int4_rows(self.weight, qkernels.cpu_int4_layout(), r0, r1)
+            return rows[:, : self.in_features].to(dtype)
+        return qkernels.unpack_int4(self.weight[r0:r1], dtype)
 
     def _cols(self, k0: int, k1: int, dtype: torch.dtype) -> torch.Tensor:
         """Integer values of columns k0:k1 (k0 even) in `dtype` (unscaled)."""
         if self.bits == 8:
             return self.weight[:, k0:k1].to(dtype)
         if self._cpu_layout:
-            return qk.cpu_int4_cols(self.weight, qk.cpu_int4_layout(), k0, k1).to(dtype)
-        return qk.unpack_int4(self.weight[:, k0 // 2: k1 // 2], dtype)
+            return qkernels.cpu_int4_cols(self.weight, qkernels.cpu_int4_layout(), k0, k1).to(dtype)
+        return qkernels.unpack_int4(self.weight[:, k0 // 2: k1 // 2], dtype)
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         return self._rows(r0, r1, dtype).mul_(self.weight_scale[r0:r1].to(dtype)[:, None])
@@ -219,7 +229,7 @@ class QuantizedLinear(nn.Module):
         if not self._cpu_layout:
             return self.weight
         chunk = self._chunk(self.out_features, self.in_features)
-        return qk.cpu_int4_to_official(self.weight, qk.cpu_int4_layout(), chunk, self.in_features)
+        return qkernels.cpu_int4_to_official(self.weight, qkernels.cpu_int4_layout(), chunk, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._dequant_rows(0, self.out_features, dtype)
@@ -233,8 +243,8 @@ class QuantizedLinear(nn.Module):
         if self.bits == 4 and not self._cpu_layout:
             # Replace, not add: the module keeps one copy of the weight (the same bytes, plus zero
             # columns up to a multiple of 32 when the input width needs them).
-            self.weight = qk.official_to_cpu_int4(self.weight, qk.cpu_int4_layout(),
-                                                  self._chunk(self.out_features, self.in_features))
+            self.weight = qkernels.official_to_cpu_int4(self.weight, qkernels.cpu_int4_layout(),
+                                                        self._chunk(self.out_features, self.in_features))
 
     # -- keep the official representation at the module's boundaries --
 
@@ -263,38 +273,48 @@ class QuantizedLinear(nn.Module):
 
     # -- compute --
 
-    def _choose_path(self, x: torch.Tensor) -> str:
-        if self.mode not in MODES:
-            raise GlmtuneError(f"QuantizedLinear.mode: expected one of {MODES}, found {self.mode!r}")
-        if (self.mode == "exact" or x.device.type != "cpu" or self.weight.device.type != "cpu"
-                or x.dtype not in qk.KERNEL_DTYPES
-                or not qk.kernel_supported(self.bits, self.out_features, self.in_features)):
+    def _choose_path(self, x: torch.Tensor, weight: torch.Tensor) -> str:
+        mode = self.mode
+        if mode not in MODES:
+            raise GlmtuneError(f"QuantizedLinear.mode: expected one of {MODES}, found {mode!r}")
+        if (mode == "exact" or x.device.type != "cpu" or weight.device.type != "cpu"
+                or x.dtype not in qkernels.KERNEL_DTYPES or not self._kernel_ok()):
             return "exact"
-        if self.mode in ("kernel", "bf16"):
-            return self.mode
+        if mode != "auto":
+            return mode
         return "kernel" if x.shape[0] <= AUTO_KERNEL_MAX_ROWS[self.bits, x.dtype] else "exact"
+
+    def _kernel_ok(self) -> bool:
+        # Fixed per layer (bits and shape never change), so asked once: a 6B decoding step makes 168
+        # calls, and Python per call is a measurable share of a step (bench/quant.py --decode-6b).
+        if self._kernel_supported is None:
+            self._kernel_supported = qkernels.kernel_supported(self.bits, self.out_features, self.in_features)
+        return self._kernel_supported
 
     def _scale_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self._kernel_scale is None or self._kernel_scale[0] != dtype:
             if self.bits == 8:
                 scale = self.weight_scale.to(dtype)
             else:
-                scale = qk.int4_scales_and_zeros(self.weight_scale, qk.int4_kernel_width(self.in_features), dtype)
+                width = qkernels.int4_kernel_width(self.in_features)
+                scale = qkernels.int4_scales_and_zeros(self.weight_scale, width, dtype)
             self._kernel_scale = (dtype, scale)
         return self._kernel_scale[1]
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        weight = self.weight  # read once: module buffers go through nn.Module.__getattr__
         if self.bits == 8:
-            return qk.int8_mm(x, self.weight, self._scale_for(x.dtype))
-        self._to_kernel_layout()
-        pad = qk.int4_kernel_width(self.in_features) - self.in_features
-        if pad:  # the kernel's copy has zero columns up to a multiple of 32
-            x = F.pad(x, (0, pad))
-        return qk.int4_mm(x, self.weight, self._scale_for(x.dtype))
+            return qkernels.int8_mm(x, weight, self._scale_for(x.dtype))
+        if weight.dtype != torch.uint8:
+            self._to_kernel_layout()
+            weight = self.weight
+        if self._kernel_pad:  # the kernel's copy has zero columns up to a multiple of 32
+            x = F.pad(x, (0, self._kernel_pad))
+        return qkernels.int4_mm(x, weight, self._scale_for(x.dtype))
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None, path: str) -> torch.Tensor:
-        b = None if bias is None else bias.to(x.dtype)
+        b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
         if path == "kernel":
             y = self._kernel(x)
             return y if b is None else y.add_(b)
@@ -329,7 +349,7 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"QuantizedLinear: input width {x.shape[-1]}, expected {self.in_features}")
         x2 = x.reshape(-1, self.in_features)
-        path = self._choose_path(x2)
+        path = self._choose_path(x2, self.weight)
         if torch.is_grad_enabled() and (x2.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             y = _QuantizedMatmul.apply(x2, self.bias, self, path)
         else:

@@ -23,6 +23,14 @@ Deliberate differences from the official run:
   concatenated epochs, so every step is a full batch (epochs may end mid-batch).
 * Batches are right-padded to their longest row, not to 64+128 tokens: real tokens never see padding,
   so the loss is the same and the batches shorter.
+* `--group-by-length` orders each epoch with transformers' own `get_length_grouped_indices` (the logic of
+  its `LengthGroupedSampler`), called with a generator seeded by (seed, epoch), so the order stays a pure
+  function of the position in the stream and resuming stays exact.
+
+Validation, best checkpoint and early stopping are `glmtune.train_eval`; logs, TensorBoard and the
+Ctrl-C handling are `glmtune.train_log`. Which rank writes what: rank 0 writes every file (checkpoints,
+metrics.jsonl, TensorBoard, the plot); all ranks train, compute the validation loss on their share of the
+rows, and contribute their RNG state to the checkpoint; rank 0 alone generates for `--eval-generate`.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from glmtune.checkpoint import (
 from glmtune.errors import GlmtuneError
 from glmtune.modeling import IGNORE_INDEX
 from glmtune.train_config import TrainConfig
+from glmtune.train_data import DataStream, SampleKeyedDropout, TrainData, load_train_data, make_batch  # noqa: F401
 
 
 DEFAULT_PRE_SEQ_LEN = 128  # the official train.sh
@@ -93,6 +102,20 @@ class Dist:
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (decisions such as early stopping must agree)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on one (a signal may reach the ranks at different steps)."""
+        if self.world == 1:
+            return flag
+        return bool(self.all_reduce(torch.tensor([int(flag)], device=self.device)).item())
+
     def gather(self, obj) -> list:
         if self.world == 1:
             return [obj]
@@ -124,68 +147,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --- data order and dropout --------------------------------------------------------------------
-
-
-class DataStream:
-    """Global sample positions -> dataset rows; epoch e is a permutation seeded by seed + e.
-
-    With `lengths` and `group_size` (transformers' `group_by_length`): the permutation is cut into
-    mega-batches of `group_size` rows, each sorted by length (longest first), so a global batch holds
-    rows of similar length and per-batch padding shrinks; still a pure function of (seed, epoch).
-    """
-
-    def __init__(self, rows: int, seed: int, lengths: list[int] | None = None, group_size: int = 0):
-        self.rows, self.seed = rows, seed
-        self.lengths, self.group_size = lengths, group_size
-        self._epoch, self._perm = -1, []
-
-    def row(self, position: int) -> int:
-        epoch, offset = divmod(position, self.rows)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.rows, generator=generator).tolist()
-            if self.lengths is not None and self.group_size > 1:
-                perm = [i for start in range(0, self.rows, self.group_size)
-                        for i in sorted(perm[start: start + self.group_size], key=lambda r: -self.lengths[r])]
-            self._perm, self._epoch = perm, epoch
-        return self._perm[offset]
-
-
-class SampleKeyedDropout(nn.Module):
-    """Dropout over the batched prefix whose mask for row i depends only on (seed, keys[i]).
-
-    Same distribution as the official `Dropout(0.1)` after batching (each row its own mask), but the
-    trainer sets `keys` to the rows' stream positions before each forward, so a row gets the same mask
-    whichever process or restart computes it.
-    """
-
-    def __init__(self, p: float, seed: int):
-        super().__init__()
-        self.p, self.seed = p, seed
-        self.keys: list[int] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if self.keys is None or len(self.keys) != x.shape[0]:
-            raise RuntimeError(f"SampleKeyedDropout: {x.shape[0]} rows but keys {self.keys!r}")
-        keep = 1.0 - self.p
-        masks = []
-        for key in self.keys:
-            generator = torch.Generator(device=x.device).manual_seed(hash((self.seed, key)) & (2**63 - 1))
-            masks.append(torch.empty(x.shape[1:], device=x.device).bernoulli_(keep, generator=generator))
-        return x * (torch.stack(masks) / keep).to(x.dtype)
-
-
-def make_batch(dataset, stream: DataStream, positions: list[int], pad_id: int, device: torch.device) -> dict:
-    from glmtune.data import collate_train
-
-    columns = dataset[[stream.row(p) for p in positions]]
-    features = [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
-    return {k: v.to(device) for k, v in collate_train(features, pad_token_id=pad_id).items()}
-
-
 # --- one optimizer step ------------------------------------------------------------------------
 
 
@@ -198,12 +159,19 @@ class StepResult:
     label_tokens: int
 
 
+NO_GRADIENT = ("the prefix got no gradient on the first step, so training would change nothing: the prefix "
+               "key/values did not reach the loss (e.g. a transformers version whose gradient checkpointing or "
+               "cache handling drops them). Try --no-gradient-checkpointing, and report it with your "
+               "transformers version")
+
+
 def train_step(model, params, optimizer, scheduler, micro_batches, dist: Dist = Dist(), max_grad_norm: float = 1.0,
-               dropout: SampleKeyedDropout | None = None) -> StepResult:
+               dropout: SampleKeyedDropout | None = None, check_gradient: bool = False) -> StepResult:
     """Forward/backward over this process's micro-batches [(batch, stream positions)], then one AdamW step.
 
     Each micro-batch's mean loss is weighted by its share of the global batch's label tokens, and the
     gradients are summed over processes, which is the gradient of the global token-mean loss.
+    `check_gradient` (the first step of a run): stop with a clear error if the prefix gets no gradient.
     """
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b, _ in micro_batches]
     totals = torch.tensor([sum(counts), sum(int(b["attention_mask"].sum()) for b, _ in micro_batches)],
@@ -219,6 +187,8 @@ def train_step(model, params, optimizer, scheduler, micro_batches, dist: Dist = 
             dropout.keys = positions
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      position_ids=batch["position_ids"], labels=batch["labels"], loss_only=True).loss
+        if check_gradient and not loss.requires_grad:
+            raise GlmtuneError(f"{NO_GRADIENT} (the loss does not depend on the prefix at all)")
         (loss * (n / n_total)).backward()
         loss_sum += loss.detach().double() * n
     if dist.world > 1:
@@ -228,6 +198,8 @@ def train_step(model, params, optimizer, scheduler, micro_batches, dist: Dist = 
         for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = chunk.view_as(p).clone()
         dist.all_reduce(loss_sum)
+    if check_gradient and all(p.grad is None or not bool(torch.any(p.grad != 0)) for p in params):
+        raise GlmtuneError(f"{NO_GRADIENT} (its gradient is all zeros)")
     step_loss = loss_sum.item() / n_total
     if not math.isfinite(step_loss):
         optimizer.zero_grad(set_to_none=True)
@@ -253,10 +225,19 @@ class TrainResult:
     final_checkpoint: Path | None
     losses: list[tuple[int, float]]  # (step, loss) of the steps this call ran
     loss_curve: Path | None = None
+    best_checkpoint: Path | None = None
+    best_metric: float | None = None
+    metric: str = "eval_loss"
+    stop_reason: str | None = None  # early stopping, or the signal that interrupted the run
+    interrupted: bool = False
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run `glmtune train` with `config` (in this process, or as one rank of a torchrun job)."""
+    """Run `glmtune train` with `config` (in this process, or as one rank of a torchrun job).
+
+    While the loop runs, the first SIGINT/SIGTERM (Ctrl-C) makes it save a checkpoint after the current step
+    and return with `interrupted=True` (the CLI then exits 130); a second one ends the process at once.
+    """
     config.validate()
     dist = setup_distributed(config.device)
     try:
@@ -276,14 +257,260 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     if resume_dir is None and leftovers and not config.overwrite_output_dir:
         raise GlmtuneError(f"{out}: holds a previous training run ({', '.join(leftovers[:3])}"
                            f"{', ...' if len(leftovers) > 3 else ''}); pass --resume to continue it or --overwrite-output-dir to start over")
+    # A bar is for a person at a terminal; in a log file it becomes one endless `\r` line (log lines instead).
+    show_bar = dist.main and not config.disable_tqdm and sys.stderr.isatty()
+    if not show_bar:
+        import datasets
+
+        datasets.disable_progress_bars()
 
     seed_everything(config.seed)
-    from glmtune.loading import load_model
     from glmtune.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(config.model_path)
-    dataset = _load_dataset(config, tokenizer, dist, say)
-    from glmtune.loading import resolve_device
+    data = load_train_data(config, tokenizer, dist, say)
+    model, params, dropout = _load_model(config, dist, resume_dir)
+    run = _Run(config, dist, out, model, params, dropout, tokenizer, data, say)
+    if resume_dir is not None:
+        run.restore(resume_dir)
+        say(f"resuming from {resume_dir} at step {run.step}")
+    # Only now that data, model and state have loaded does anything in the output folder change.
+    dist.barrier()
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_dir is None and config.overwrite_output_dir:
+            clear_run(out)
+        clear_partial(out)
+        truncate_metrics(out / METRICS_FILE, run.step)
+    dist.barrier()
+    say(run.banner())
+    from glmtune.train_log import RunLog, tensorboard_available
+
+    if config.report_to == "tensorboard" and not tensorboard_available():
+        raise GlmtuneError("--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    tensorboard = config.report_to == "tensorboard" or (config.report_to == "auto" and tensorboard_available())
+    run.log = RunLog(out if dist.main else None, tensorboard, run.step, run.total_steps, show_bar, say)
+    run.last_checkpoint = resume_dir
+    try:
+        run.loop()
+    finally:
+        run.log.close()
+    return run.finish()
+
+
+class _Run:
+    """The state of one training run and the steps of its loop (train, log, evaluate, save, stop)."""
+
+    def __init__(self, config: TrainConfig, dist: Dist, out: Path, model, params, dropout, tokenizer, data: TrainData, say):
+        from transformers import get_linear_schedule_with_warmup
+
+        from glmtune.train_eval import EvalTracker
+
+        self.config, self.dist, self.out, self.say = config, dist, out, say
+        self.model, self.params, self.dropout, self.tokenizer, self.data = model, params, dropout, tokenizer, data
+        batch, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
+        self.global_batch = dist.world * batch * accum
+        mix_count = round(config.mix_ratio * data.rows) if data.mix_rows else 0
+        lengths = [len(ids) for ids in data.train["input_ids"]] if config.group_by_length else None
+        self.stream = DataStream(data.rows, config.seed, lengths, self.global_batch if lengths else 0,
+                                 data.mix_rows, mix_count)
+        epoch_rows = self.stream.epoch_rows
+        self.total_steps = config.max_steps if config.max_steps > 0 else max(
+            1, math.ceil(config.num_train_epochs * epoch_rows / self.global_batch))
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                           eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, config.warmup_steps, self.total_steps)
+        self.tracker = EvalTracker(config.metric_for_best_model, config.bigger_is_better,
+                                   config.early_stopping_patience, config.early_stopping_threshold)
+        self.step, self.losses, self.stop_reason, self.interrupted = 0, [], None, False
+        self.eval_seconds = 0.0  # kept out of the training tokens/s
+        self.last_checkpoint: Path | None = None
+        self.log = None
+
+    # --- set-up ---
+
+    def restore(self, resume_dir: Path) -> None:
+        """Optimizer/scheduler/RNG state and the evaluation history; the run must see the same data stream."""
+        from glmtune.train_eval import EvalTracker
+
+        ckpt = load_checkpoint_state(resume_dir)
+        state, config = ckpt["state"], self.config
+        saved_lr = state.get("config", {}).get("learning_rate", config.learning_rate)
+        if saved_lr != config.learning_rate:
+            # The saved optimizer and scheduler carry the old rate; silently keeping it would record a lie.
+            raise GlmtuneError(f"{resume_dir}: --learning-rate {config.learning_rate} differs from the interrupted run's "
+                               f"{saved_lr}; the resumed schedule continues from the saved one, so resume with "
+                               f"--learning-rate {saved_lr} (or start a new run with the new rate)")
+        for name, saved, now in (("seed", state["seed"], config.seed), ("global batch size", state["global_batch_size"], self.global_batch),
+                                 ("number of training rows", state["train_rows"], self.data.rows),
+                                 ("number of --mix-file rows per epoch", state.get("mix_count", 0), self.stream.mix_count),
+                                 ("group_by_length", state.get("group_by_length", False), config.group_by_length),
+                                 ("total steps (the learning-rate schedule)", state["total_steps"], self.total_steps)):
+            if saved != now:
+                raise GlmtuneError(f"{resume_dir}: {name} was {saved} in the interrupted run, now {now}; "
+                                   "resuming needs the same data, seed and processes x batch x accumulation")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.dist.rank < len(ckpt["rng"]):
+            restore_rng(ckpt["rng"][self.dist.rank])
+        saved_metric = (state.get("eval") or {}).get("metric", self.tracker.metric)
+        if saved_metric != self.tracker.metric:
+            raise GlmtuneError(f"{resume_dir}: --metric-for-best-model was {saved_metric} in the interrupted run, now "
+                               f"{self.tracker.metric}; the best checkpoint so far was chosen by {saved_metric}")
+        self.tracker = EvalTracker.from_state(state.get("eval"), metric=self.tracker.metric,
+                                              greater_is_better=self.tracker.greater_is_better,
+                                              patience=self.tracker.patience, threshold=self.tracker.threshold)
+        self.step = int(state["global_step"])
+
+    def banner(self) -> str:
+        c, d = self.config, self.dist
+        bits = self.model.chatglm_config.get("quantization_bit")
+        base = f"base weights int{bits} (quantized)" if bits else "base weights not quantized"
+        mix = f" + {self.stream.mix_count} --mix-file rows per epoch" if self.stream.mix_count else ""
+        val = f"; validating on {len(self.data.validation)} rows every {c.evaluation_steps} steps" if self.data.validation is not None else ""
+        return (f"training on {self.data.rows} rows{mix}: {self.total_steps} steps x {self.global_batch} rows ({d.world} process(es)"
+                f" x batch {c.per_device_train_batch_size} x {c.gradient_accumulation_steps} accumulation) = "
+                f"{self.total_steps * self.global_batch / self.stream.epoch_rows:.2f} epochs; "
+                f"{sum(p.numel() for p in self.params):,} trainable prefix parameters; {d.device}, "
+                f"{self.model.model.embed_tokens.weight.dtype}, "
+                f"{base}, gradient checkpointing {'on' if c.gradient_checkpointing else 'off'}{val}")
+
+    # --- the loop ---
+
+    def loop(self) -> None:
+        from glmtune.train_log import Interrupts
+
+        config = self.config
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+        self.t0, self.tokens = time.perf_counter(), 0
+        first, window_eval = True, 0.0
+        if self.tracker.should_stop:  # resuming a run that had already stopped early: nothing left to do
+            self.stop_reason = self.tracker.stop_reason()
+            return
+        with Interrupts(self.say) as interrupts:
+            while self.step < self.total_steps:
+                result = self._one_step(check_gradient=first)
+                first = False
+                self.step += 1
+                step = self.step
+                self.losses.append((step, result.loss))
+                for key, value in (("loss", result.loss), ("steps", 1), ("tokens", result.tokens)):
+                    window[key] += value
+                self.tokens += result.tokens
+                self.log.step(result)
+                if step % config.logging_steps == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window["t0"] - window_eval
+                    window_eval = 0.0
+                    self.log.record({"step": step, "epoch": round(self.epoch, 4), "loss": window["loss"] / window["steps"],
+                                     "learning_rate": result.learning_rate, "grad_norm": result.grad_norm,
+                                     "tokens": window["tokens"], "tokens_per_second": round(window["tokens"] / max(elapsed, 1e-9), 1),
+                                     "elapsed_s": round(time.perf_counter() - self.t0, 3)})
+                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+                before = self.eval_seconds
+                evaluated, predictions = self._maybe_evaluate()
+                window_eval += self.eval_seconds - before
+                if self.tracker.should_stop:
+                    self.stop_reason = self.tracker.stop_reason()
+                if self.dist.any(interrupts.requested is not None):
+                    self.interrupted = True
+                    self.stop_reason = f"interrupted ({interrupts.requested or 'a signal on another process'})"
+                if (step % config.save_steps == 0 or step == self.total_steps or evaluated or self.stop_reason):
+                    self._save(result, predictions)
+                if self.stop_reason:
+                    break
+
+    @property
+    def epoch(self) -> float:
+        return self.step * self.global_batch / self.stream.epoch_rows
+
+    def _one_step(self, check_gradient: bool) -> StepResult:
+        c, dist = self.config, self.dist
+        batch = c.per_device_train_batch_size
+        micro = []
+        for a in range(c.gradient_accumulation_steps):
+            first = self.step * self.global_batch + (a * dist.world + dist.rank) * batch
+            positions = list(range(first, first + batch))
+            micro.append((make_batch(self.data.train, self.stream, positions, self.tokenizer.pad_token_id, dist.device), positions))
+        try:
+            return train_step(self.model, self.params, self.optimizer, self.scheduler, micro, dist, c.max_grad_norm,
+                              self.dropout, check_gradient=check_gradient)
+        except TrainingDiverged as exc:
+            if dist.main:
+                plot_loss_curve(self.out / METRICS_FILE, self.out / LOSS_PLOT, title=f"{self.out.name} (stopped at step {self.step + 1})")
+            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint had been saved yet"
+            raise TrainingDiverged(f"step {self.step + 1}: {exc}; training stopped without updating the prefix; {kept}"
+                                   " (try a lower --learning-rate)") from None
+
+    def _maybe_evaluate(self) -> tuple[bool, list[str]]:
+        from glmtune.train_eval import run_validation
+
+        if self.data.validation is None or not (self.step % self.config.evaluation_steps == 0 or self.step == self.total_steps):
+            return False, []
+        record, predictions, references = run_validation(self.model, self.tokenizer, self.data.validation, self.config,
+                                                         self.dist, self.step, self.epoch)
+        self.eval_seconds += record["eval_runtime_s"]
+        best = self.tracker.update(record)
+        self.log.record(record)
+        if best:
+            self.say(f"step {self.step}: new best {self.tracker.key} {self.tracker.best_metric:.6g}")
+        lines = [json.dumps({"labels": l, "predict": p}, ensure_ascii=False) for p, l in zip(predictions, references)]
+        return True, lines
+
+    def _save(self, result: StepResult, predictions: list[str]) -> None:
+        from glmtune.checkpoint import PREDICTIONS_FILE, prune_checkpoints
+
+        c, step, out = self.config, self.step, self.out
+        best = out / f"checkpoint-{self.tracker.best_step}" if self.tracker.best_step is not None else None
+        state = {"global_step": step, "total_steps": self.total_steps, "samples_seen": step * self.global_batch,
+                 "epoch": self.epoch, "global_batch_size": self.global_batch, "world_size": self.dist.world,
+                 "seed": c.seed, "train_rows": self.data.rows, "mix_count": self.stream.mix_count,
+                 "group_by_length": c.group_by_length, "loss": result.loss, "learning_rate": c.learning_rate,
+                 "best_metric": self.tracker.best_metric, "best_global_step": self.tracker.best_step,
+                 "best_model_checkpoint": str(best) if best else None, "eval": self.tracker.to_state(),
+                 "stop_reason": self.stop_reason, "config": c.to_json()}
+        rng = self.dist.gather(capture_rng())
+        if self.dist.main:
+            extra = {PREDICTIONS_FILE: "".join(line + "\n" for line in predictions)} if predictions else None
+            save_checkpoint(out, step, self.model, self.tokenizer, self.optimizer, self.scheduler, rng, state, extra)
+            self.last_checkpoint = out / f"checkpoint-{step}"
+            for removed in prune_checkpoints(out, c.save_total_limit, {self.last_checkpoint, best}):
+                self.say(f"--save-total-limit {c.save_total_limit}: removed {removed.name}")
+        self.last_checkpoint = out / f"checkpoint-{step}"
+        self.dist.barrier()
+
+    def finish(self) -> TrainResult:
+        out, tracker = self.out, self.tracker
+        best = out / f"checkpoint-{tracker.best_step}" if tracker.best_step is not None else None
+        curve = None
+        if self.dist.main:
+            curve = plot_loss_curve(out / METRICS_FILE, out / LOSS_PLOT, title=out.name)
+            runtime = time.perf_counter() - self.t0
+            write_results(out / RESULTS_FILE, {
+                "global_step": self.step, "steps_this_run": len(self.losses),
+                "train_loss": sum(l for _, l in self.losses) / len(self.losses) if self.losses else None,
+                "train_runtime_s": round(runtime, 3), "tokens_per_second": round(self.tokens / max(runtime, 1e-9), 1),
+                "final_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "best_model_checkpoint": str(best) if best else None, "best_metric": tracker.best_metric,
+                "metric_for_best_model": tracker.key, "stop_reason": self.stop_reason,
+            })
+        return TrainResult(out, self.step, self.last_checkpoint, self.losses, curve, best, tracker.best_metric,
+                           tracker.key, self.stop_reason, self.interrupted)
+
+
+def _resume_dir(config: TrainConfig, out: Path) -> Path | None:
+    if config.resume_from_checkpoint:
+        return Path(config.resume_from_checkpoint)
+    if config.resume:
+        latest = latest_checkpoint(out)
+        if latest is None:
+            raise GlmtuneError(f"--resume: no complete checkpoint-N folder in {out} to resume from")
+        return latest
+    return None
+
+
+def _load_model(config: TrainConfig, dist: Dist, resume_dir: Path | None):
+    """The frozen model with its prefix (fresh and seeded, or the checkpoint's), keyed dropout, the trainable params."""
+    from glmtune.loading import load_model, resolve_device
 
     _, dtype = resolve_device(str(dist.device), config.dtype)
     torch.manual_seed(config.seed)  # a fresh prefix starts from the same values on every process
@@ -302,163 +529,4 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named or any(not n.startswith("prefix_encoder.") for n, _ in named):
         raise RuntimeError(f"only the prefix may train, found trainable {[n for n, _ in named]}")
-    params = [p for _, p in named]
-
-    from transformers import get_linear_schedule_with_warmup
-
-    batch, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
-    global_batch, rows = dist.world * batch * accum, len(dataset)
-    total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * rows / global_batch))
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
-
-    step = 0
-    if resume_dir is not None:
-        step = _restore(resume_dir, config, dist, optimizer, scheduler, global_batch, rows, total_steps)
-        say(f"resuming from {resume_dir} at step {step}")
-    # Only now that data, model and state have loaded does anything in the output folder change.
-    dist.barrier()
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_dir is None and config.overwrite_output_dir:
-            clear_run(out)
-        clear_partial(out)
-        truncate_metrics(out / METRICS_FILE, step)
-    dist.barrier()
-    say(f"training on {rows} rows: {total_steps} steps x {global_batch} rows ({dist.world} process(es) x batch {batch}"
-        f" x {accum} accumulation) = {total_steps * global_batch / rows:.2f} epochs; {sum(p.numel() for p in params):,}"
-        f" trainable prefix parameters; {dist.device}, {dtype}, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}")
-
-    if config.group_by_length:
-        # Mega-batches of 50 global batches, as transformers' LengthGroupedSampler.
-        lengths = [len(ids) for ids in dataset["input_ids"]]
-        stream = DataStream(rows, config.seed, lengths, group_size=50 * global_batch)
-    else:
-        stream = DataStream(rows, config.seed)
-    pad_id = tokenizer.pad_token_id
-    last_checkpoint = resume_dir
-    losses: list[tuple[int, float]] = []
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
-    run_t0, run_tokens = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="train",
-               disable=not dist.main or config.disable_tqdm)
-    try:
-        while step < total_steps:
-            micro = []
-            for a in range(accum):
-                first = step * global_batch + (a * dist.world + dist.rank) * batch
-                positions = list(range(first, first + batch))
-                micro.append((make_batch(dataset, stream, positions, pad_id, dist.device), positions))
-            try:
-                result = train_step(model, params, optimizer, scheduler, micro, dist, config.max_grad_norm, dropout)
-            except TrainingDiverged as exc:
-                if dist.main:
-                    plot_loss_curve(out / METRICS_FILE, out / LOSS_PLOT, title=f"{out.name} (stopped at step {step + 1})")
-                kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been saved yet"
-                raise TrainingDiverged(f"step {step + 1}: {exc}; training stopped without updating the prefix; {kept}"
-                                       " (try a lower --learning-rate)") from None
-            step += 1
-            losses.append((step, result.loss))
-            window["loss"] += result.loss
-            window["steps"] += 1
-            window["tokens"] += result.tokens
-            run_tokens += result.tokens
-            elapsed = time.perf_counter() - window["t0"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.learning_rate:.2e}",
-                            tok_s=f"{window['tokens'] / max(elapsed, 1e-9):.0f}", refresh=False)
-            if step % config.logging_steps == 0 or step == total_steps:
-                record = {"step": step, "epoch": round(step * global_batch / rows, 4),
-                          "loss": window["loss"] / window["steps"], "learning_rate": result.learning_rate,
-                          "grad_norm": result.grad_norm, "tokens": window["tokens"],
-                          "tokens_per_second": round(window["tokens"] / max(elapsed, 1e-9), 1),
-                          "elapsed_s": round(time.perf_counter() - run_t0, 3)}
-                if dist.main:
-                    with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
-            if step % config.save_steps == 0 or step == total_steps:
-                state = {"global_step": step, "total_steps": total_steps, "samples_seen": step * global_batch,
-                         "epoch": step * global_batch / rows, "global_batch_size": global_batch,
-                         "world_size": dist.world, "seed": config.seed, "train_rows": rows,
-                         "group_by_length": config.group_by_length, "loss": result.loss, "config": config.to_json()}
-                rng = dist.gather(capture_rng())
-                if dist.main:
-                    save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, rng, state)
-                last_checkpoint = out / f"checkpoint-{step}"
-                dist.barrier()
-    finally:
-        bar.close()
-
-    curve = None
-    if dist.main:
-        curve = plot_loss_curve(out / METRICS_FILE, out / LOSS_PLOT, title=out.name)
-        runtime = time.perf_counter() - run_t0
-        write_results(out / RESULTS_FILE, {
-            "global_step": step, "steps_this_run": len(losses),
-            "train_loss": sum(l for _, l in losses) / len(losses) if losses else None,
-            "train_runtime_s": round(runtime, 3), "tokens_per_second": round(run_tokens / max(runtime, 1e-9), 1),
-            "final_checkpoint": str(last_checkpoint) if last_checkpoint else None,
-        })
-    return TrainResult(out, step, last_checkpoint, losses, curve)
-
-
-def _resume_dir(config: TrainConfig, out: Path) -> Path | None:
-    if config.resume_from_checkpoint:
-        return Path(config.resume_from_checkpoint)
-    if config.resume:
-        latest = latest_checkpoint(out)
-        if latest is None:
-            raise GlmtuneError(f"--resume: no complete checkpoint-N folder in {out} to resume from")
-        return latest
-    return None
-
-
-def _restore(resume_dir: Path, config: TrainConfig, dist: Dist, optimizer, scheduler, global_batch: int, rows: int,
-             total_steps: int) -> int:
-    """Load optimizer/scheduler/RNG state; the run must see the same data stream to continue exactly."""
-    ckpt = load_checkpoint_state(resume_dir)
-    state = ckpt["state"]
-    for name, saved, now in (("seed", state["seed"], config.seed), ("global batch size", state["global_batch_size"], global_batch),
-                             ("number of training rows", state["train_rows"], rows),
-                             ("group_by_length", state.get("group_by_length", False), config.group_by_length),
-                             ("total steps (the learning-rate schedule)", state["total_steps"], total_steps)):
-        if saved != now:
-            raise GlmtuneError(f"{resume_dir}: {name} was {saved} in the interrupted run, now {now}; "
-                               "resuming needs the same data, seed and processes x batch x accumulation")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if dist.rank < len(ckpt["rng"]):
-        restore_rng(ckpt["rng"][dist.rank])
-    return int(state["global_step"])
-
-
-def _load_dataset(config: TrainConfig, tokenizer, dist: Dist, say):
-    from glmtune.data import DataConfig, format_report
-    from glmtune.dataset_store import load_or_build_dataset
-
-    if config.dataset and not Path(config.dataset).is_dir():
-        raise GlmtuneError(f"--dataset {config.dataset}: not a folder (pass raw files with --train-file)")
-    if config.train_file and Path(config.train_file).is_dir():
-        raise GlmtuneError(f"--train-file {config.train_file}: is a folder (pass `glmtune preprocess` output with --dataset)")
-    data_config = DataConfig(
-        prompt_column=config.prompt_column, response_column=config.response_column,
-        history_column=config.history_column, source_prefix=config.source_prefix,
-        max_source_length=config.max_source_length, max_target_length=config.max_target_length,
-        max_samples=config.max_train_samples,
-    )
-    source = config.dataset or config.train_file
-
-    def build():
-        return load_or_build_dataset(source, tokenizer, data_config, mode="train",
-                                     num_workers=config.preprocessing_num_workers)
-
-    # The main process tokenizes and fills the cache first; the others then read it.
-    if dist.main:
-        dataset, report = build()
-    dist.barrier()
-    if not dist.main:
-        dataset, report = build()
-    say(format_report(report))  # max_train_samples was applied by the dataset store (official rule)
-    return dataset.select_columns(["input_ids", "labels"])
+    return model, [p for _, p in named], dropout

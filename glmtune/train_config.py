@@ -22,6 +22,7 @@ from glmtune.errors import GlmtuneError
 # Official spellings that differ from ours beyond kebab/snake case.
 ALIASES = {"model_name_or_path": "model_path", "train_dataset": "dataset"}
 DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+BEST_METRICS = ("eval_loss", "bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
 
 @dataclass
@@ -45,12 +46,28 @@ class TrainConfig:
     max_target_length: int = 128
     max_train_samples: int | None = None
     preprocessing_num_workers: int = 1
+    data_format: str = "auto"  # auto (from the first row), columns, alpaca, sharegpt (glmtune.data_formats)
+    train_on: str = "each-turn"  # sharegpt: one row per assistant turn, or all-turns in one row
+    mix_file: str | None = None  # general-purpose rows mixed into every epoch (against forgetting)
+    mix_ratio: float = 0.0  # mix_ratio x training rows drawn from mix_file per epoch
+    # validation (transformers' names): a file, or a seeded share of the training rows held out
+    validation_file: str | None = None
+    val_size: float = 0.0
+    eval_steps: int | None = None  # None = save_steps; a checkpoint is saved at every evaluation
+    per_device_eval_batch_size: int = 8
+    eval_generate: int = 0  # also generate for the first K validation rows and score BLEU/ROUGE
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: bool | None = None  # None = inferred from the metric (loss lower, scores higher)
+    save_total_limit: int | None = None  # keep at most N checkpoints, never deleting the best or the latest
+    early_stopping_patience: int | None = None  # stop after P evaluations without improvement
+    early_stopping_threshold: float = 0.0
+    report_to: str = "auto"  # tensorboard, none, or auto (tensorboard when installed)
     # optimisation: AdamW, linear decay to 0, no warmup, no weight decay, clip 1.0 (transformers' defaults)
     output_dir: str | None = None
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs, as in transformers
+    max_steps: int = -1  # > 0 overrides num_train_epochs; -1 = use epochs (transformers)
     learning_rate: float = 2e-2
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -75,6 +92,12 @@ class TrainConfig:
             raise GlmtuneError("train: --model-path is required (the ChatGLM2 model folder)")
         if not self.output_dir:
             raise GlmtuneError("train: --output-dir is required")
+        # Checked here, before any data or model loads (issue 9, item 8): a file in the way fails at once.
+        for folder in (Path(self.output_dir), *Path(self.output_dir).parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    raise GlmtuneError(f"train: --output-dir {self.output_dir}: {folder} exists and is not a folder")
+                break
         if bool(self.train_file) == bool(self.dataset):
             raise GlmtuneError("train: give exactly one of --train-file (raw JSON/JSONL/CSV) or --dataset (a `glmtune preprocess` folder)")
         if self.pre_seq_len is not None and self.pre_seq_len < 1:
@@ -84,8 +107,11 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise GlmtuneError(f"train: --{_flag(name)} must be at least 1, found {getattr(self, name)}")
-        if self.max_steps <= 0 and not self.num_train_epochs > 0:
-            raise GlmtuneError("train: set --max-steps > 0 or --num-train-epochs > 0")
+        if self.max_steps == 0 or self.max_steps < -1:
+            # transformers' rule: -1 means "train --num-train-epochs"; any other non-positive value is a mistake.
+            raise GlmtuneError(f"train: --max-steps must be a positive number of steps, or -1 to use --num-train-epochs; found {self.max_steps}")
+        if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise GlmtuneError(f"train: --num-train-epochs must be > 0 when --max-steps is -1, found {self.num_train_epochs}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise GlmtuneError(f"train: --max-train-samples must be at least 1, found {self.max_train_samples}")
         if self.quantization_bit not in (None, 4, 8):
@@ -96,8 +122,57 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise GlmtuneError(f"train: --{_flag(name)} must be a finite number >= 0, found {value}")
+        self._validate_steering()
         if self.resume and self.resume_from_checkpoint:
             raise GlmtuneError("train: give --resume (latest checkpoint in the output dir) or --resume-from-checkpoint DIR, not both")
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_file) or self.val_size > 0
+
+    @property
+    def evaluation_steps(self) -> int:
+        return self.eval_steps or self.save_steps
+
+    @property
+    def bigger_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not self.metric_for_best_model.endswith("loss")  # transformers' inference rule
+
+    def _validate_steering(self) -> None:
+        """Validation, best checkpoint, early stopping, data-format and mixing settings."""
+        from glmtune.data_formats import resolve
+
+        resolve(self.data_format, self.train_on)
+        if not (0 <= self.val_size < 1):
+            raise GlmtuneError(f"train: --val-size must be a fraction in [0, 1), found {self.val_size}")
+        if self.validation_file and self.val_size:
+            raise GlmtuneError("train: give --validation-file or --val-size, not both")
+        for name in ("eval_steps", "save_total_limit", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise GlmtuneError(f"train: --{_flag(name)} must be at least 1, found {value}")
+        if self.per_device_eval_batch_size < 1:
+            raise GlmtuneError(f"train: --per-device-eval-batch-size must be at least 1, found {self.per_device_eval_batch_size}")
+        if self.eval_generate < 0:
+            raise GlmtuneError(f"train: --eval-generate must be >= 0, found {self.eval_generate}")
+        if self.metric_for_best_model not in BEST_METRICS:
+            raise GlmtuneError(f"train: --metric-for-best-model must be one of {list(BEST_METRICS)}, found {self.metric_for_best_model!r}")
+        if self.metric_for_best_model != "eval_loss" and self.eval_generate < 1:
+            raise GlmtuneError(f"train: --metric-for-best-model {self.metric_for_best_model} needs --eval-generate K > 0")
+        needs_validation = [f"--{_flag(n)}" for n in ("eval_steps", "eval_generate", "early_stopping_patience")
+                            if getattr(self, n)]
+        if needs_validation and not self.has_validation:
+            raise GlmtuneError(f"train: {', '.join(needs_validation)} need validation data (--validation-file or --val-size)")
+        if not (math.isfinite(self.early_stopping_threshold) and self.early_stopping_threshold >= 0):
+            raise GlmtuneError(f"train: --early-stopping-threshold must be a finite number >= 0, found {self.early_stopping_threshold}")
+        if self.report_to not in ("auto", "tensorboard", "none"):
+            raise GlmtuneError(f"train: --report-to must be tensorboard, none or auto, found {self.report_to!r}")
+        if bool(self.mix_file) != (self.mix_ratio > 0):
+            raise GlmtuneError("train: --mix-file and --mix-ratio > 0 go together")
+        if not (math.isfinite(self.mix_ratio) and self.mix_ratio >= 0):
+            raise GlmtuneError(f"train: --mix-ratio must be a finite number >= 0, found {self.mix_ratio}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -204,12 +279,14 @@ def build_config(config_file: str | Path | None = None, overrides: dict | None =
     return config
 
 
-def launch_torchrun(config: TrainConfig) -> int:
+def launch_torchrun(config: TrainConfig, command_line: str | None = None) -> int:
     """`glmtune train --nproc N`: rerun this command as N local processes under torchrun; returns the exit code.
 
-    The resolved settings travel as a JSON config file, so every process sees exactly what was asked.
+    The resolved settings travel as a JSON config file, so every process sees exactly what was asked;
+    `command_line` is the command as typed, which the workers print when interrupted.
     """
     import os
+    import signal
     import subprocess
     import sys
     import tempfile
@@ -218,9 +295,28 @@ def launch_torchrun(config: TrainConfig) -> int:
     handle, path = tempfile.mkstemp(prefix="glmtune-train-", suffix=".json")
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         json.dump(settings, file, indent=2)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
-               "-m", "glmtune", "train", "--config", path]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
+            "-m", "glmtune", "train", "--config", path]
+    # Its own session, so a Ctrl-C at the terminal reaches this launcher only, and the workers get exactly one
+    # signal (torchrun turns the forwarded one into one SIGTERM each): they save a checkpoint and stop. Left
+    # in our process group, each worker would get the terminal's SIGINT and then torchrun's SIGTERM, which
+    # counts as the second signal ("exit at once").
+    env = dict(os.environ, GLMTUNE_COMMAND=command_line) if command_line else None  # see train_log.resume_command
+    process = subprocess.Popen(argv, start_new_session=True, env=env)
+    signals = []
+
+    def forward(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1:
+            process.send_signal(signal.SIGTERM)
+        else:
+            process.kill()
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return subprocess.call(command)
+        code = process.wait()
+        return 130 if signals else code  # torchrun reports its own SIGTERM as a failure; the workers saved
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         os.unlink(path)

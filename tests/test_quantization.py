@@ -8,13 +8,14 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmtune import qkernels as qk
+from glmtune import qkernels
 from glmtune import quantization as Q
 from glmtune.errors import GlmtuneError
 from glmtune.quantization import (
@@ -71,9 +72,9 @@ def test_quantizing_golden_fp32_weights_reproduces_official_int_tensors(golden, 
 
 def test_int4_packs_even_column_in_high_nibble():
     q = torch.tensor([[1, -2, 7, -7], [-1, 3, -8, 0]], dtype=torch.int8)
-    packed = qk.pack_int4(q)
+    packed = qkernels.pack_int4(q)
     assert packed.tolist() == [[0x1E, 0x79], [0xF3 - 256, 0x80 - 256]]  # high nibble = even column
-    assert torch.equal(qk.unpack_int4(packed), q)
+    assert torch.equal(qkernels.unpack_int4(packed), q)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -148,7 +149,8 @@ def test_exact_path_in_row_blocks_matches_one_block(bits, monkeypatch):
 
 
 needs_kernels = pytest.mark.skipif(
-    not (qk.cpu_int8_kernel_ok() and qk.cpu_int4_layout()), reason="torch CPU weight-only kernels unavailable"
+    not (qkernels.cpu_int8_kernel_ok() and qkernels.cpu_int4_layout()),
+    reason="torch CPU weight-only kernels unavailable"
 )
 
 
@@ -193,7 +195,7 @@ def test_int4_kernel_layout_replaces_the_weight_and_state_dict_stays_official(wi
     layer.mode = "kernel"
     y = layer(torch.randn(3, width))
     assert layer.weight.dtype == torch.uint8  # replaced in place: one copy of the weight
-    assert layer.weight.shape == (112, qk.int4_kernel_width(width) // 2)
+    assert layer.weight.shape == (112, qkernels.int4_kernel_width(width) // 2)
     assert torch.equal(layer.state_dict()["weight"], official)
 
     fresh = QuantizedLinear(width, 112, 4, bias=True)
@@ -209,23 +211,23 @@ def test_int4_kernel_layout_replaces_the_weight_and_state_dict_stays_official(wi
     assert y.shape == (3, 112)
 
 
-@pytest.mark.parametrize("layout", qk._CANDIDATES)
+@pytest.mark.parametrize("layout", qkernels._CANDIDATES)
 @pytest.mark.parametrize("width", [96, 80])  # 80: the kernel copy gets 16 zero columns (width 96)
 def test_every_candidate_cpu_int4_layout_round_trips(layout, width):
     q = torch.randint(-7, 8, (176, width), dtype=torch.int8)
-    packed = qk.official_to_cpu_int4(qk.pack_int4(q), layout, chunk_rows=64)
+    packed = qkernels.official_to_cpu_int4(qkernels.pack_int4(q), layout, chunk_rows=64)
     assert packed.shape == (176, 48)
-    assert torch.equal(qk.cpu_int4_to_official(packed, layout, chunk_rows=128, k=width), qk.pack_int4(q))
-    assert torch.equal(qk.cpu_int4_rows(packed, layout, 64, 176)[:, :width], q[64:])
-    assert (qk.cpu_int4_rows(packed, layout, 0, 176)[:, width:] == 0).all()
-    assert torch.equal(qk.cpu_int4_cols(packed, layout, 6, 50), q[:, 6:50])
+    assert torch.equal(qkernels.cpu_int4_to_official(packed, layout, chunk_rows=128, k=width), qkernels.pack_int4(q))
+    assert torch.equal(qkernels.cpu_int4_rows(packed, layout, 64, 176)[:, :width], q[64:])
+    assert (qkernels.cpu_int4_rows(packed, layout, 0, 176)[:, width:] == 0).all()
+    assert torch.equal(qkernels.cpu_int4_cols(packed, layout, 6, 50), q[:, 6:50])
 
 
 LAYOUT_PROBE = """
 import torch
-from glmtune import qkernels as qk
+from glmtune import qkernels
 from glmtune.quantization import QuantizedLinear
-layout = qk.cpu_int4_layout()
+layout = qkernels.cpu_int4_layout()
 torch.manual_seed(0)
 layer = QuantizedLinear.from_float(torch.nn.Linear(256, 112), 4)
 x = torch.randn(5, 256)
@@ -362,6 +364,17 @@ def test_quantize_refuses_an_already_quantized_model_and_a_non_empty_output(gold
     assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
 
 
+def test_private_quantized_cpu_kernels_are_reached_through_compat_and_exist():
+    from glmtune import compat
+
+    # An upgrade that renames or drops one of these fails here, not as a silently slower exact path.
+    assert compat.missing_quantized_cpu_ops() == []
+    for name in compat.QUANTIZED_CPU_OPS:
+        assert hasattr(torch.ops.aten, name), name
+    source = (Path(qkernels.__file__)).read_text()
+    assert "torch.ops" not in source  # qkernels goes through compat only
+
+
 @needs_kernels
 def test_auto_mode_runs_fp32_exact_and_single_bf16_tokens_on_the_kernel():
     layer = QuantizedLinear.from_float(_linear(256, 112), 4)
@@ -392,3 +405,51 @@ def test_model_saved_after_kernel_repacking_reloads_with_official_logits(golden,
     with torch.no_grad():
         logits = reloaded(input_ids=exp["input_ids"]).logits
     assert (logits - exp["int4/logits"]).abs().max().item() <= TOL
+
+
+# --- decoding speed: what bench/quant.py --decode-6b found -----------------------------------
+
+
+def test_last_position_logits_run_as_one_matrix_product_not_a_batched_one():
+    """A prompt's last position ([1, 1, hidden], strided) used to reach F.linear as a 3-D input, which
+    torch 2.13 runs as a batched matmul after copying the whole [vocab, hidden] weight transposed
+    (0.5 GB, ~10 s per prompt for the 6B model on 1 thread, bench/quant.py --decode-6b)."""
+    from torch.profiler import profile
+
+    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+
+    cfg = dict(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
+               ffn_hidden_size=96, padded_vocab_size=512, multi_query_attention=True, add_qkv_bias=True)
+    torch.manual_seed(0)
+    model = ChatGLM2ForCausalLM(glm_config_from_chatglm(cfg)).eval()
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        last = model(input_ids=ids, logits_to_keep=1).logits
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+        dims = [x.dim() for x in seen]
+        with profile() as prof:
+            model.lm_head(seen[-1])
+    assert dims == [2, 2]
+    assert "aten::bmm" not in {e.key for e in prof.key_averages()}
+
+
+def test_single_bf16_row_logits_use_torch_gemv_and_restore_onednn():
+    """oneDNN's bf16 GEMV is ~1.5x slower than torch's for the 6B output layer (bench/quant.py --decode-6b)."""
+    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+
+    cfg = dict(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
+               ffn_hidden_size=96, padded_vocab_size=512, multi_query_attention=True, add_qkv_bias=True)
+    torch.manual_seed(0)
+    model = ChatGLM2ForCausalLM(glm_config_from_chatglm(cfg)).eval().to(torch.bfloat16)
+    onednn = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: onednn.append(torch.backends.mkldnn.enabled))
+    ids = torch.randint(0, 512, (1, 6))
+    assert torch.backends.mkldnn.enabled
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # 6 rows: oneDNN stays on
+        last = model(input_ids=ids, logits_to_keep=1).logits  # 1 row: torch's GEMV
+    assert onednn == [True, False] and torch.backends.mkldnn.enabled
+    torch.testing.assert_close(last.float(), full[:, -1:].float(), rtol=2e-2, atol=2e-2)

@@ -202,7 +202,9 @@ def test_malformed_json_is_a_400(server):
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages", "last message must have role 'user'"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages", "user/assistant pairs"),
-    ({"messages": [{"role": "tool", "content": "a"}]}, "messages.0.role", "Input should be"),
+    ({"messages": [{"role": "function", "content": "a"}]}, "messages.0.role", "Input should be"),
+    ({"messages": [{"role": "tool", "content": "a"}]}, "messages.0", "need a ChatGLM3 model"),  # ChatGLM2
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "need a ChatGLM3 model"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences"),
 ])
 def test_bad_fields_are_a_400_naming_the_field(server, change, param, words):
@@ -444,3 +446,44 @@ def test_chat_page_streams_answers_switches_adapter_and_clears(server, client, b
     browser.find_element(By.ID, "clear").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     assert wait_idle(url) == 0
+
+
+def test_the_stop_button_stops_the_answer_and_frees_the_row(tiny, browser, tmp_path):
+    """A server with the tiny model's whole window (2048 tokens) for the answer: a greedy answer that runs to
+    the window takes seconds even for the tiny model, so Stop clicked at the first text lands mid-answer;
+    `finished` not moving proves the row was cancelled, not completed."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    model_dir, a, _ = tiny
+    proc, url = start_server(["--model-path", str(model_dir), "--adapter", f"a={a}", "--device", "cpu",
+                              "--dtype", "float32", "--max-new-tokens", "2048", "--max-length", "2048"],
+                             tmp_path / "server.log")
+    try:
+        wait = WebDriverWait(browser, 60, poll_frequency=0.02)
+        browser.get(url + "/")
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 2)
+        Select(browser.find_element(By.ID, "model")).select_by_value("a")
+        for field, value in (("temperature", "0"), ("max-tokens", "2000")):
+            browser.find_element(By.ID, field).clear()
+            browser.find_element(By.ID, field).send_keys(value)
+        before = httpx.get(url + "/health").json()["stats"]
+        browser.find_element(By.ID, "input").send_keys("这款连衣裙怎么样")
+        browser.find_element(By.ID, "send").click()
+        reply = wait.until(lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".msg.assistant .text") if e.text])
+        browser.find_element(By.ID, "stop").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].get_attribute("data-done"))
+        last = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        assert last.get_attribute("data-done") == "stopped", last.text
+        assert browser.find_element(By.ID, "status").text == "stopped"
+        stopped = reply[0].text
+        assert wait_idle(url) == 0  # the server freed the row
+        after = httpx.get(url + "/health").json()["stats"]
+        assert after["cancelled"] == before["cancelled"] + 1 and after["finished"] == before["finished"]
+        time.sleep(0.3)
+        assert reply[0].text == stopped and stopped  # the answer stopped growing
+        assert not browser.find_element(By.ID, "send").get_attribute("disabled")  # the page is ready again
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()

@@ -137,22 +137,29 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model, tmp_path):
     torch.testing.assert_close(prefix[0], prefix[1], rtol=1e-5, atol=1e-6)
 
 
-def test_group_by_length_keeps_each_epoch_a_permutation_of_length_sorted_groups():
+def test_group_by_length_uses_transformers_length_grouping_seeded_by_epoch():
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
     from glmtune.train import DataStream
 
     lengths = [(i * 37) % 101 for i in range(250)]
-    plain, grouped = DataStream(250, 7), DataStream(250, 7, lengths, group_size=40)
+    plain, grouped = DataStream(250, 7), DataStream(250, 7, lengths, batch_size=10)
+    mega = min(250 // 40, 50) * 10  # transformers' default mega-batch: 50 batches or a quarter of the data
     for epoch in range(2):
         rows = [grouped.row(epoch * 250 + i) for i in range(250)]
         assert sorted(rows) == list(range(250))
-        for start in range(0, 250, 40):
-            group = rows[start: start + 40]
-            assert [lengths[r] for r in group] == sorted((lengths[r] for r in group), reverse=True)
-            # the same rows as the plain shuffle's group: only the order inside a group changes
-            assert sorted(group) == sorted(plain.row(epoch * 250 + i) for i in range(start, min(start + 40, 250)))
+        # exactly transformers' order for this (seed, epoch): a resumed run recomputes the same one
+        expected = get_length_grouped_indices(lengths, 10, generator=torch.Generator().manual_seed(7 + epoch))
+        assert rows == expected
+        for start in range(0, 250, mega):
+            group = rows[start: start + mega]
+            # each mega-batch is sorted longest first (its head may be swapped to put the longest row first)
+            tail = [lengths[r] for r in group[1:]]
+            assert tail == sorted(tail, reverse=True)
+        assert lengths[rows[0]] == max(lengths)
 
-    def padded_tokens(stream):  # batches of 4, each padded to its longest row
-        return sum(4 * max(lengths[stream.row(p)] for p in range(b, b + 4)) for b in range(0, 248, 4))
+    def padded_tokens(stream):  # batches of 10, each padded to its longest row
+        return sum(10 * max(lengths[stream.row(p)] for p in range(b, b + 10)) for b in range(0, 250, 10))
 
     assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
 

@@ -151,9 +151,19 @@ def create_app(
             raise
         if event.finish_reason in ("error", "cancelled"):
             raise ApiError(500, f"generation failed: {event.error or 'server shutting down'}", kind="server_error")
-        return shape.full("".join(parts), event)
+        return shape.full("".join(parts), event, tool_call(req, event))
+
+    def tool_call(req, event: Event) -> dict | None:
+        """The reply as a call of one of the request's tools (ChatGLM3 with `tools` only), else None."""
+        names = getattr(req, "tool_names", list)()
+        if not names or event.finish_reason not in ("stop", "length"):
+            return None
+        ids = event.token_ids[:-1] if event.token_ids and event.token_ids[-1] in scheduler.stop_ids else event.token_ids
+        return protocol.reply_tool_call(served.tokenizer.decode(ids), names)
 
     async def stream(events, handle, req, shape):
+        names = getattr(req, "tool_names", list)()
+        held: list[str] | None = [] if names else None  # text held back while the reply may become a tool call
         try:
             first = True
             while True:
@@ -161,7 +171,11 @@ def create_app(
                 if first:  # sent once the first token exists, so clients can time to first token by it
                     yield sse(shape.chunk(role=True))
                     first = False
-                if event.text:
+                if held is not None and event.text:
+                    held.append(event.text)
+                    if not protocol.may_become_tool_call("".join(held), names):
+                        event.text, held = "".join(held), None  # a plain reply: send what was held, then stream
+                if event.text and held is None:
                     yield sse(shape.chunk(text=event.text))
                 if event.finish_reason is None:
                     continue
@@ -169,7 +183,12 @@ def create_app(
                     err = ApiError(500, f"generation failed: {event.error or 'server shutting down'}", kind="server_error")
                     yield sse(err.body())
                 else:
-                    yield sse(shape.chunk(finish=event.finish_reason))
+                    call = tool_call(req, event)
+                    if call is not None:
+                        yield sse(shape.chunk(call=call))
+                    elif held:
+                        yield sse(shape.chunk(text="".join(held)))
+                    yield sse(shape.chunk(finish="tool_calls" if call else event.finish_reason))
                     if req.include_usage():
                         yield sse(shape.usage_chunk(event))
                 yield "data: [DONE]\n\n"
@@ -214,13 +233,22 @@ class _ChatShape:
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, event: Event) -> dict:
+    def full(self, text: str, event: Event, call: dict | None = None) -> dict:
+        message = {"role": "assistant", "content": text}
+        if call is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [self._call(call)]}
         return {**self._base("chat.completion"), "usage": _usage(event), "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": event.finish_reason,
+            "index": 0, "message": message, "finish_reason": "tool_calls" if call else event.finish_reason,
             "logprobs": None}]}
 
-    def chunk(self, text: str = "", role: bool = False, finish: str | None = None) -> dict:
+    def _call(self, call: dict) -> dict:
+        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]}}
+
+    def chunk(self, text: str = "", role: bool = False, finish: str | None = None, call: dict | None = None) -> dict:
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        if call is not None:  # OpenAI's streamed call: one delta with the whole call (index 0), content null
+            delta = {"content": None, "tool_calls": [{"index": 0, **self._call(call)}]}
         return {**self._base("chat.completion.chunk"),
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
@@ -235,11 +263,11 @@ class _CompletionShape(_ChatShape):
         super().__init__(model)
         self.id = f"cmpl-{uuid.uuid4().hex}"
 
-    def full(self, text: str, event: Event) -> dict:
+    def full(self, text: str, event: Event, call: dict | None = None) -> dict:
         return {**self._base("text_completion"), "usage": _usage(event), "choices": [{
             "index": 0, "text": text, "finish_reason": event.finish_reason, "logprobs": None}]}
 
-    def chunk(self, text: str = "", role: bool = False, finish: str | None = None) -> dict:
+    def chunk(self, text: str = "", role: bool = False, finish: str | None = None, call: dict | None = None) -> dict:
         return {**self._base("text_completion"),
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
 

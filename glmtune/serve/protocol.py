@@ -11,17 +11,27 @@ malformed conversation is a 400 instead of being silently dropped; `stop`, `seed
 supported; sampling keeps top_k 50 as `glmtune chat` does. Fields OpenAI defines but this server does
 not implement are accepted only at their neutral value (`n: 1`, penalties 0, `logprobs: false`), and
 `user` is ignored; any other field is a 400 naming it.
+
+ChatGLM3 models (see `glm3_messages`): roles go to the model as they are; OpenAI `tools` become the
+official system-message `tools` (`{name, description, parameters}`, under the official default system
+text when the request has no system message), an assistant's `tool_calls` the official assistant
+metadata + `tool_call(...)` text, a `tool` message an observation. A reply that the official parsing
+reads as a call of an offered tool comes back as `tool_calls` (`reply_tool_call`); it is parsed, never
+executed. `tool_choice` is accepted only as "auto". ChatGLM2 has no tool format: `tools` is a 400.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import keyword
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
 from glmtune.errors import GlmtuneError
+from glmtune.glm3 import DEFAULT_TOOLS_SYSTEM
 from glmtune.serve.scheduler import SamplingParams
 
 DEFAULT_TEMPERATURE = 0.95  # official openai_api.py
@@ -48,13 +58,44 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # accepted; the model is not constrained either way
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None  # None only on an assistant message with tool_calls
     name: str | None = None  # accepted and ignored, as OpenAI's optional participant name
+    tool_calls: list[ToolCall] | None = None  # assistant only
+    tool_call_id: str | None = None  # tool only; ChatGLM3 observations carry no id, so it is not used
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -88,6 +129,11 @@ class _Common(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", None] = None  # the model decides; forcing or forbidding a call is not implemented
+
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or ()]
 
 
 class CompletionRequest(_Common):
@@ -117,16 +163,32 @@ def parse(model_cls: type[BaseModel], data) -> BaseModel:
             message = f"unsupported field {param!r} (this server does not implement it)"
         elif first["type"] == "missing":
             message = f"missing required field {param!r}"
-        elif first["type"] == "literal_error" and param in ("n", "presence_penalty", "frequency_penalty", "logprobs"):
+        elif first["type"] == "literal_error" and param in ("n", "presence_penalty", "frequency_penalty", "logprobs",
+                                                            "tool_choice"):
             message = f"{param}: only {first['ctx']['expected']} is supported, found {first['input']!r}"
         else:
             message = f"{param}: {first['msg']}"
         raise ApiError(400, message, param=param) from None
 
 
+def check_messages(messages: list[Message]) -> None:
+    """Field combinations pydantic cannot express: content null only with tool_calls, which only the assistant sends."""
+    for i, m in enumerate(messages):
+        if m.tool_calls is not None and m.role != "assistant":
+            raise ApiError(400, f"messages.{i}: tool_calls only on an assistant message, found role {m.role!r}",
+                           param=f"messages.{i}.tool_calls")
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"messages.{i}.content: expected a string (null only on an assistant message "
+                           "with tool_calls)", param=f"messages.{i}.content")
+
+
 def split_messages(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]:
     """(query, history) as the official openai_api.py reads them, but a malformed conversation is an error."""
     msgs = list(messages)
+    for i, m in enumerate(msgs):
+        if m.role == "tool" or m.tool_calls:
+            raise ApiError(400, f"messages.{i}: tool calls and tool results need a ChatGLM3 model (this one is "
+                           "ChatGLM2, which has no tool format)", param=f"messages.{i}")
     if msgs[-1].role != "user":
         raise ApiError(400, f"the last message must have role 'user', found {msgs[-1].role!r}", param="messages")
     query = msgs.pop().text()
@@ -151,18 +213,86 @@ def answer_room(req: _Common, window: int, max_tokens_cap: int) -> int:
     return min(room, max_tokens_cap, window - 1)
 
 
+def openai_tools_to_glm3(tools: list[Tool]) -> list[dict]:
+    """OpenAI function specs -> the official ChatGLM3 tool dicts `{name, description, parameters}`."""
+    out = []
+    for tool in tools:
+        spec = {"name": tool.function.name}
+        if tool.function.description is not None:
+            spec["description"] = tool.function.description
+        if tool.function.parameters is not None:
+            spec["parameters"] = tool.function.parameters
+        out.append(spec)
+    return out
+
+
+def tool_call_text(call: ToolCall, where: str) -> str:
+    """The assistant text ChatGLM3 writes for a call (after its metadata line): ` ```python\ntool_call(k=v, ...)\n````.
+
+    The leading space is in the official model's replies (and the official demos' histories); without it
+    the fence tokenizes differently from what the model generated.
+    The values are Python literals (`repr`) because that is what the model writes and `glm3.parse_tool_call`
+    reads back; JSON `true`/`null` become `True`/`None`.
+    """
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"{where}.function.arguments: invalid JSON ({exc.msg})", param=where) from None
+    if not isinstance(arguments, dict):
+        raise ApiError(400, f"{where}.function.arguments: expected a JSON object, found {type(arguments).__name__}",
+                       param=where)
+    bad = [k for k in arguments if not (k.isidentifier() and not keyword.iskeyword(k))]
+    if bad:
+        raise ApiError(400, f"{where}.function.arguments: argument names must be identifiers, found {bad[0]!r}",
+                       param=where)
+    return " ```python\ntool_call(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")\n```"
+
+
+def glm3_messages(req: ChatRequest) -> list[dict]:
+    """The request's OpenAI messages as ChatGLM3 messages (what the official openai_api_demo does with them):
+    `tools` go on the system message (a default one is added when there is none), an assistant's
+    `tool_calls` become assistant messages with the tool name as metadata, a `tool` result an observation."""
+    out: list[dict] = []
+    for i, m in enumerate(req.messages):
+        if m.role == "tool":
+            out.append({"role": "observation", "content": m.text()})
+        elif m.role == "assistant" and m.tool_calls:
+            if m.text():
+                out.append({"role": "assistant", "content": m.text()})
+            for j, call in enumerate(m.tool_calls):
+                out.append({"role": "assistant", "metadata": call.function.name,
+                            "content": tool_call_text(call, f"messages.{i}.tool_calls.{j}")})
+        else:
+            out.append({"role": m.role, "content": m.text()})
+    if req.tools is not None:
+        tools = openai_tools_to_glm3(req.tools)
+        if out and out[0]["role"] == "system":
+            out[0]["tools"] = tools
+        else:
+            out.insert(0, {"role": "system", "content": DEFAULT_TOOLS_SYSTEM, "tools": tools})
+    return out
+
+
 def chat_prompt_ids(tokenizer, req: ChatRequest, window: int, max_tokens_cap: int) -> list[int]:
+    check_messages(req.messages)
+    role = "user"
     if chat_lib.is_glm3(tokenizer):
-        # ChatGLM3 has roles: the system prompt and every message go to the model as they are.
-        if req.messages[-1].role != "user":
-            raise ApiError(400, f"the last message must have role 'user', found {req.messages[-1].role!r}",
+        # ChatGLM3 has roles: the system prompt, tools and every message go to the model as they are; the
+        # query may be a tool result (an observation), which the model answers.
+        if req.messages[-1].role not in ("user", "tool"):
+            raise ApiError(400, f"the last message must have role 'user' or 'tool', found {req.messages[-1].role!r}",
                            param="messages")
-        query, history = req.messages[-1].text(), [{"role": m.role, "content": m.text()} for m in req.messages[:-1]]
+        messages = glm3_messages(req)
+        query, role, history = messages[-1]["content"], messages[-1]["role"], messages[:-1]
     else:
+        if req.tools is not None:
+            raise ApiError(400, "tools need a ChatGLM3 model; this one is ChatGLM2, which has no tool format",
+                           param="tools")
         query, history = split_messages(req.messages)
     room = answer_room(req, window, max_tokens_cap)
     try:
-        return chat_lib.build_chat_prompt(tokenizer, query, history, window=window, answer_room=room).input_ids
+        return chat_lib.build_chat_prompt(tokenizer, query, history, window=window, answer_room=room,
+                                          role=role).input_ids
     except GlmtuneError as exc:
         raise ApiError(400, f"prompt too long: {exc}", param="messages", code="context_length_exceeded") from None
 
@@ -188,3 +318,31 @@ def sampling(req: _Common, prompt_len: int, window: int, max_tokens_cap: int) ->
         seed=req.seed,
         stop=tuple(req.stop or ()),
     )
+
+
+def reply_tool_call(raw: str, tool_names: list[str]) -> dict | None:
+    """`{"name", "arguments"}` (arguments as JSON text) when a ChatGLM3 reply is a call of one of the request's tools.
+
+    `raw` is the decoded reply (stop token removed, not stripped: a plain reply starts with a blank
+    metadata line). The official parsing (`glm3.parse_response`, which never executes anything) decides;
+    a call of a tool the request did not offer, or one whose literal arguments have no JSON form
+    (sets, bytes, ...), is not a call: the reply then comes back as plain content.
+    """
+    from glmtune.glm3 import parse_response
+
+    content, _, problem = parse_response(raw, [{"role": "system", "content": "", "tools": []}])
+    if problem or not isinstance(content, dict) or "parameters" not in content or content["name"] not in tool_names:
+        return None
+    try:
+        arguments = json.dumps(content["parameters"], ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return {"name": content["name"], "arguments": arguments}
+
+
+def may_become_tool_call(shown: str, tool_names: list[str]) -> bool:
+    """While streaming: whether the (stripped) reply so far can still be a call, i.e. starts like `<tool name>\\n`.
+
+    A reply that cannot is streamed at once; one that can is held until the end, when `reply_tool_call` decides.
+    """
+    return any((name + "\n").startswith(shown) or shown.startswith(name + "\n") for name in tool_names)
