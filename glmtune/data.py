@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune import data_formats
+from glmtune.data_formats import IGNORE_INDEX  # defined once, in the module below this one
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import json_line, text_lines
 
 TOKENIZE_MODES = ("train", "eval")  # what `tokenize` builds: training rows or eval prompts + references
-IGNORE_INDEX = -100
 MIN_ROWS_PER_WORKER = 4096
 FORMAT_VERSION = 2  # of tokenized data (glmtune.dataset_store); bump when the stored columns or their meaning change
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from glmtune.errors import GlmtuneError
 
+IGNORE_INDEX = -100  # the one definition (glmtune.data, which imports this module, re-exports it): a label that is not trained
 FORMATS = ("auto", "columns", "alpaca", "sharegpt")
 TRAIN_ON = ("each-turn", "all-turns")
 _USER, _ASSISTANT, _SYSTEM = ("human", "user"), ("gpt", "assistant", "chatgpt", "bot"), ("system",)
@@ -139,8 +140,6 @@ def convert(data_format: str, where: str, record: dict, train_on: str = "each-tu
 
 def encode_all_turns(row: dict, tokenizer, config) -> dict:
     """input_ids / labels with every answer of the conversation labelled (see the module docstring)."""
-    from glmtune.data import IGNORE_INDEX
-
     turns = [*row["history"], [row["prompt"], row["response"]]]
     ids, labels, seen = [], [], ""
     for index, (query, answer) in enumerate(turns):
@@ -172,8 +171,6 @@ def format_samples(dataset, tokenizer, count: int = 2) -> str:
     Training rows mark their labelled tokens; eval rows show the prompt and the reference they are scored
     against. Special tokens ([gMASK], sop, </s>) are shown, since they are part of what the model sees.
     """
-    from glmtune.data import IGNORE_INDEX
-
     lines = [f"first {min(count, len(dataset))} rows as the model sees them ({LABEL_OPEN}...{LABEL_CLOSE} = trained on):"]
     for index in range(min(count, len(dataset))):
         row = dataset[index]

@@ -451,7 +451,7 @@ def test_ignore_index_and_modes_are_each_defined_once():
     from glmtune import data, modeling
 
     constants = _module_constants()
-    assert constants["IGNORE_INDEX"] == ["data"] and modeling.IGNORE_INDEX is data.IGNORE_INDEX
+    assert len(constants["IGNORE_INDEX"]) == 1 and modeling.IGNORE_INDEX == data.IGNORE_INDEX == -100
     assert len(constants.get("MODES", [])) <= 1  # quantized compute modes only; data's are TOKENIZE_MODES
     assert data.TOKENIZE_MODES == ("train", "eval")
 
