@@ -107,10 +107,15 @@ def _glm2_messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]
     return tokenizer(tokenizer.build_prompt(query, history))["input_ids"]
 
 
-def _glm2_parse_response(text: str, messages: list[dict]) -> tuple[str, list[dict]]:
-    from glmtune.chat import process_response
+def glm2_process_response(response: str) -> str:
+    """The official ChatGLM2 post-processing of a decoded answer (`process_response` of THUDM/chatglm2-6b);
+    `glmtune.chat` uses it as its `process_response`. It lives here, with ChatGLM2's prompt building, so the
+    registry imports nothing above it."""
+    return response.strip().replace("[[训练时间]]", "2023年")
 
-    response = process_response(text)
+
+def _glm2_parse_response(text: str, messages: list[dict]) -> tuple[str, list[dict]]:
+    response = glm2_process_response(text)
     return response, [*messages, {"role": "assistant", "content": response}]
 
 
