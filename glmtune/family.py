@@ -17,6 +17,11 @@ and merged model glmtune saves), else detected from the tokenizer (ChatGLM3's to
 its role tokens), else from the release name the official config.json carries (`THUDM/chatglm3-6b`), else
 ChatGLM2; `--family` overrides. The official releases do not record a family: a
 folder with no tokenizer (e.g. a bare 32k weight folder) needs `--family chatglm3` to be read as ChatGLM3.
+
+The registry sits below what uses it and imports nothing above it (no import cycle): ChatGLM2's prompt
+building and reply post-processing are defined here (`glmtune.chat` re-exports `process_response`),
+ChatGLM3's come from `glmtune.glm3`, which imports only `glmtune.errors`; the tokenizer classes and data
+readers pick their family's code from above (`glmtune.tokenizer`, `glmtune.data`).
 """
 
 from __future__ import annotations
