@@ -8,8 +8,8 @@ Reproduces `ChatGLMForConditionalGeneration.chat` / `stream_chat` of THUDM/chatg
 * sampling defaults top_p 0.8, temperature 0.8 and top_k 50 (transformers 4.30's default, which the
   official chat inherited; transformers 5 has none, so it is passed explicitly);
 * `InvalidScoreLogitsProcessor`: NaN/inf scores are replaced by a one-hot on token 5;
-* `process_response`: strip, and the `[[训练时间]]` placeholder becomes `2023年` (ChatGLM2 does no
-  punctuation swapping, unlike ChatGLM-6B);
+* `process_response` (defined with the ChatGLM2 entry of `glmtune.family`): strip, and the `[[训练时间]]`
+  placeholder becomes `2023年` (ChatGLM2 does no punctuation swapping, unlike ChatGLM-6B);
 * `chat` returns `(response, history + [(query, response)])`; `stream_chat` yields that pair after
   every generated token.
 
@@ -46,6 +46,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from glmtune.errors import GlmtuneError
+from glmtune.family import glm2_process_response as process_response  # the registry's; public here as before
 from glmtune.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
 
 DEFAULT_MAX_LENGTH = 8192
@@ -72,11 +73,6 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
             scores = torch.zeros_like(scores)
             scores[..., INVALID_SCORE_TOKEN] = 5e4
         return scores
-
-
-def process_response(response: str) -> str:
-    """The official ChatGLM2 post-processing of a decoded answer."""
-    return response.strip().replace("[[训练时间]]", "2023年")
 
 
 def normalize_history(history, source: str = "history") -> History:

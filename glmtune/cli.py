@@ -195,7 +195,7 @@ def _switch(name: str) -> tuple[str, str]:
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of settings (keys = flag names); flags given here override it."),
-    model_path: Optional[str] = typer.Option(None, *_both("model_path"), "--model_name_or_path", help="ChatGLM2 model folder (official layout)."),
+    model_path: Optional[str] = typer.Option(None, *_both("model_path"), "--model_name_or_path", help="ChatGLM2 or ChatGLM3 model folder (official layout)."),
     train_file: Optional[str] = typer.Option(None, *_both("train_file"), help="Raw training data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="A folder written by `glmtune preprocess` (instead of --train-file)."),
     output_dir: Optional[str] = typer.Option(None, *_both("output_dir"), help="Checkpoints, metrics.jsonl, loss_curve.png."),
@@ -204,6 +204,7 @@ def train(
     quantization_bit: Optional[int] = typer.Option(None, *_both("quantization_bit"), help="Quantize the frozen weights to 4 or 8 bits."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Frozen weights' dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda [default: auto]."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
     prompt_column: Optional[str] = typer.Option(None, *_both("prompt_column"), help="[default: content]"),
     response_column: Optional[str] = typer.Option(None, *_both("response_column"), help="[default: summary]"),
     history_column: Optional[str] = typer.Option(None, *_both("history_column"), help="Column of [query, answer] pairs."),
@@ -249,7 +250,7 @@ def train(
     early_stopping_threshold: Optional[float] = typer.Option(None, *_both("early_stopping_threshold"), help="Smallest change that counts as an improvement [default: 0]."),
     report_to: Optional[str] = typer.Option(None, *_both("report_to"), help="tensorboard (event files in OUTPUT/runs), none, or auto [default: auto: tensorboard when installed]."),
 ) -> None:
-    """P-tuning v2: train a prefix for a frozen ChatGLM2 (official defaults; resumable; torchrun data parallel)."""
+    """P-tuning v2: train a prefix for a frozen ChatGLM2 or ChatGLM3 (official defaults; resumable; torchrun data parallel)."""
     import os
 
     from glmtune.train_config import build_config, launch_torchrun

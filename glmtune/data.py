@@ -24,10 +24,7 @@ alpaca / sharegpt records and `--train-on all-turns` rows are `glmtune.data_form
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
-import itertools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -35,9 +32,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune import data_formats
-from glmtune.data_formats import IGNORE_INDEX  # defined once, in the module below this one
+from glmtune.data_formats import IGNORE_INDEX, length_percentiles  # defined once, in the module below this one
 from glmtune.errors import GlmtuneError
-from glmtune.fsutil import json_line, text_lines
+from glmtune.fsutil import iter_records
 
 TOKENIZE_MODES = ("train", "eval")  # what `tokenize` builds: training rows or eval prompts + references
 MIN_ROWS_PER_WORKER = 4096
@@ -94,61 +91,6 @@ class DataConfig:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _iter_records(path: Path):
-    """Yield (where, record) from JSON Lines, a JSON array, or CSV; `where` is 'file:line' (or ':item N')."""
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".jsonl", ".csv"):
-        raise GlmtuneError(f"{path}: unsupported file type {suffix!r} (expected .json, .jsonl or .csv)")
-    with contextlib.closing(text_lines(path)) as lines:
-        if suffix == ".csv":
-            yield from _csv_records(path, lines)
-            return
-        head: list[str] = []  # lines up to the first non-blank one, which tells an array from JSON Lines
-        for line in lines:
-            head.append(line)
-            if line.strip():
-                break
-        if "".join(head).lstrip().startswith("["):  # one JSON array of objects
-            try:
-                items = json.loads("".join(head) + "".join(lines))
-            except json.JSONDecodeError as exc:
-                raise GlmtuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            for index, record in enumerate(items):
-                yield f"{path}: item {index}", record
-            return
-        for number, line in enumerate(itertools.chain(head, lines), start=1):
-            if not line.strip():
-                continue
-            yield f"{path}:{number}", json_line(f"{path}:{number}", line)
-
-
-def _csv_records(path: Path, lines):
-    """(where, record) per CSV row. Malformed CSV is an error naming the row's first line: a row with more
-    fields than the header (as pandas, which the official `load_dataset("csv")` uses), or a quote never
-    closed (which would otherwise swallow the rest of the file into one field). A shorter row keeps None
-    for its missing fields, as pandas keeps NaN, and is then dropped as empty."""
-    reader = csv.reader(lines, strict=True)
-    start = 1
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        start = reader.line_num + 1
-        for fields in reader:
-            where = f"{path}:{start}"
-            if not fields:  # a blank line
-                start = reader.line_num + 1
-                continue
-            if len(fields) > len(header):
-                raise GlmtuneError(f"{where}: {len(fields)} fields, but the header has {len(header)} ({header}); "
-                                   "quote fields that contain commas")
-            yield where, dict(itertools.zip_longest(header, fields))
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        hint = "; a quoted field is never closed" if "end of data" in str(exc) else ""
-        raise GlmtuneError(f"{path}:{start}: malformed CSV ({exc}{hint})") from None
-
-
 def _text_field(where: str, record: dict, column: str) -> str | None:
     if column not in record:
         raise GlmtuneError(
@@ -193,7 +135,7 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
     rows: list[dict[str, Any]] = []
     history_seen, columns = False, None
     layout = None if config.data_format == "auto" else config.data_format
-    for where, record in _iter_records(path):
+    for where, record in iter_records(path):
         if config.max_samples is not None and len(rows) >= config.max_samples:
             break
         if not isinstance(record, dict):
@@ -369,13 +311,6 @@ def collate_eval(features: Sequence[dict], pad_token_id: int = 0) -> dict:
 # --- report --------------------------------------------------------------------------------------
 
 
-def _percentiles(values: list[int]) -> dict[str, float]:
-    import numpy as np
-
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"p50": round(float(p50), 1), "p90": round(float(p90), 1), "p99": round(float(p99), 1), "max": int(max(values))}
-
-
 def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, source: str | os.PathLike) -> dict:
     """Rows read/skipped, untruncated token lengths, and how many prompts/targets the limits cut."""
     if config.family == "chatglm3":
@@ -399,8 +334,8 @@ def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, s
         "rows_skipped": {"empty_prompt": empty_prompt, "empty_response": empty_response, "total": len(rows) - kept},
         "max_source_length": config.max_source_length,
         "max_target_length": config.max_target_length,
-        "prompt_tokens": _percentiles(prompt_tokens),
-        "target_tokens": _percentiles(target_tokens),
+        "prompt_tokens": length_percentiles(prompt_tokens),
+        "target_tokens": length_percentiles(target_tokens),
         "prompts_truncated": prompts_cut,  # each of them lost its `答：` tail
         "prompts_truncated_pct": round(100 * prompts_cut / kept, 2),
         "targets_truncated": targets_cut,

@@ -19,6 +19,9 @@ tokenizer's own `build_prompt` adds between answers (so another model family's p
 over), each answer is encoded on its own as the official code encodes a response, and the whole row is
 cut on the right to max_source_length + max_target_length + 1 tokens. It applies to any row with history
 (columns with --history-column, alpaca `history`, sharegpt).
+
+This module also holds what the two families' data modules share (`IGNORE_INDEX`, `length_percentiles`),
+below both `glmtune.data` and `glmtune.data_glm3`, so that neither imports the other for them.
 """
 
 from __future__ import annotations
@@ -187,3 +190,12 @@ def format_samples(dataset, tokenizer, count: int = 2) -> str:
             text = "".join(parts)
         lines.append(f"[{index}] {text!r}")
     return "\n".join(lines)
+
+
+def length_percentiles(values: list[int]) -> dict[str, float]:
+    """p50/p90/p99/max of token lengths: the preprocess report of both families (here, below glmtune.data and
+    glmtune.data_glm3, so neither imports the other for it)."""
+    import numpy as np
+
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"p50": round(float(p50), 1), "p90": round(float(p90), 1), "p99": round(float(p99), 1), "max": int(max(values))}

@@ -34,8 +34,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from glmtune.data import IGNORE_INDEX  # one definition (issue 9 item 18)
+from glmtune.data_formats import IGNORE_INDEX, length_percentiles  # one definition each, below glmtune.data
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import iter_records
 
 RULES = ("2023", "finetune-hf")
 MESSAGE_ROLES = ("system", "user", "assistant", "observation", "tool")
@@ -76,13 +77,11 @@ def _json_cell(where: str, record: dict, column: str) -> Any:
 
 def load_rows(path: str | os.PathLike, config: Any) -> list[dict[str, Any]]:
     """Rows `{"conversations", "tools"?, "where"}` or `{"prompt", "response", "where"}`; errors name file, line, field."""
-    from glmtune.data import _iter_records
-
     path = Path(path)
     if not path.is_file():
         raise GlmtuneError(f"{path}: no such file")
     rows: list[dict[str, Any]] = []
-    for where, record in _iter_records(path):
+    for where, record in iter_records(path):
         if config.max_samples is not None and len(rows) >= config.max_samples:
             break
         if not isinstance(record, dict):
@@ -273,8 +272,6 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: Any, mode: str):
 
 def build_report(rows: Sequence[dict], dataset, config: Any, mode: str, source: Any) -> dict:
     """Rows read / skipped (with reasons) and token lengths, in the shape of `glmtune.data.build_report`."""
-    from glmtune.data import _percentiles
-
     reasons: dict[str, int] = {}
     for row in rows:
         reason = skip_reason(row, config)
@@ -297,8 +294,8 @@ def build_report(rows: Sequence[dict], dataset, config: Any, mode: str, source: 
                          "total": sum(reasons.values()), "reasons": reasons},
         "max_source_length": limit,
         "max_target_length": config.max_target_length,
-        "prompt_tokens": _percentiles(lengths),
-        "target_tokens": _percentiles(targets),
+        "prompt_tokens": length_percentiles(lengths),
+        "target_tokens": length_percentiles(targets),
         "prompts_truncated": cut,
         "prompts_truncated_pct": round(100 * cut / max(1, len(lengths)), 2),
         "targets_truncated": 0,

@@ -17,6 +17,11 @@ and merged model glmtune saves), else detected from the tokenizer (ChatGLM3's to
 its role tokens), else from the release name the official config.json carries (`THUDM/chatglm3-6b`), else
 ChatGLM2; `--family` overrides. The official releases do not record a family: a
 folder with no tokenizer (e.g. a bare 32k weight folder) needs `--family chatglm3` to be read as ChatGLM3.
+
+The registry sits below what uses it and imports nothing above it (no import cycle): ChatGLM2's prompt
+building and reply post-processing are defined here (`glmtune.chat` re-exports `process_response`),
+ChatGLM3's come from `glmtune.glm3`, which imports only `glmtune.errors`; the tokenizer classes and data
+readers pick their family's code from above (`glmtune.tokenizer`, `glmtune.data`).
 """
 
 from __future__ import annotations
@@ -107,10 +112,15 @@ def _glm2_messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]
     return tokenizer(tokenizer.build_prompt(query, history))["input_ids"]
 
 
-def _glm2_parse_response(text: str, messages: list[dict]) -> tuple[str, list[dict]]:
-    from glmtune.chat import process_response
+def glm2_process_response(response: str) -> str:
+    """The official ChatGLM2 post-processing of a decoded answer (`process_response` of THUDM/chatglm2-6b);
+    `glmtune.chat` uses it as its `process_response`. It lives here, with ChatGLM2's prompt building, so the
+    registry imports nothing above it."""
+    return response.strip().replace("[[训练时间]]", "2023年")
 
-    response = process_response(text)
+
+def _glm2_parse_response(text: str, messages: list[dict]) -> tuple[str, list[dict]]:
+    response = glm2_process_response(text)
     return response, [*messages, {"role": "assistant", "content": response}]
 
 

@@ -5,11 +5,16 @@ Atomic folder output builds a folder beside its destination, then puts it in pla
 complete one is expected, and an existing folder is only replaced once the new one is complete;
 `atomic_file` / `atomic_write_text` do the same for single files. `text_lines` reads a user's text file
 line by line and reports a non-UTF-8 byte with its line instead of a bare UnicodeDecodeError;
-`json_line` parses one JSON Lines record and names the right column on error.
+`json_line` parses one JSON Lines record and names the right column on error; `iter_records` reads a
+data file (JSON Lines, a JSON array or CSV) as (file:line, record) pairs for both model families' data
+readers (`glmtune.data`, `glmtune.data_glm3`), which therefore need not import each other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import itertools
 import json
 import os
 import shutil
@@ -134,3 +139,58 @@ def json_line(where: str, line: str):
         return json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         raise GlmtuneError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def iter_records(path: Path):
+    """Yield (where, record) from JSON Lines, a JSON array, or CSV; `where` is 'file:line' (or ':item N')."""
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise GlmtuneError(f"{path}: unsupported file type {suffix!r} (expected .json, .jsonl or .csv)")
+    with contextlib.closing(text_lines(path)) as lines:
+        if suffix == ".csv":
+            yield from _csv_records(path, lines)
+            return
+        head: list[str] = []  # lines up to the first non-blank one, which tells an array from JSON Lines
+        for line in lines:
+            head.append(line)
+            if line.strip():
+                break
+        if "".join(head).lstrip().startswith("["):  # one JSON array of objects
+            try:
+                items = json.loads("".join(head) + "".join(lines))
+            except json.JSONDecodeError as exc:
+                raise GlmtuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            for index, record in enumerate(items):
+                yield f"{path}: item {index}", record
+            return
+        for number, line in enumerate(itertools.chain(head, lines), start=1):
+            if not line.strip():
+                continue
+            yield f"{path}:{number}", json_line(f"{path}:{number}", line)
+
+
+def _csv_records(path: Path, lines):
+    """(where, record) per CSV row. Malformed CSV is an error naming the row's first line: a row with more
+    fields than the header (as pandas, which the official `load_dataset("csv")` uses), or a quote never
+    closed (which would otherwise swallow the rest of the file into one field). A shorter row keeps None
+    for its missing fields, as pandas keeps NaN, and is then dropped as empty."""
+    reader = csv.reader(lines, strict=True)
+    start = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        start = reader.line_num + 1
+        for fields in reader:
+            where = f"{path}:{start}"
+            if not fields:  # a blank line
+                start = reader.line_num + 1
+                continue
+            if len(fields) > len(header):
+                raise GlmtuneError(f"{where}: {len(fields)} fields, but the header has {len(header)} ({header}); "
+                                   "quote fields that contain commas")
+            yield where, dict(itertools.zip_longest(header, fields))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        hint = "; a quoted field is never closed" if "end of data" in str(exc) else ""
+        raise GlmtuneError(f"{path}:{start}: malformed CSV ({exc}{hint})") from None

@@ -26,7 +26,7 @@ from typing import Any
 from transformers.tokenization_utils_base import BatchEncoding
 
 from glmtune.family import GLM3_ROLE_TOKENS
-from glmtune.tokenizer import COMMAND_TOKENS, ChatGLM2Tokenizer
+from glmtune.tokenizer_glm2 import COMMAND_TOKENS, ChatGLM2Tokenizer
 
 ROLES = ("system", "user", "assistant", "observation")
 

@@ -267,9 +267,9 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     seed_everything(config.seed)
     from glmtune.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(config.model_path)
+    tokenizer = load_tokenizer(config.model_path, family=config.family)  # --family, else detected (glmtune.family)
     data = load_train_data(config, tokenizer, dist, say)
-    model, params, dropout = _load_model(config, dist, resume_dir)
+    model, params, dropout = _load_model(config, dist, resume_dir, tokenizer.family)
     run = _Run(config, dist, out, model, params, dropout, tokenizer, data, say)
     if resume_dir is not None:
         run.restore(resume_dir)
@@ -508,8 +508,11 @@ def _resume_dir(config: TrainConfig, out: Path) -> Path | None:
     return None
 
 
-def _load_model(config: TrainConfig, dist: Dist, resume_dir: Path | None):
-    """The frozen model with its prefix (fresh and seeded, or the checkpoint's), keyed dropout, the trainable params."""
+def _load_model(config: TrainConfig, dist: Dist, resume_dir: Path | None, family: str):
+    """The frozen model with its prefix (fresh and seeded, or the checkpoint's), keyed dropout, the trainable params.
+
+    `family` is the tokenizer's (--family or detected): it decides the rope rule, is recorded in every checkpoint's
+    config.json, and a checkpoint of another family is refused on resume (glmtune.loading.load_model)."""
     from glmtune.loading import load_model, resolve_device
 
     _, dtype = resolve_device(str(dist.device), config.dtype)
@@ -520,7 +523,7 @@ def _load_model(config: TrainConfig, dist: Dist, resume_dir: Path | None):
         pre_seq_len, projection = pre_seq_len or DEFAULT_PRE_SEQ_LEN, bool(projection)
     model = load_model(config.model_path, ptuning_checkpoint=resume_dir, pre_seq_len=pre_seq_len,
                        prefix_projection=projection, quantization_bit=config.quantization_bit,
-                       dtype=dtype, device=dist.device)
+                       dtype=dtype, device=dist.device, family=family)
     model.train()
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()

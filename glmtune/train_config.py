@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError
+from glmtune.family import FAMILIES  # plain data, no torch
 
 # Official spellings that differ from ours beyond kebab/snake case.
 ALIASES = {"model_name_or_path": "model_path", "train_dataset": "dataset"}
@@ -35,6 +36,7 @@ class TrainConfig:
     quantization_bit: int | None = None
     dtype: str = "auto"  # float32 on CPU; bfloat16 (or float16 without bf16 support) on CUDA
     device: str = "auto"
+    family: str | None = None  # chatglm2 / chatglm3 (glmtune.family); None = detected from the model folder
     # data (the official ADGEN columns and lengths)
     train_file: str | None = None
     dataset: str | None = None
@@ -89,7 +91,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not self.model_path:
-            raise GlmtuneError("train: --model-path is required (the ChatGLM2 model folder)")
+            raise GlmtuneError("train: --model-path is required (the ChatGLM2 or ChatGLM3 model folder)")
         if not self.output_dir:
             raise GlmtuneError("train: --output-dir is required")
         # Checked here, before any data or model loads (issue 9, item 8): a file in the way fails at once.
@@ -116,6 +118,8 @@ class TrainConfig:
             raise GlmtuneError(f"train: --max-train-samples must be at least 1, found {self.max_train_samples}")
         if self.quantization_bit not in (None, 4, 8):
             raise GlmtuneError(f"train: --quantization-bit must be 4 or 8, found {self.quantization_bit}")
+        if self.family is not None and self.family not in FAMILIES:
+            raise GlmtuneError(f"train: --family must be one of {sorted(FAMILIES)}, found {self.family!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise GlmtuneError(f"train: --dtype must be one of {list(DTYPE_CHOICES)}, found {self.dtype!r}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "adam_epsilon", "warmup_steps"):

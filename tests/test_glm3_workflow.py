@@ -125,3 +125,45 @@ def test_chatglm3_preprocess_train_eval_merge_and_chat_end_to_end(tmp_path):
     assert history[0]["tools"] == TOOLS and history[1] == {"role": "user", "content": "北京天气怎么样？"}
     assert history[-1]["role"] == "assistant"
 
+
+
+def test_train_family_option_overrides_detection_and_a_mismatched_resume_is_refused_naming_both(tmp_path):
+    from typer.testing import CliRunner
+
+    from glmtune.cli import app
+    from glmtune.errors import GlmtuneError
+    from glmtune.tiny import init_model
+    from glmtune.tokenizer import load_tokenizer
+
+    # A ChatGLM3 folder that says nothing about its family (like a bare official download): detected as ChatGLM2.
+    model = init_model(tmp_path / "bare3", family="chatglm3", seq_length=1024)
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    del config["glmtune_family"]
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (model / "tokenizer_config.json").unlink()
+    assert load_tokenizer(model).family == "chatglm2"
+
+    # Conversations without tool calls, which ChatGLM2 reads too (as sharegpt): only the model load can refuse.
+    train_file = _conversations(tmp_path / "train.jsonl", 10)
+    rows = [line for line in train_file.read_text(encoding="utf-8").splitlines() if '"tools"' not in line]
+    train_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["train", "--model-path", model, "--train-file", train_file, "--output-dir", out, "--pre-seq-len", "4",
+            "--per-device-train-batch-size", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--disable-tqdm",
+            "--max-source-length", "96", "--max-target-length", "96", "--report-to", "none"]
+    _in_process(*args, "--max-steps", "2", "--family", "chatglm3")
+    checkpoint = out / "checkpoint-2"
+    assert json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))["glmtune_family"] == "chatglm3"
+    assert json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["config"]["family"] == "chatglm3"
+    assert load_tokenizer(checkpoint).family == "chatglm3"  # the saved tokenizer has the role tokens
+
+    # Resuming that run as ChatGLM2 is refused with both names, and the checkpoint stays as it was.
+    before = sorted(p.name for p in out.iterdir())
+    refused = CliRunner().invoke(app, [str(a) for a in (*args, "--max-steps", "4", "--resume", "--family", "chatglm2")])
+    assert isinstance(refused.exception, GlmtuneError), refused.output
+    assert "checkpoint of a chatglm3 model, but the base model is chatglm2" in str(refused.exception)
+    assert sorted(p.name for p in out.iterdir()) == before and not (out / "checkpoint-4").exists()
+
+    unknown = CliRunner().invoke(app, [str(a) for a in (*args, "--family", "chatglm9")])
+    assert isinstance(unknown.exception, GlmtuneError)
+    assert "--family must be one of ['chatglm2', 'chatglm3'], found 'chatglm9'" in str(unknown.exception)
