@@ -119,7 +119,7 @@ def load_chat_model(
 ):
     """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint, the
     family (`glmtune.family`) from `family` or the model folder."""
-    from glmtune.loading import find_tokenizer, load_model, read_chatglm_config
+    from glmtune.loading import load_model, read_chatglm_config
 
     read_chatglm_config(model_path)  # "not a model folder" says more than "no tokenizer"
     tokenizer = find_tokenizer(model_path, ptuning_checkpoint, family=family)

@@ -279,6 +279,27 @@ def load_eval_data(
     return dataset, dataclasses.replace(meta["config"], max_samples=config.max_samples), dropped
 
 
+def _checked_inputs(output_dir, config, settings) -> tuple[Any, GenerationSettings, Path]:
+    """Defaults filled in and checked, and an output path that is not a file: before anything loads."""
+    from glmtune import data
+
+    config = config or data.DataConfig()
+    config.validate()
+    settings = settings or GenerationSettings(max_new_tokens=None)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise GlmtuneError(f"{out}: exists and is not a folder")
+    return config, settings, out
+
+
+def _with_answer_budget(settings: GenerationSettings, config: Any) -> GenerationSettings:
+    """max_new_tokens of None means the data's max_target_length (known once the data is read)."""
+    if settings.max_new_tokens is None:
+        settings = dataclasses.replace(settings, max_new_tokens=config.max_target_length)
+    settings.validate()
+    return settings
+
+
 def run_eval(
     model_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -306,25 +327,17 @@ def run_eval(
 
     `settings.max_new_tokens` of None means `config.max_target_length`.
     """
-    from glmtune import data
     from glmtune.loading import load_model
     from glmtune.tokenizer import load_tokenizer
 
-    config = config or data.DataConfig()
-    config.validate()
-    settings = settings or GenerationSettings(max_new_tokens=None)
     if batch_size < 1:
         raise GlmtuneError(f"--batch-size must be at least 1, got {batch_size}")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise GlmtuneError(f"{out}: exists and is not a folder")
+    config, settings, out = _checked_inputs(output_dir, config, settings)
 
     tokenizer = load_tokenizer(model_path, family=family)
     # Data first: a wrong column or a malformed line fails before the (slow) model load.
     dataset, config, dropped = load_eval_data(tokenizer, test_file, dataset_dir, config, cache_dir, num_workers)
-    if settings.max_new_tokens is None:
-        settings = dataclasses.replace(settings, max_new_tokens=config.max_target_length)
-    settings.validate()
+    settings = _with_answer_budget(settings, config)
     from glmtune.loading import resolve_device  # one auto device/dtype rule for train, eval and chat
 
     device, dtype = resolve_device(device, dtype)
@@ -375,24 +388,17 @@ def compare_base(
     """Score the base model (prefix off) and the tuned one on the same rows (OUT/base, OUT/tuned), and on an
     optional general-purpose file measure how far the tuned greedy answers moved from the base's: the share
     of identical answers and the mean ROUGE-L of tuned against base answers. Writes OUT/comparison.json."""
-    from glmtune import data, metrics
+    from glmtune import metrics
     from glmtune.loading import load_model, resolve_device
     from glmtune.tokenizer import load_tokenizer
 
-    config = config or data.DataConfig()
-    config.validate()
-    settings = settings or GenerationSettings(max_new_tokens=None)
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise GlmtuneError(f"{out}: exists and is not a folder")
+    config, settings, out = _checked_inputs(output_dir, config, settings)
     tokenizer = load_tokenizer(model_path, family=family)
     dataset, config, _ = load_eval_data(tokenizer, test_file, dataset_dir, config, None, num_workers)
     general = None
     if general_file is not None:
         general, _, _ = load_eval_data(tokenizer, general_file, None, config, None, num_workers)  # same columns and limits
-    if settings.max_new_tokens is None:
-        settings = dataclasses.replace(settings, max_new_tokens=config.max_target_length)
-    settings.validate()
+    settings = _with_answer_budget(settings, config)
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
                        dtype=dtype, device=device, family=tokenizer.family)

@@ -40,7 +40,6 @@ from transformers.tokenization_utils_base import BatchEncoding, TruncationStrate
 from transformers.utils import PaddingStrategy
 
 from glmtune import compat
-from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_file
 
 TOKENIZER_FILE = "tokenizer.model"

@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from glmtune.checkpoint import (
     LOSS_PLOT,

@@ -32,3 +32,27 @@ def reference() -> Path:
     if action == "skip":
         pytest.skip(message)
     return REFERENCE
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random ChatGLM2 folder (glmtune init-model defaults), made once per test module."""
+    from glmtune.tiny import init_model
+
+    return init_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def single_thread_own_cache(tmp_path, monkeypatch):
+    """One torch thread and a private token cache for the test.
+
+    Tiny matrices run faster on one thread, and one thread is immune to other processes on a shared
+    machine; a private GLMTUNE_CACHE keeps tests from reading each other's tokenized data.
+    """
+    import torch
+
+    monkeypatch.setenv("GLMTUNE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

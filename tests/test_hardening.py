@@ -453,7 +453,6 @@ def test_removed_dead_code_stays_removed():
     import inspect
 
     from glmtune import data
-    from glmtune.modeling import ChatGLM2ForCausalLM
 
     # (`_prefix_kv` and the dtype fallback came back with the serve work's forward split on main: `compute_dtype`
     # documents why, and `_prepare_cache` calls `_prefix_kv`; that code is the serve developer's.)

@@ -25,22 +25,7 @@ TRAIN_FILE = REPO / "data" / "adgen_sample" / "train.json"
 CHAT_FILE = REPO / "data" / "multiturn_sample.json"
 PREFIX_KEY = "transformer.prefix_encoder.embedding.weight"
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from glmtune.tiny import init_model
-
-    return init_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(autouse=True)
-def _quiet_single_thread(tmp_path, monkeypatch):
-    # Tiny matrices: one thread is faster and immune to other processes on the machine.
-    monkeypatch.setenv("GLMTUNE_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_own_cache")  # fixtures: tests/conftest.py
 
 
 def _config(model, out, **overrides) -> TrainConfig:

@@ -21,21 +21,7 @@ TRAIN_FILE = REPO / "data" / "adgen_sample" / "train.json"
 DEV_FILE = REPO / "data" / "adgen_sample" / "dev.json"
 PREFIX_KEY = "transformer.prefix_encoder.embedding.weight"
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from glmtune.tiny import init_model
-
-    return init_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(autouse=True)
-def _quiet_single_thread(tmp_path, monkeypatch):
-    monkeypatch.setenv("GLMTUNE_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_own_cache")  # fixtures: tests/conftest.py
 
 
 def _train(model, out, **overrides):
