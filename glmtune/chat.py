@@ -46,6 +46,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import read_json_file
 from glmtune.family import glm2_process_response as process_response  # the registry's; public here as before
 from glmtune.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
 
@@ -92,13 +93,7 @@ def normalize_history(history, source: str = "history") -> History:
 def read_history_file(path: str | Path) -> list:
     """A JSON file holding a list of [query, answer] pairs, or (ChatGLM3) of messages {role, content}
     (what `--json` prints as "history")."""
-    path = Path(path)
-    if not path.is_file():
-        raise GlmtuneError(f"{path}: history file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    data = read_json_file(path, "history file")
     if isinstance(data, dict) and "history" in data:  # accept `--json` output as is
         data = data["history"]
     if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):

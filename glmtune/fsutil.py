@@ -113,6 +113,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def read_json_file(path: str | Path, what: str):
+    """The parsed content of a small JSON file (a history, a tools list), or one clear error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise GlmtuneError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
 def text_lines(path: str | Path) -> Iterator[str]:
     """The file's lines as text, line endings kept; a UTF-8 BOM is dropped (as `utf-8-sig`).
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import ast
 import copy
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from glmtune.errors import GlmtuneError
+from glmtune.fsutil import read_json_file
 
 ROLES = ("system", "user", "assistant", "observation")
 DEFAULT_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
@@ -143,13 +143,7 @@ def process_response(output: str, history: list[dict], warn: bool = True) -> tup
 
 def read_tools_file(path: str | Path) -> list:
     """A JSON file holding a list of tool descriptions (ChatGLM3 `tools`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise GlmtuneError(f"{path}: tools file not found")
-    try:
-        tools = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise GlmtuneError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    tools = read_json_file(path, "tools file")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise GlmtuneError(f"{path}: expected a JSON list of tool objects, found {type(tools).__name__}")
     return tools

@@ -587,3 +587,20 @@ def test_init_model_rejects_a_negative_pretrain_steps(tmp_path):
 
     with pytest.raises(GlmtuneError, match="--pretrain-steps must be 0 or a positive integer"):
         init_model(tmp_path / "m", pretrain_steps=-1)
+
+
+def test_history_and_tools_files_that_are_not_utf8_or_not_json_are_one_clear_error(tmp_path):
+    from glmtune.chat import read_history_file
+    from glmtune.glm3 import read_tools_file
+
+    latin = tmp_path / "latin1.json"
+    latin.write_bytes('[["caf\u00e9", "ok"]]'.encode("latin-1"))
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"name": "x",\n', encoding="utf-8")
+    for reader in (read_history_file, read_tools_file):
+        with pytest.raises(GlmtuneError, match=r"latin1\.json: not UTF-8 text"):
+            reader(latin)
+        with pytest.raises(GlmtuneError, match=r"broken\.json: line 2: invalid JSON"):
+            reader(broken)
+        with pytest.raises(GlmtuneError, match="not found"):
+            reader(tmp_path / "missing.json")
