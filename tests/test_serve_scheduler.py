@@ -245,3 +245,22 @@ def test_int8_base_greedy_answer_equals_chat_with_the_same_quantization(tiny):
         assert run_to_completion(sched, greedy(served, QUERIES[1], "b"))[0] == expected
     finally:
         sched.close()
+
+
+def test_a_row_with_non_finite_logits_gets_the_official_guard_token_and_its_neighbours_do_not(served):
+    """The batched pick: a row with inf or NaN logits answers INVALID_SCORE_TOKEN (as chat's
+    InvalidScoreLogitsProcessor), finite rows their own argmax, a finite row with an overflowing
+    sum its argmax too (its sum is not finite, so the exact per-element test decides)."""
+    from glmtune.serve.scheduler import _Row
+
+    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids)
+    rows = [_Row(Request(**greedy(served, "你好", "a"), notify=lambda e: None), None) for _ in range(4)]
+    logits = torch.zeros(4, served.model.config.vocab_size)
+    logits[0, 7] = 1.0
+    logits[1, 3] = float("inf")
+    logits[2, 5] = float("nan")
+    logits[3, :] = 3e38  # finite values whose sum overflows
+    logits[3, 11] = 3.3e38
+    sched._take_all(rows, logits)
+    guard = chat_lib.INVALID_SCORE_TOKEN
+    assert [r.ids for r in rows] == [[7], [guard], [guard], [11]]

@@ -259,7 +259,7 @@ class Scheduler:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
             rows.append(_Row(request, generator, real=len(request.prompt_ids)))
-            self._take(rows[-1], out.logits[j:j + 1, -1])
+        self._take_all(rows, out.logits[:, -1])
         return rows, out.cache, prefix_mask, real_mask
 
     def _merge(self, rows: list[_Row], cache: DynamicCache, prefix_mask: torch.Tensor, real_mask: torch.Tensor) -> None:
@@ -302,17 +302,37 @@ class Scheduler:
         out = self.model(input_ids=ids, attention_mask=mask, cache=self._cache, use_cache=True,
                          prefix_mask=self._prefix_mask, logits_to_keep=1)
         self._real_mask = mask
-        logits = out.logits[:, -1]
-        for i, row in enumerate(rows):
+        self._take_all(rows, out.logits[:, -1])
+        for row in rows:
             row.real += 1
-            self._take(row, logits[i:i + 1])
             self._finish_if_done(row)
         self.stats["step_seconds"] += time.perf_counter() - started
 
-    def _take(self, row: _Row, logits: torch.Tensor) -> None:
+    def _take_all(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick every row's next token from the batch's logits [rows, vocab].
+
+        The checks and the greedy choice run once over the batch, not once per row: per row they were
+        five full passes over the vocabulary (`isfinite`) plus an `argmax`, 8 x 6 small parallel ops a
+        step, a third of an 8-row step on a busy 2-core machine (issue: serve throughput). A row's sum
+        is finite only if all its logits are (an inf or NaN makes it inf or NaN), so one reduction
+        clears the usual case and only a row whose sum is not finite gets the exact per-element test.
+        """
+        scores = logits.float()
+        sum_finite = torch.isfinite(scores.sum(-1)).tolist()
+        greedy = scores.argmax(-1).tolist() if any(r.request.params.temperature <= 0 for r in rows) else None
+        for i, row in enumerate(rows):
+            finite = sum_finite[i] or bool(torch.isfinite(scores[i]).all())
+            if finite and row.request.params.temperature <= 0:
+                row.ids.append(int(greedy[i]))  # argmax of the row alone: same values, same first maximum
+            else:
+                self._take(row, scores[i:i + 1], finite)
+
+    def _take(self, row: _Row, logits: torch.Tensor, finite: bool | None = None) -> None:
         """Pick the row's next token from its logits [1, vocab] and record it."""
         scores = logits.float()
-        if not torch.isfinite(scores).all():  # the official guard (see chat.InvalidScoreLogitsProcessor)
+        if finite is None:
+            finite = bool(torch.isfinite(scores).all())
+        if not finite:  # the official guard (see chat.InvalidScoreLogitsProcessor)
             scores = torch.zeros_like(scores)
             scores[..., INVALID_SCORE_TOKEN] = 5e4
         p = row.request.params
