@@ -1,4 +1,4 @@
-"""glmtune: P-tuning v2 for ChatGLM2-6B on transformers' native GLM model.
+"""glmtune: P-tuning v2 for the ChatGLM family (ChatGLM2, ChatGLM3, 32k) on transformers' native GLM model.
 
 The public API is imported lazily so that `glmtune --help` and `import glmtune` stay light
 (no torch import until a model is actually needed).

@@ -60,7 +60,7 @@ class _Group(TyperGroup):
 
 app = typer.Typer(
     cls=_Group,
-    help="Fine-tune ChatGLM2-6B with P-tuning v2: preprocess, train, eval, chat, merge.",
+    help="Fine-tune ChatGLM2 / ChatGLM3 with P-tuning v2: preprocess, train, eval, chat, merge, quantize, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
