@@ -186,6 +186,19 @@ def test_adapter_for_another_base_shape_is_refused_naming_both_values(tiny, tmp_
         load_served_models(model_dir, adapters={"x": ckpt}, device="cpu", dtype="float32")
 
 
+def test_adapter_trained_on_another_family_is_refused_naming_both(tiny, tmp_path):
+    model_dir, a, _ = tiny
+    glm3 = tmp_path / "glm3"
+    glm3.mkdir()
+    for f in a.iterdir():
+        (glm3 / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((glm3 / "config.json").read_text())
+    cfg["glmtune_family"] = "chatglm3"
+    (glm3 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GlmtuneError, match=r"checkpoint of a chatglm3 model, but the base model is chatglm2"):
+        load_served_models(model_dir, adapters={"g3": glm3}, device="cpu", dtype="float32")
+
+
 def test_adapter_with_the_wrong_pre_seq_len_is_refused_naming_both_values(tiny, tmp_path):
     model_dir, a, _ = tiny
     bad = tmp_path / "bad"

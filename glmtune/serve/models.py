@@ -104,9 +104,12 @@ def check_checkpoint_shape(model, raw: dict, state: dict, source: str, pre_seq_l
 
 
 def load_adapter(model, name: str, path: str | Path) -> Adapter:
+    from glmtune.family import FAMILY_FIELD, check_same_family, get_family
     from glmtune.prefix import PrefixEncoder, load_prefix_state, read_prefix_checkpoint
 
     source = f"adapter {name} ({path})"
+    # The same family check as load_model's for --ptuning-checkpoint (the prefix shapes match across families).
+    check_same_family(get_family(model.chatglm_config.get(FAMILY_FIELD)), path)
     cfg, state, raw = read_prefix_checkpoint(path)
     check_checkpoint_shape(model, raw, state, source, cfg.pre_seq_len)
     config = model.config
