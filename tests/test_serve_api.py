@@ -372,6 +372,39 @@ def test_serve_refuses_a_checkpoint_for_another_base_at_start(tiny, tmp_path):
     assert "hidden_size 32, this base has hidden_size 64" in str(result.exception)
 
 
+def test_a_port_in_use_is_one_clear_error_with_exit_code_2(tiny):
+    model_dir, _, _ = tiny
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = subprocess.run([sys.executable, "-m", "glmtune", "serve", "--model-path", str(model_dir),
+                               "--device", "cpu", "--port", str(taken.getsockname()[1])],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "error: the HTTP server did not start on 127.0.0.1" in done.stderr
+    assert "address already in use" in done.stderr.lower() and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_stops_the_server_cleanly_mid_answer(tiny, tmp_path, sig):
+    """The model runs on the main thread and HTTP on another: both signals must still end the process (exit 0)."""
+    import signal
+
+    model_dir, _, _ = tiny
+    proc, url = start_server(["--model-path", str(model_dir), "--device", "cpu", "--dtype", "float32",
+                              "--max-new-tokens", "100000", "--max-length", "100000"], tmp_path / "server.log")
+    try:
+        body = {"model": "model", "prompt": "你好", "max_tokens": 100000, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())  # a row is decoding
+            proc.send_signal(getattr(signal, sig))
+            assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
 # --- the page in a real browser ------------------------------------------------------------------
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

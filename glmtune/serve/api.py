@@ -12,10 +12,11 @@ enforced while reading, and so that every validation error comes out in OpenAI's
 
 from __future__ import annotations
 
-import importlib
 import asyncio
+import importlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from importlib import resources
@@ -25,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
+from glmtune.errors import GlmtuneError
 from glmtune.serve import protocol
 from glmtune.serve.protocol import ApiError
 from glmtune.serve.scheduler import Event, Request as GenRequest, Scheduler
@@ -293,19 +295,43 @@ def run_server(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     log_level: str = "info",
 ) -> None:
-    """Load the models, start the scheduler, serve until interrupted."""
+    """Load the models and serve until interrupted: the model on this (main) thread, HTTP on another.
+
+    See `Scheduler.run` for why the model stays on the thread that loaded it. uvicorn installs no signal
+    handlers off the main thread, so SIGINT and SIGTERM are handled here: both stop the decode loop and
+    then the HTTP server (which gets `timeout_graceful_shutdown` seconds for open streams).
+    """
+    import signal
+
     import uvicorn
 
     from glmtune.serve.models import load_served_models
 
     served = load_served_models(model_path, adapters=adapters, ptuning_checkpoint=ptuning_checkpoint,
                                 served_name=served_name, quantization_bit=quantization_bit, dtype=dtype, device=device)
-    scheduler = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size).start()
+    scheduler = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size)
     app = create_app(served, scheduler, api_key=api_key, max_body_bytes=max_body_bytes,
                      max_new_tokens=max_new_tokens, max_length=max_length)
-    names = ", ".join(f"{n} (prefix {a.pre_seq_len})" if a.pre_seq_len else n for n, a in served.adapters.items())
-    print(f"glmtune serve: models {names}; http://{host}:{port}/ (page), http://{host}:{port}/v1 (API)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="glmtune-http", daemon=True)
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    http.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        while not server.started and http.is_alive():
+            time.sleep(0.05)
+        if not server.started:  # uvicorn has logged why (e.g. the port is in use)
+            raise GlmtuneError(f"the HTTP server did not start on {host}:{port}; see the message above")
+        names = ", ".join(f"{n} (prefix {a.pre_seq_len})" if a.pre_seq_len else n for n, a in served.adapters.items())
+        print(f"glmtune serve: models {names}; http://{host}:{port}/ (page), http://{host}:{port}/v1 (API)", flush=True)
+        scheduler.run(keep_running=http.is_alive)
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         scheduler.close()
+        server.should_exit = True
+        http.join(timeout=15)

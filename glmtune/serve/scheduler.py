@@ -143,7 +143,8 @@ class Scheduler:
     # --- public, any thread ---
 
     def start(self) -> "Scheduler":
-        self._thread = threading.Thread(target=self._loop, name="glmtune-scheduler", daemon=True)
+        """Run the loop on a new thread (tests, scripts). `glmtune serve` runs it on the main thread: `run`."""
+        self._thread = threading.Thread(target=self.run, name="glmtune-scheduler", daemon=True)
         self._thread.start()
         return self
 
@@ -173,13 +174,21 @@ class Scheduler:
 
     # --- the loop, scheduler thread only ---
 
-    def _loop(self) -> None:
+    def run(self, keep_running: Callable[[], bool] = lambda: True) -> None:
+        """The decode loop, on the calling thread, until `close()` or until `keep_running()` is false.
+
+        `glmtune serve` calls this on the main thread, the thread that loaded the model, and runs HTTP on
+        another one. Measured (bench/serve.py shapes, torch 2.13 with GNU OpenMP, 2 cores): once one
+        thread has run parallel torch ops, the same model steps run on a second thread take ~25% longer
+        (1 row 23-29 vs 18-20 ms, 8 rows 42-49 vs 32-36 ms), as if the two threads' OpenMP teams
+        competed for the cores; one thread doing all model work avoids it.
+        """
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stop and not self._waiting and not self._rows:
-                        self._cond.wait()
-                    if self._stop:
+                    while not self._stop and not self._waiting and not self._rows and keep_running():
+                        self._cond.wait(timeout=0.5)
+                    if self._stop or not keep_running():
                         break
                 try:
                     self._admit()
