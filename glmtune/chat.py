@@ -13,10 +13,12 @@ Reproduces `ChatGLMForConditionalGeneration.chat` / `stream_chat` of THUDM/chatg
 * `chat` returns `(response, history + [(query, response)])`; `stream_chat` yields that pair after
   every generated token.
 
-ChatGLM3 (the tokenizer's family, `glmtune.family`) follows `chat` / `stream_chat` of THUDM/chatglm3-6b
-instead: the prompt is `build_chat_input(query, history, role)` over message dicts (system prompt and
-tools, observations), generation stops on `</s>`, `<|user|>` or `<|observation|>`, and the reply goes
-through `glmtune.glm3.process_response` (a tool call comes back as a dict, parsed without `eval`). Two
+What differs between families is asked of the tokenizer's family (`glmtune.family.family_of`): how the
+history is checked, the prompt, the post-processing and which partial answers are streamed. ChatGLM3
+(`glmtune.glm3.RolesChat`) follows `chat` / `stream_chat` of THUDM/chatglm3-6b instead: the prompt is
+`build_chat_input(query, history, role)` over message dicts (system prompt and tools, observations),
+generation stops on `</s>`, `<|user|>` or `<|observation|>`, and the reply goes through
+`glmtune.glm3.process_response` (a tool call comes back as a dict, parsed without `eval`). Two
 official quirks are not copied: the official `chat` decodes `generated[:-1]`, dropping the last token
 even when generation stopped at the length limit (glmtune drops only a stop token), and when the first
 token is a stop token the official `chat` returns "" while `stream_chat` yields nothing (glmtune's
@@ -46,17 +48,15 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from glmtune.errors import GlmtuneError
-from glmtune.fsutil import read_json_file
+from glmtune.family import family_of, normalize_history, normalize_messages
 from glmtune.family import glm2_process_response as process_response  # the registry's; public here as before
+from glmtune.fsutil import read_json_file
 from glmtune.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
 
 DEFAULT_MAX_LENGTH = 8192
 # Room kept for the answer when fitting the history, unless max_new_tokens says otherwise.
 DEFAULT_ANSWER_ROOM = 1024
 INVALID_SCORE_TOKEN = 5  # the official guard's token id
-
-History = list[tuple[str, str]]
-
 
 class HistoryTruncatedWarning(UserWarning):
     """The oldest rounds of a chat history were dropped so that the prompt fits the window."""
@@ -76,31 +76,24 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return scores
 
 
-def normalize_history(history, source: str = "history") -> History:
-    """`[[q, a], ...]` or `[(q, a), ...]` as a list of string tuples; anything else is an error."""
-    if history is None:
-        return []
-    if not isinstance(history, (list, tuple)):
-        raise GlmtuneError(f"{source}: expected a list of [query, answer] pairs, found {type(history).__name__}")
-    rounds: History = []
-    for i, item in enumerate(history):
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
-            raise GlmtuneError(f"{source}[{i}]: expected a [query, answer] pair of strings, found {item!r:.80}")
-        rounds.append((item[0], item[1]))
-    return rounds
-
-
 def read_history_file(path: str | Path) -> list:
     """A JSON file holding a list of [query, answer] pairs, or (ChatGLM3) of messages {role, content}
-    (what `--json` prints as "history")."""
+    (what `--json` prints as "history"). Which of the two it is, is the file's format: the model's family
+    checks it fits when chatting."""
     data = read_json_file(path, "history file")
     if isinstance(data, dict) and "history" in data:  # accept `--json` output as is
         data = data["history"]
     if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
-        from glmtune.glm3 import normalize_messages
-
         return normalize_messages(data, source=str(path))
     return normalize_history(data, source=str(path))
+
+
+def read_tools_file(path: str | Path) -> list:
+    """A JSON file holding a list of tool descriptions (ChatGLM3 `tools`)."""
+    tools = read_json_file(path, "tools file")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise GlmtuneError(f"{path}: expected a JSON list of tool objects, found {type(tools).__name__}")
+    return tools
 
 
 def load_chat_model(
@@ -135,9 +128,10 @@ class ChatPrompt:
 
     prompt: str
     input_ids: list[int]
-    history: History  # the rounds included in the prompt
+    history: list  # the rounds (ChatGLM3: messages) included in the prompt
     dropped: int  # how many of the oldest rounds were left out
     window: int  # tokens the prompt and answer may use together
+    unit: str = "round(s)"  # what `dropped` counts (the family's `history_unit`)
 
 
 def context_window(model, max_length: int = DEFAULT_MAX_LENGTH) -> int:
@@ -147,11 +141,6 @@ def context_window(model, max_length: int = DEFAULT_MAX_LENGTH) -> int:
     """
     seq_length = (getattr(model, "chatglm_config", None) or {}).get("seq_length") or model.config.max_position_embeddings
     return min(int(max_length), int(seq_length))
-
-
-def is_glm3(tokenizer) -> bool:
-    """Whether the tokenizer speaks the ChatGLM3 role format (see glmtune.family)."""
-    return getattr(tokenizer, "family", "chatglm2") == "chatglm3"
 
 
 def build_chat_prompt(
@@ -165,35 +154,20 @@ def build_chat_prompt(
     limit = window - answer_room
     if limit <= 0:
         raise GlmtuneError(f"no room for a prompt: window {window} tokens, {answer_room} kept for the answer")
-    if is_glm3(tokenizer):
-        from glmtune.glm3 import ROLES, normalize_messages
+    family = family_of(tokenizer)
+    pinned, rounds = family.split_history(history, role)
 
-        if role not in ROLES:
-            raise GlmtuneError(f"role: expected one of {list(ROLES)}, found {role!r}")
-        messages = normalize_messages(history)
-        keep = 1 if messages and messages[0]["role"] == "system" else 0
-        pinned, rounds = messages[:keep], messages[keep:]
-
-        def attempt(start: int) -> ChatPrompt | None:
-            ids = tokenizer.chat_input_ids(query, pinned + rounds[start:], role)
-            kept = pinned + rounds[start:]
-            return ChatPrompt(tokenizer.decode(ids), ids, kept, start, window) if len(ids) <= limit else None
-    else:
-        if role != "user":
-            raise GlmtuneError(f"role {role!r}: ChatGLM2 has only user/assistant rounds (use a ChatGLM3 model)")
-        rounds = normalize_history(history)
-
-        def attempt(start: int) -> ChatPrompt | None:
-            prompt = tokenizer.build_prompt(query, rounds[start:])
-            ids = tokenizer(prompt)["input_ids"]
-            return ChatPrompt(prompt, ids, rounds[start:], start, window) if len(ids) <= limit else None
+    def attempt(start: int) -> ChatPrompt | None:
+        kept = pinned + rounds[start:]
+        prompt, ids = family.chat_prompt(tokenizer, query, kept, role)
+        return ChatPrompt(prompt, ids, kept, start, window, family.history_unit) if len(ids) <= limit else None
 
     best = attempt(0)
     if best is not None:
         return best
     best = attempt(len(rounds))
     if best is None:
-        alone = len(attempt_ids_alone(tokenizer, query, role))
+        alone = len(family.chat_prompt(tokenizer, query, [], role)[1])
         raise GlmtuneError(
             f"the query alone is {alone} tokens; at most {limit} fit (window {window} minus {answer_room} "
             "for the answer; raise --max-length or lower --max-new-tokens)"
@@ -210,18 +184,9 @@ def build_chat_prompt(
     return best
 
 
-def attempt_ids_alone(tokenizer, query: str, role: str = "user") -> list[int]:
-    """The prompt ids of `query` with no history."""
-    if is_glm3(tokenizer):
-        return tokenizer.chat_input_ids(query, [], role)
-    return tokenizer(tokenizer.build_prompt(query))["input_ids"]
-
-
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids that end an answer for the tokenizer's family (ChatGLM2: eos; ChatGLM3: eos, <|user|>, <|observation|>)."""
-    from glmtune.family import stop_ids_for
-
-    return stop_ids_for(tokenizer)
+    return family_of(tokenizer).stop_token_ids(tokenizer)
 
 
 def _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p, temperature, top_k,
@@ -259,21 +224,13 @@ def _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sa
 
 def _answer(tokenizer, prepared: ChatPrompt, query: str, role: str, ids: list[int], warn: bool = True):
     """(response, history) for the generated `ids` of one answer, in the family's format."""
-    if not is_glm3(tokenizer):
-        response = process_response(tokenizer.decode(ids))
-        return response, prepared.history + [(query, response)]
-    from glmtune.glm3 import process_response as glm3_response
-
-    if ids and ids[-1] in stop_token_ids(tokenizer):
-        ids = ids[:-1]  # the stop token; a last token cut by the length limit is kept (see the module docstring)
-    return glm3_response(tokenizer.decode(ids), prepared.history + [{"role": role, "content": query}], warn=warn)
+    return family_of(tokenizer).chat_answer(tokenizer, ids, prepared.history, query, role, warn)
 
 
 def truncation_message(prepared: ChatPrompt) -> str:
-    unit = "message(s)" if prepared.history and isinstance(prepared.history[0], dict) else "round(s)"  # ChatGLM3
     return (
         f"chat history too long for the {prepared.window}-token window: dropped the oldest "
-        f"{prepared.dropped} {unit}, kept {len(prepared.history)}"
+        f"{prepared.dropped} {prepared.unit}, kept {len(prepared.history)}"
     )
 
 
@@ -368,7 +325,6 @@ def stream_chat(
     """
     prepared, kwargs = _prepare(model, tokenizer, query, history, max_length, max_new_tokens, do_sample, top_p,
                                 temperature, top_k, logits_processor, on_prompt, generate_kwargs, role)
-    glm3 = is_glm3(tokenizer)
     tokens = _TokenQueue()
     stop = threading.Event()
     criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
@@ -380,11 +336,7 @@ def stream_chat(
         except BaseException as exc:  # re-raised in the consumer's thread
             tokens.queue.put(exc)
 
-    worker = threading.Thread(target=work, name="glmtune-generate", daemon=True)
-    worker.start()
-    ids: list[int] = []
-    last_text = None
-    try:
+    def chunks() -> Iterator[list[int]]:
         while True:
             try:
                 # A timeout keeps the wait interruptible by Ctrl-C on every platform.
@@ -392,24 +344,18 @@ def stream_chat(
             except queue.Empty:
                 continue
             if item is _TokenQueue.DONE:
-                break
+                return
             if isinstance(item, BaseException):
                 raise item
-            ids.extend(item)
-            if not glm3:
-                response = process_response(tokenizer.decode(ids))
-                yield response, prepared.history + [(query, response)]
-                continue
-            if ids[-1] in kwargs["eos_token_id"]:
-                continue  # the stop token adds no text; the final answer below covers an empty reply
-            text = tokenizer.decode(ids)
-            if text and not text.endswith("\ufffd"):
-                last_text = text
-                yield _answer(tokenizer, prepared, query, role, ids, warn=False)
-        if glm3:
-            final = _answer(tokenizer, prepared, query, role, ids)  # warns once if a tool call was refused
-            if tokenizer.decode(ids[:-1] if ids and ids[-1] in kwargs["eos_token_id"] else ids) != last_text:
-                yield final
+            yield item
+
+    worker = threading.Thread(target=work, name="glmtune-generate", daemon=True)
+    worker.start()
+    try:
+        # The family decides which partial answers are shown (ChatGLM3 holds back empty and half characters).
+        yield from family_of(tokenizer).stream_answers(
+            tokenizer, chunks(), lambda ids, warn: _answer(tokenizer, prepared, query, role, ids, warn=warn)
+        )
     finally:
         stop.set()
         worker.join()

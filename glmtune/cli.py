@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from glmtune.errors import GlmtuneError
+from glmtune.family import DEFAULT_FAMILY  # light (no torch): the registry imports only errors and glm3
 
 
 def add_official_spellings(command) -> None:
@@ -105,7 +106,7 @@ def init_model_command(
     shards: int = typer.Option(1, help="Number of weight shards (>1 writes an index json)."),
     overwrite: bool = typer.Option(False, help="Replace an existing non-empty OUT_DIR."),
     pretrain_steps: int = typer.Option(0, min=0, help="Language-model pre-training steps on the answer texts (bundled data, or --text-file), so the base writes sample-like text; 0 keeps the random base."),
-    family: str = typer.Option("chatglm2", "--family", help="Model family: chatglm2 or chatglm3 (role tokens in the tokenizer)."),
+    family: str = typer.Option(DEFAULT_FAMILY.name, "--family", help="Model family: chatglm2 or chatglm3 (role tokens in the tokenizer)."),
 ) -> None:
     """Write a tiny random ChatGLM2 or ChatGLM3 model (config, weights, tokenizer) for tests and CPU demos."""
     import json
@@ -413,18 +414,18 @@ def chat(
     import importlib
 
     chat_lib = importlib.import_module("glmtune.chat")  # `glmtune.chat` is the function (see glmtune/__init__.py)
-    from glmtune import glm3
+    from glmtune.family import family_of
 
     history = chat_lib.read_history_file(history_file) if history_file is not None else []
-    tool_list = glm3.read_tools_file(tools) if tools is not None else None
+    tool_list = chat_lib.read_tools_file(tools) if tools is not None else None
     if query is None:
         typer.echo("loading model ...", err=True)
     model, tokenizer = chat_lib.load_chat_model(
         model_path, ptuning_checkpoint, quantization_bit=quantization_bit, device=device, dtype=dtype, family=family
     )
-    start = glm3.system_messages(tokenizer, system, tool_list)
-    if start and history and isinstance(history[0], dict) and history[0].get("role") == "system":
-        raise GlmtuneError("--system/--tools and a history file that starts with a system message: give one of them")
+    model_family = family_of(tokenizer)
+    # The --system / --tools opening (ChatGLM3 only), in front of the history file's turns.
+    history = model_family.opening_history(system, tool_list, history)
     if seed is not None:
         from transformers import set_seed
 
@@ -437,7 +438,7 @@ def chat(
                 import readline  # noqa: F401  (line editing and history for input())
             except ImportError:
                 pass
-        chat_lib.run_repl(model, tokenizer, debug_prompt=debug_prompt, start=start, **options)
+        chat_lib.run_repl(model, tokenizer, debug_prompt=debug_prompt, start=history, **options)
         return
 
     def note(prepared) -> None:
@@ -446,9 +447,9 @@ def chat(
         if debug_prompt:
             typer.echo(f"[prompt {len(prepared.input_ids)} tokens] {json.dumps(prepared.prompt, ensure_ascii=False)}", err=True)
 
-    response, new_history = chat_lib.chat(model, tokenizer, query, start + history, on_prompt=note, role=role, **options)
+    response, new_history = chat_lib.chat(model, tokenizer, query, history, on_prompt=note, role=role, **options)
     if json_out:
-        shown = new_history if chat_lib.is_glm3(tokenizer) else [list(r) for r in new_history]
+        shown = model_family.history_json(new_history)
         typer.echo(json.dumps({"response": response, "history": shown}, ensure_ascii=False))
     else:
         typer.echo(response if isinstance(response, str) else json.dumps(response, ensure_ascii=False))

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 from glmtune import data_formats
 from glmtune.data_formats import IGNORE_INDEX, length_percentiles  # defined once, in the module below this one
 from glmtune.errors import GlmtuneError
+from glmtune.family import get_family
 from glmtune.fsutil import iter_records
 
 TOKENIZE_MODES = ("train", "eval")  # what `tokenize` builds: training rows or eval prompts + references
@@ -88,6 +89,12 @@ class DataConfig:
         data_formats.resolve(self.data_format, self.train_on)
 
 
+def _role_family(config: DataConfig) -> bool:
+    """Whether the config's family chats in role messages (ChatGLM3: `Family.chat_format`); its data is then
+    read, tokenized and reported by `glmtune.data_glm3`."""
+    return get_family(config.family).chat_format == "roles"
+
+
 # --- reading -------------------------------------------------------------------------------------
 
 
@@ -125,7 +132,7 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
     a missing prompt/response column (with the columns present), a non-string value, a malformed history.
     """
     config = config or DataConfig()
-    if config.family == "chatglm3":
+    if _role_family(config):
         from glmtune.data_glm3 import load_rows as load_glm3_rows
 
         return load_glm3_rows(path, config)
@@ -215,7 +222,7 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
     if mode not in TOKENIZE_MODES:
         raise GlmtuneError(f"mode must be one of {TOKENIZE_MODES}, got {mode!r}")
     config.validate()
-    if config.family == "chatglm3":
+    if _role_family(config):
         from glmtune.data_glm3 import tokenize as tokenize_glm3
 
         return tokenize_glm3(rows, tokenizer, config, mode)
@@ -313,7 +320,7 @@ def collate_eval(features: Sequence[dict], pad_token_id: int = 0) -> dict:
 
 def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, source: str | os.PathLike) -> dict:
     """Rows read/skipped, untruncated token lengths, and how many prompts/targets the limits cut."""
-    if config.family == "chatglm3":
+    if _role_family(config):
         from glmtune.data_glm3 import build_report as build_glm3_report
 
         return build_glm3_report(rows, dataset, config, mode, source)

@@ -1,13 +1,18 @@
 """The ChatGLM model families: what differs between ChatGLM2-6B and ChatGLM3-6B (and their 32k variants).
 
 ChatGLM3-6B has the network and weight layout of ChatGLM2-6B; what differs is listed here, in one place, so
-no command branches on a family name itself:
+no command branches on a family name itself (tests/test_family_dispatch.py checks the command modules):
 
 * tokenizer: ChatGLM3 adds four role tokens `<|system|> <|user|> <|assistant|> <|observation|>` after the five
   GLM command tokens (`glmtune.tokenizer_glm3`);
 * prompt building and stop tokens: ChatGLM2 uses the `[Round N]\\n\\n问：...\\n\\n答：` template and stops on
   `</s>`; ChatGLM3 uses role messages (`build_chat_input`) and stops on `</s>`, `<|user|>` or `<|observation|>`;
 * response parsing: ChatGLM3 replies may carry metadata (a tool name) and a tool call (`glmtune.glm3`);
+* the chat rules (`Family.chat`): how a history is held and checked ((query, answer) rounds, or role
+  messages whose leading system message always stays in the prompt), which partial answers `stream_chat`
+  yields, how `glmtune chat` prints a history and opens one with `--system` / `--tools`: `RoundsChat`
+  below for ChatGLM2, `glmtune.glm3.RolesChat` for ChatGLM3; `Family.chat_format` names which, for the
+  OpenAI request reader of `glmtune serve` and the data reader of `glmtune.data`;
 * the rotary rule for `rope_ratio` (the 32k releases): THUDM/chatglm2-6b-32k divides the positions by it
   (position interpolation), THUDM/chatglm3-6b-32k multiplies the rotary base by it;
 * the default P-tuning data format: ADGEN prompt/response for ChatGLM2, `conversations` for ChatGLM3.
@@ -19,20 +24,23 @@ ChatGLM2; `--family` overrides. The official releases do not record a family: a
 folder with no tokenizer (e.g. a bare 32k weight folder) needs `--family chatglm3` to be read as ChatGLM3.
 
 The registry sits below what uses it and imports nothing above it (no import cycle): ChatGLM2's prompt
-building and reply post-processing are defined here (`glmtune.chat` re-exports `process_response`),
-ChatGLM3's come from `glmtune.glm3`, which imports only `glmtune.errors`; the tokenizer classes and data
-readers pick their family's code from above (`glmtune.tokenizer`, `glmtune.data`).
+building, reply post-processing and chat rules are defined here (`glmtune.chat` re-exports
+`process_response`), ChatGLM3's come from `glmtune.glm3`, which imports only `glmtune.errors`; the
+tokenizer classes and data readers pick their family's code from above (`glmtune.tokenizer` by the
+family's role tokens, `glmtune.data` by its chat format). A family registered in `FAMILIES` (e.g. ChatGLM2's
+rules with another stop token) is used by every command without touching them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from glmtune.errors import GlmtuneError
+from glmtune.glm3 import RolesChat, messages_to_ids, normalize_messages, process_response
 
 FAMILY_FIELD = "glmtune_family"  # key in config.json of checkpoints and merged folders
 GLM3_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -54,6 +62,9 @@ class Family:
     _messages_to_ids: Callable[[Any, Sequence[dict]], list[int]] = field(repr=False)
     # decoded answer text + the messages so far -> (response, messages + the answer)
     _parse_response: Callable[[str, list[dict]], tuple[Any, list[dict]]] = field(repr=False)
+    # How `chat` / `stream_chat` / `glmtune chat` hold a conversation: ChatGLM2's (query, answer) rounds
+    # (`RoundsChat`, below) or ChatGLM3's role messages (`glmtune.glm3.RolesChat`); the methods below delegate.
+    chat: RoundsChat | RolesChat = field(repr=False)
 
     def messages_to_ids(self, tokenizer: Any, messages: Sequence[dict]) -> list[int]:
         """Prompt ids for a conversation (roles system / user / assistant / observation), ready to generate."""
@@ -66,6 +77,47 @@ class Family:
     def parse_response(self, text: str, messages: list[dict]) -> tuple[Any, list[dict]]:
         """The official post-processing of a decoded answer: (response, messages with the answer appended)."""
         return self._parse_response(text, messages)
+
+    # --- chat: what glmtune.chat, glmtune chat and glmtune serve ask the family --------------------------
+
+    @property
+    def chat_format(self) -> str:
+        """"rounds" (history is [(query, answer), ...]) or "roles" (history is messages {role, content})."""
+        return self.chat.format
+
+    @property
+    def history_unit(self) -> str:
+        """What dropped history is counted in: "round(s)" or "message(s)"."""
+        return self.chat.unit
+
+    def split_history(self, history: Any, role: str = "user") -> tuple[list, list]:
+        """Checked copies of `history` as (pinned, droppable): what always stays in a prompt (ChatGLM3's
+        leading system message) and the rest, oldest first; an unknown or unsupported `role` is an error."""
+        return self.chat.split_history(history, role)
+
+    def chat_prompt(self, tokenizer: Any, query: str, history: list, role: str = "user") -> tuple[str, list[int]]:
+        """(prompt text, prompt ids) of the official chat for `query` after `history` (already split/checked)."""
+        return self.chat.prompt(tokenizer, query, history, role)
+
+    def chat_answer(self, tokenizer: Any, ids: list[int], history: list, query: str, role: str = "user",
+                    warn: bool = True) -> tuple[Any, list]:
+        """(response, history + this round) for the generated `ids`, post-processed as the official chat does."""
+        return self.chat.answer(tokenizer, ids, history, query, role, self.stop_token_ids(tokenizer), warn)
+
+    def stream_answers(self, tokenizer: Any, chunks: Iterable[list[int]],
+                       answer: Callable[[list[int], bool], tuple[Any, list]]) -> Iterator[tuple[Any, list]]:
+        """The official `stream_chat` policy: which partial answers to yield while `chunks` of new ids arrive;
+        `answer(ids, warn)` makes one (response, history)."""
+        return self.chat.stream(tokenizer, chunks, answer, self.stop_token_ids(tokenizer))
+
+    def history_json(self, history: list) -> list:
+        """A chat history as JSON (what `glmtune chat --json` prints and `--history-file` reads back)."""
+        return self.chat.history_json(history)
+
+    def opening_history(self, system: str | None, tools: list | None, history: list) -> list:
+        """`history` with the conversation's opening (`--system` / `--tools`) in front; an error for a family
+        without a system role, or when `history` already opens with a system message."""
+        return self.chat.opening(system, tools, history)
 
     def rope_parameters(self, rope_ratio: float) -> dict:
         """transformers `rope_parameters` for ChatGLM's half-head rotary embedding under this family's rule."""
@@ -124,16 +176,55 @@ def _glm2_parse_response(text: str, messages: list[dict]) -> tuple[str, list[dic
     return response, [*messages, {"role": "assistant", "content": response}]
 
 
-def _glm3_messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
-    from glmtune.glm3 import messages_to_ids
+def normalize_history(history: Any, source: str = "history") -> list[tuple[str, str]]:
+    """`[[q, a], ...]` or `[(q, a), ...]` as a list of string tuples (a ChatGLM2 history); anything else is an error."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise GlmtuneError(f"{source}: expected a list of [query, answer] pairs, found {type(history).__name__}")
+    rounds: list[tuple[str, str]] = []
+    for i, item in enumerate(history):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
+            raise GlmtuneError(f"{source}[{i}]: expected a [query, answer] pair of strings, found {item!r:.80}")
+        rounds.append((item[0], item[1]))
+    return rounds
 
-    return messages_to_ids(tokenizer, messages)
 
+class RoundsChat:
+    """ChatGLM2's `chat` / `stream_chat` of THUDM/chatglm2-6b: history is [(query, answer), ...], the prompt the
+    `[Round N]` template, every generated token yields the post-processed answer so far. ChatGLM3's
+    counterpart is `glmtune.glm3.RolesChat`; `Family` documents each method."""
 
-def _glm3_parse_response(text: str, messages: list[dict]) -> tuple[Any, list[dict]]:
-    from glmtune.glm3 import process_response
+    format = "rounds"
+    unit = "round(s)"
 
-    return process_response(text, messages)
+    def split_history(self, history: Any, role: str) -> tuple[list, list]:
+        if role != "user":
+            raise GlmtuneError(f"role {role!r}: ChatGLM2 has only user/assistant rounds (use a ChatGLM3 model)")
+        return [], normalize_history(history)
+
+    def prompt(self, tokenizer: Any, query: str, history: list, role: str) -> tuple[str, list[int]]:
+        prompt = tokenizer.build_prompt(query, history)
+        return prompt, tokenizer(prompt)["input_ids"]
+
+    def answer(self, tokenizer: Any, ids: list[int], history: list, query: str, role: str, stop_ids: list[int],
+               warn: bool = True) -> tuple[str, list]:
+        response = glm2_process_response(tokenizer.decode(ids))
+        return response, history + [(query, response)]
+
+    def stream(self, tokenizer: Any, chunks: Iterable[list[int]], answer: Callable, stop_ids: list[int]) -> Iterator:
+        ids: list[int] = []
+        for chunk in chunks:
+            ids.extend(chunk)
+            yield answer(ids, False)
+
+    def history_json(self, history: list) -> list:
+        return [list(r) for r in history]
+
+    def opening(self, system: str | None, tools: list | None, history: list) -> list:
+        if system is not None or tools is not None:
+            raise GlmtuneError("--system and --tools need a ChatGLM3 model (ChatGLM2 has no system role)")
+        return list(history)
 
 
 CHATGLM2 = Family(
@@ -145,6 +236,7 @@ CHATGLM2 = Family(
     stop_tokens=(),
     _messages_to_ids=_glm2_messages_to_ids,
     _parse_response=_glm2_parse_response,
+    chat=RoundsChat(),
 )
 CHATGLM3 = Family(
     name="chatglm3",
@@ -153,8 +245,9 @@ CHATGLM3 = Family(
     rope_rule=ROPE_SCALE_BASE,
     default_data_format="conversations",
     stop_tokens=("<|user|>", "<|observation|>"),
-    _messages_to_ids=_glm3_messages_to_ids,
-    _parse_response=_glm3_parse_response,
+    _messages_to_ids=messages_to_ids,
+    _parse_response=process_response,
+    chat=RolesChat(),
 )
 FAMILIES: dict[str, Family] = {f.name: f for f in (CHATGLM2, CHATGLM3)}
 DEFAULT_FAMILY = CHATGLM2

@@ -1,4 +1,4 @@
-"""ChatGLM3 conversations: messages to prompt ids, and the reply parsing of the official `chat`, without `eval`.
+"""ChatGLM3 conversations: messages to prompt ids, the official `chat` rules, and its reply parsing without `eval`.
 
 Reproduces `build_chat_input` and `process_response` of THUDM/chatglm3-6b (modeling_chatglm.py, HF revision
 456aa875) for chat, stream_chat and serving:
@@ -8,7 +8,9 @@ Reproduces `build_chat_input` and `process_response` of THUDM/chatglm3-6b (model
   tool descriptions, appended to its content as indented JSON by the tokenizer);
 * a reply is split at `<|assistant|>`; each part's first line is its metadata. A part without metadata is
   text (stripped, `[[训练时间]]` -> `2023年`); with metadata, and tools in the system message, it is a tool
-  call `{"name": metadata, "parameters": {...}}`; with metadata and no tools, `{"name", "content"}`.
+  call `{"name": metadata, "parameters": {...}}`; with metadata and no tools, `{"name", "content"}`;
+* `RolesChat`: ChatGLM3's chat rules for `glmtune.family.CHATGLM3` (history fitting, the answer without its
+  stop token, which partial answers `stream_chat` yields, the `--system` / `--tools` opening).
 
 Deliberate difference: the official code runs the tool-call text through Python's `eval` (model output
 executed as code: a reply can run anything). glmtune parses it with `ast` and accepts only
@@ -22,12 +24,10 @@ from __future__ import annotations
 import ast
 import copy
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from glmtune.errors import GlmtuneError
-from glmtune.fsutil import read_json_file
 
 ROLES = ("system", "user", "assistant", "observation")
 DEFAULT_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
@@ -141,21 +141,63 @@ def process_response(output: str, history: list[dict], warn: bool = True) -> tup
     return content, history
 
 
-def read_tools_file(path: str | Path) -> list:
-    """A JSON file holding a list of tool descriptions (ChatGLM3 `tools`)."""
-    tools = read_json_file(path, "tools file")
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise GlmtuneError(f"{path}: expected a JSON list of tool objects, found {type(tools).__name__}")
-    return tools
-
-
-def system_messages(tokenizer, system: str | None = None, tools: list | None = None) -> list[dict]:
-    """The ChatGLM3 history that starts a conversation with `--system` / `--tools` (none for ChatGLM2)."""
-    if system is None and tools is None:
-        return []
-    if getattr(tokenizer, "family", "chatglm2") != "chatglm3":
-        raise GlmtuneError("--system and --tools need a ChatGLM3 model (ChatGLM2 has no system role)")
+def system_message(system: str | None = None, tools: list | None = None) -> dict:
+    """The system message that opens a conversation with `--system` / `--tools` (the official default text
+    when only tools are given)."""
     message: dict = {"role": "system", "content": system if system is not None else DEFAULT_TOOLS_SYSTEM}
     if tools is not None:
         message["tools"] = tools
-    return [message]
+    return message
+
+
+class RolesChat:
+    """ChatGLM3's `chat` / `stream_chat` of THUDM/chatglm3-6b (`glmtune.family.CHATGLM3`; `Family` documents
+    each method): history is a list of messages, the prompt `build_chat_input`, the reply parsed by
+    `process_response` once the stop token is dropped (a last token cut by the length limit is kept, unlike
+    the official `chat`); a partial answer is yielded only when its text is not empty and does not end in an
+    incomplete character (U+FFFD), and the final answer is always yielded once."""
+
+    format = "roles"
+    unit = "message(s)"
+
+    def split_history(self, history: Any, role: str) -> tuple[list, list]:
+        if role not in ROLES:
+            raise GlmtuneError(f"role: expected one of {list(ROLES)}, found {role!r}")
+        messages = normalize_messages(history)
+        keep = 1 if messages and messages[0]["role"] == "system" else 0  # the system prompt (and tools) stay
+        return messages[:keep], messages[keep:]
+
+    def prompt(self, tokenizer: Any, query: str, history: list, role: str) -> tuple[str, list[int]]:
+        ids = tokenizer.chat_input_ids(query, history, role)
+        return tokenizer.decode(ids), ids
+
+    def answer(self, tokenizer: Any, ids: list[int], history: list, query: str, role: str, stop_ids: list[int],
+               warn: bool = True) -> tuple[Any, list]:
+        if ids and ids[-1] in stop_ids:
+            ids = ids[:-1]  # the stop token adds no text
+        return process_response(tokenizer.decode(ids), history + [{"role": role, "content": query}], warn=warn)
+
+    def stream(self, tokenizer: Any, chunks: Iterable[list[int]], answer: Callable, stop_ids: list[int]) -> Iterator:
+        ids: list[int] = []
+        last_text = None
+        for chunk in chunks:
+            ids.extend(chunk)
+            if ids[-1] in stop_ids:
+                continue  # the stop token adds no text; the final answer below covers an empty reply
+            text = tokenizer.decode(ids)
+            if text and not text.endswith("\ufffd"):
+                last_text = text
+                yield answer(ids, False)
+        final = answer(ids, True)  # warns once if a tool call was refused
+        if tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids) != last_text:
+            yield final
+
+    def history_json(self, history: list) -> list:
+        return history
+
+    def opening(self, system: str | None, tools: list | None, history: list) -> list:
+        if system is None and tools is None:
+            return list(history)
+        if history and isinstance(history[0], dict) and history[0].get("role") == "system":
+            raise GlmtuneError("--system/--tools and a history file that starts with a system message: give one of them")
+        return [system_message(system, tools), *history]

@@ -2,9 +2,9 @@
 
 The classes live below this module: `glmtune.tokenizer_glm2.ChatGLM2Tokenizer` (the official ChatGLM2-6B
 tokenizer, reproduced id for id; see that module) and its subclass `glmtune.tokenizer_glm3.ChatGLM3Tokenizer`
-(the four ChatGLM3 role tokens). Neither imports this module, so the family dispatch here has no import
-cycle; their public names are importable from here as before (`ChatGLM2Tokenizer`, `build_prompt`,
-`TOKENIZER_FILE`, `COMMAND_TOKENS`).
+(the four ChatGLM3 role tokens), picked by the role tokens the family adds. Neither imports this module, so
+the family dispatch here has no import cycle; their public names are importable from here as before
+(`ChatGLM2Tokenizer`, `build_prompt`, `TOKENIZER_FILE`, `COMMAND_TOKENS`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.errors import GlmtuneError
-from glmtune.family import resolve_family
+from glmtune.family import GLM3_ROLE_TOKENS, resolve_family
 from glmtune.tokenizer_glm2 import COMMAND_TOKENS, TOKENIZER_FILE, ChatGLM2Tokenizer, build_prompt  # noqa: F401
 from glmtune.tokenizer_glm3 import ChatGLM3Tokenizer
+
+# The tokenizer class of a family is the one that adds the family's role tokens (`Family.role_tokens`).
+TOKENIZER_CLASSES: dict[tuple[str, ...], type[ChatGLM2Tokenizer]] = {(): ChatGLM2Tokenizer, GLM3_ROLE_TOKENS: ChatGLM3Tokenizer}
 
 
 def load_tokenizer(path: str | Path, family: Any = None) -> ChatGLM2Tokenizer:
@@ -32,10 +35,13 @@ def load_tokenizer(path: str | Path, family: Any = None) -> ChatGLM2Tokenizer:
             f"{path}: no {TOKENIZER_FILE} found (expected a ChatGLM2/ChatGLM3 model or checkpoint folder holding "
             f"the SentencePiece file {TOKENIZER_FILE})"
         )
-    cls: type[ChatGLM2Tokenizer] = ChatGLM2Tokenizer
-    if resolve_family(path, family).name == "chatglm3":
-        cls = ChatGLM3Tokenizer
+    model_family = resolve_family(path, family)
+    cls = TOKENIZER_CLASSES.get(model_family.role_tokens)
+    if cls is None:
+        raise GlmtuneError(f"family {model_family.name}: no tokenizer class adds the role tokens {model_family.role_tokens}")
     try:
-        return cls(vocab_file=model_file)
+        tokenizer = cls(vocab_file=model_file)
     except (RuntimeError, OSError) as exc:
         raise GlmtuneError(f"{model_file}: not a readable SentencePiece model ({exc})") from exc
+    tokenizer.family = model_family.name  # what `glmtune.family.family_of` reads (a registered variant's own name)
+    return tokenizer

@@ -184,7 +184,7 @@ def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(
 
     chat_module = importlib.import_module("glmtune.chat")  # the module; glmtune.chat is the function
     from glmtune.chat import run_repl
-    from glmtune.glm3 import system_messages
+    from glmtune.family import family_of
 
     tokenizer = glm3[0]
     calls = []
@@ -202,7 +202,7 @@ def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(
         yield reply, messages
 
     monkeypatch.setattr(chat_module, "stream_chat", fake_stream)
-    start = system_messages(tokenizer, None, [{"name": "get_weather"}])
+    start = family_of(tokenizer).opening_history(None, [{"name": "get_weather"}], [])
     lines = iter(["北京天气？", '{"weather": "晴"}', "clear", "你好"])
 
     def read(prompt):
@@ -217,7 +217,7 @@ def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(
     assert calls[0][2] == start and calls[2][2] == start  # `clear` goes back to the system message with tools
     assert json.dumps(call, ensure_ascii=False) in out.getvalue() and "北京今天晴。" in out.getvalue()
     with pytest.raises(GlmtuneError, match="need a ChatGLM3 model"):
-        system_messages(load_tokenizer(tokenizer.vocab_file, family="chatglm2"), "sys", None)
+        family_of(load_tokenizer(tokenizer.vocab_file, family="chatglm2")).opening_history("sys", None, [])
 
 
 def test_a_long_chatglm3_history_drops_the_oldest_messages_but_keeps_the_system_prompt(glm3):

@@ -590,8 +590,7 @@ def test_init_model_rejects_a_negative_pretrain_steps(tmp_path):
 
 
 def test_history_and_tools_files_that_are_not_utf8_or_not_json_are_one_clear_error(tmp_path):
-    from glmtune.chat import read_history_file
-    from glmtune.glm3 import read_tools_file
+    from glmtune.chat import read_history_file, read_tools_file
 
     latin = tmp_path / "latin1.json"
     latin.write_bytes('[["caf\u00e9", "ok"]]'.encode("latin-1"))

@@ -18,6 +18,7 @@ text when the request has no system message), an assistant's `tool_calls` the of
 metadata + `tool_call(...)` text, a `tool` message an observation. A reply that the official parsing
 reads as a call of an offered tool comes back as `tool_calls` (`reply_tool_call`); it is parsed, never
 executed. `tool_choice` is accepted only as "auto". ChatGLM2 has no tool format: `tools` is a 400.
+Which reading applies is the model family's chat format (`REQUEST_READERS`: "rounds" or "roles").
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
 from glmtune.errors import GlmtuneError
-from glmtune.glm3 import DEFAULT_TOOLS_SYSTEM
+from glmtune.family import family_of
+from glmtune.glm3 import DEFAULT_TOOLS_SYSTEM, parse_response
 from glmtune.serve.scheduler import SamplingParams
 
 DEFAULT_TEMPERATURE = 0.95  # official openai_api.py
@@ -273,22 +275,32 @@ def glm3_messages(req: ChatRequest) -> list[dict]:
     return out
 
 
+def rounds_request(req: ChatRequest) -> tuple[str, list, str]:
+    """(query, history, role) of a request to a model that chats in rounds (ChatGLM2): no tool format."""
+    if req.tools is not None:
+        raise ApiError(400, "tools need a ChatGLM3 model; this one is ChatGLM2, which has no tool format",
+                       param="tools")
+    query, history = split_messages(req.messages)
+    return query, history, "user"
+
+
+def roles_request(req: ChatRequest) -> tuple[str, list, str]:
+    """(query, history, role) of a request to a model with roles (ChatGLM3): the system prompt, tools and every
+    message go to the model as they are; the query may be a tool result (an observation), which the model answers."""
+    if req.messages[-1].role not in ("user", "tool"):
+        raise ApiError(400, f"the last message must have role 'user' or 'tool', found {req.messages[-1].role!r}",
+                       param="messages")
+    messages = glm3_messages(req)
+    return messages[-1]["content"], messages[:-1], messages[-1]["role"]
+
+
+# How a request becomes a chat, per chat format of the model's family (`glmtune.family.Family.chat_format`).
+REQUEST_READERS = {"rounds": rounds_request, "roles": roles_request}
+
+
 def chat_prompt_ids(tokenizer, req: ChatRequest, window: int, max_tokens_cap: int) -> list[int]:
     check_messages(req.messages)
-    role = "user"
-    if chat_lib.is_glm3(tokenizer):
-        # ChatGLM3 has roles: the system prompt, tools and every message go to the model as they are; the
-        # query may be a tool result (an observation), which the model answers.
-        if req.messages[-1].role not in ("user", "tool"):
-            raise ApiError(400, f"the last message must have role 'user' or 'tool', found {req.messages[-1].role!r}",
-                           param="messages")
-        messages = glm3_messages(req)
-        query, role, history = messages[-1]["content"], messages[-1]["role"], messages[:-1]
-    else:
-        if req.tools is not None:
-            raise ApiError(400, "tools need a ChatGLM3 model; this one is ChatGLM2, which has no tool format",
-                           param="tools")
-        query, history = split_messages(req.messages)
+    query, history, role = REQUEST_READERS[family_of(tokenizer).chat_format](req)
     room = answer_room(req, window, max_tokens_cap)
     try:
         return chat_lib.build_chat_prompt(tokenizer, query, history, window=window, answer_room=room,
@@ -328,8 +340,6 @@ def reply_tool_call(raw: str, tool_names: list[str]) -> dict | None:
     a call of a tool the request did not offer, or one whose literal arguments have no JSON form
     (sets, bytes, ...), is not a call: the reply then comes back as plain content.
     """
-    from glmtune.glm3 import parse_response
-
     content, _, problem = parse_response(raw, [{"role": "system", "content": "", "tools": []}])
     if problem or not isinstance(content, dict) or "parameters" not in content or content["name"] not in tool_names:
         return None
