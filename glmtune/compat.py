@@ -52,6 +52,8 @@ def missing_private_names() -> list[str]:
     missing = [f"torch.nn.Module.{name}" for name in TORCH_MODULE_HOOKS if not hasattr(torch.nn.Module, name)]
     if not checkpointing_layer_reads_cache_flag():
         missing.append(f"transformers GradientCheckpointingLayer.{CHECKPOINT_WITH_CACHE}")
+    if not hasattr(torch.ops.mkldnn, ONEDNN_LINEAR_OP):  # glmtune.cpu_linear falls back to F.linear, 2-3x slower
+        missing.append(f"torch.ops.mkldnn.{ONEDNN_LINEAR_OP}")
     return missing
 
 from typing import Any
@@ -141,3 +143,22 @@ def missing_quantized_cpu_ops() -> list[str]:
     import torch
 
     return [name for name in QUANTIZED_CPU_OPS if not hasattr(torch.ops.aten, name)]
+
+
+# --- fp32 linear layers on CPU (glmtune.cpu_linear) ------------------------------------------------
+# torch's CPU F.linear in fp32 goes to MKL's sgemm, which on this AMD EPYC runs 2-3x slower than oneDNN
+# for the shapes of a model (and does not use the second core for one row). oneDNN's fp32 inner
+# product is reachable only through this operator of torch's mkldnn fusion passes (it takes a plain
+# dense weight as well as a prepacked one); there is no public switch (`torch.backends.mkldnn` routes
+# fp32 matmuls to oneDNN only when allowed to compute them in bf16/tf32). It has no autograd formula.
+ONEDNN_LINEAR_OP = "_linear_pointwise"
+
+
+def onednn_linear(x, weight, bias):
+    """F.linear(x, weight, bias) by oneDNN (fp32, CPU, inference only; any leading dims)."""
+    op = _OPS.get(ONEDNN_LINEAR_OP)
+    if op is None:
+        import torch
+
+        op = _OPS[ONEDNN_LINEAR_OP] = getattr(torch.ops.mkldnn, ONEDNN_LINEAR_OP)
+    return op(x, weight, bias, "none", [], "")

@@ -1,68 +1,66 @@
-"""`nn.Linear` for a few fp32 rows on CPU (decoding steps): a large weight as the tall factor, 4 rows at a time.
+"""`nn.Linear` whose fp32 CPU inference goes to oneDNN instead of MKL's sgemm.
 
-Decoding feeds every linear layer 1 to 8 rows. torch 2.13's CPU fp32 `F.linear` computes that as
-x @ W.T, and for so few rows the BLAS call neither streams a large weight at memory speed nor uses the
-second core: on this 2-core machine the 65024 x 1024 output layer of the mid config (bench/serve.py)
-takes 13 ms for one row and 35 ms for 4 or 8 rows, while the same product written as W @ x.T with x.T
-4 columns wide takes 7 ms (1 to 4 rows) and 14 ms (8 rows, two calls): the weight is read at ~40 GB/s
-on both cores. 16 rows are even and 32 are slower, hence `MAX_ROWS`. Weights that fit in the caches
-gain nothing or lose (the mid config's 11 MB down projection: 0.7 vs 1.8 ms for 8 rows when it has to
-come from memory), hence `MIN_WEIGHT_BYTES`; its 22 MB gate/up projection gains (1.5 vs 2.4 ms). There
-is no torch switch for this, so the layer does it itself.
+torch 2.13's CPU `F.linear` in fp32 calls MKL's sgemm. On this project's machine (AMD EPYC, 2 cores,
+AVX-512) that is 2-3x slower than oneDNN's inner product for every shape a ChatGLM model has
+(measured with `torch.ops.mkldnn._linear_pointwise`, median of 11-21 calls, mid config of
+bench/serve.py, weights [out, in]):
 
-Rows go in fixed blocks of `BLOCK` (the last one padded with zero rows), so each row's result comes from
-the same call shape whatever the other rows are: for these layers a row's output is bitwise the same
-alone or anywhere in a batch (tests/test_cpu_linear.py). Only inference takes this path (no autograd
-through it); training, prompts (more rows), other dtypes and devices use `F.linear` unchanged.
+    65024 x 1024 output layer    1 row 13 ms -> 9 ms    8 rows 34 -> 10 ms    312 rows 261 -> 139 ms
+    5472 x 1024 gate/up          1 row 0.74 -> 0.27     8 rows 1.6 -> 0.62    312 rows 21.7 -> 9.3
+    1024 x 2736 down             1 row 0.17 -> 0.09     8 rows 0.46 -> 0.22   312 rows 10.3 -> 4.3
+
+For one to a few rows (decoding steps) MKL neither streams a large weight at memory speed nor uses
+the second core; for many rows (prompts) it is simply slower here. Both accumulate in fp32 (results
+differ by rounding, ~2e-6 relative). oneDNN's op has no autograd formula, so only inference takes it:
+training, other dtypes and other devices use `F.linear` unchanged. If the operator is missing or fails
+its probe (another torch build), everything uses `F.linear`. The operator is private: see
+`glmtune.compat.onednn_linear`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCK = 4
-MAX_ROWS = 8
-MIN_WEIGHT_BYTES = 16 * 2**20
+from glmtune import compat
 
 
-def _takes_blocks(x: torch.Tensor, weight: torch.Tensor) -> bool:
+@functools.lru_cache(maxsize=None)
+def onednn_linear_ok() -> bool:
+    """Whether oneDNN's fp32 linear exists in this torch build and computes F.linear on a probe."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(3, 2, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+        with torch.inference_mode():
+            got = compat.onednn_linear(x, w, b)
+        return bool(got.shape == (3, 2, 24) and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    return x.numel() <= MAX_ROWS * x.shape[-1] and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
+    return onednn_linear_ok()
 
 
-def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) computed as weight @ rows.T, `BLOCK` rows per call (see the docstring)."""
-    flat = x.reshape(-1, x.shape[-1])
-    rows = flat.shape[0]
-    padded = -(-rows // BLOCK) * BLOCK
-    blocks = flat.new_zeros(padded, flat.shape[1])
-    blocks[:rows] = flat
-    out_t = flat.new_empty(weight.shape[0], padded)  # [out, rows]: each call writes its own columns
-    for start in range(0, padded, BLOCK):
-        torch.mm(weight, blocks[start:start + BLOCK].t(), out=out_t[:, start:start + BLOCK])
-    out = out_t[:, :rows].t().contiguous()
-    if bias is not None:
-        out += bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-class RowBlockLinear(nn.Linear):
-    """An `nn.Linear` (same parameters and state dict) that takes `blocked_linear` for a few fp32 CPU rows."""
+class OneDNNLinear(nn.Linear):
+    """An `nn.Linear` (same parameters and state dict) computed by oneDNN in fp32 CPU inference."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _takes_blocks(x, self.weight):
-            return blocked_linear(x, self.weight, self.bias)
+        if _takes_onednn(x, self.weight):
+            return compat.onednn_linear(x.contiguous(), self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-def use_row_blocks(model: nn.Module) -> nn.Module:
-    """Make every plain `nn.Linear` of `model` a `RowBlockLinear` (in place; parameters untouched)."""
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Make every plain `nn.Linear` of `model` a `OneDNNLinear` (in place; parameters untouched)."""
     for module in model.modules():
         if type(module) is nn.Linear:
-            module.__class__ = RowBlockLinear
+            module.__class__ = OneDNNLinear
     return model

@@ -491,7 +491,7 @@ def test_dataset_folder_written_by_preprocess_gets_umask_modes_and_leaves_no_tem
 # --- item 3 (harden part): private names go through glmtune.compat, which checks they still exist -------
 
 PRIVATE = re.compile(r"\b(_attn_implementation|_can_checkpoint_with_cache|_parameters|_buffers|_added_tokens_\w+|"
-                     r"_encode_plus|_weight_int[48]pack\w*|_convert_weight_to_int4pack\w*)\b")
+                     r"_encode_plus|_weight_int[48]pack\w*|_convert_weight_to_int4pack\w*|_linear_pointwise)\b")
 OWNERS_ROUTE_THEMSELVES = {"tokenizer_glm2.py", "qkernels.py"}  # issue 9: their owners move these names
 
 
