@@ -1,4 +1,4 @@
-"""`nn.Linear` whose fp32 CPU inference goes to oneDNN instead of MKL's sgemm.
+"""`nn.Linear` whose frozen-weight fp32 CPU work goes to oneDNN instead of MKL's sgemm.
 
 torch 2.13's CPU `F.linear` in fp32 calls MKL's sgemm. On this project's machine (AMD EPYC, 2 cores,
 AVX-512) that is 2-3x slower than oneDNN's inner product for every shape a ChatGLM model has
@@ -11,10 +11,13 @@ bench/serve.py, weights [out, in]):
 
 For one to a few rows (decoding steps) MKL neither streams a large weight at memory speed nor uses
 the second core; for many rows (prompts) it is simply slower here. Both accumulate in fp32 (results
-differ by rounding, ~2e-6 relative). oneDNN's op has no autograd formula, so only inference takes it:
-training, other dtypes and other devices use `F.linear` unchanged. If the operator is missing or fails
-its probe (another torch build), everything uses `F.linear`. The operator is private: see
-`glmtune.compat.onednn_linear`.
+differ by rounding, ~2e-6 relative). The op has no autograd formula; P-tuning's base weights are
+frozen, so training needs only the gradient of the layer's input, grad @ W, which is the same op with
+the weight seen transposed (`_FrozenWeightLinear`; 1536 rows of the mid config: 2736 -> 1024 down
+projection forward 43 -> 22 ms, backward 49 -> 21 ms). A layer whose weight trains (the prefix
+encoder's MLP with `--prefix-projection`), other dtypes and other devices use `F.linear` unchanged. If
+the operator is missing or fails its probe (another torch build), everything uses `F.linear`. The
+operator is private: see `glmtune.compat.onednn_linear`.
 """
 
 from __future__ import annotations
@@ -41,21 +44,38 @@ def onednn_linear_ok() -> bool:
         return False
 
 
-def _takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+class _FrozenWeightLinear(torch.autograd.Function):
+    """y = x W^T + b by oneDNN, with the gradient of x only (W and b are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return compat.onednn_linear(x.contiguous(), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return compat.onednn_linear(grad.contiguous(), weight.t(), None), None, None
+
+
+def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     return onednn_linear_ok()
 
 
 class OneDNNLinear(nn.Linear):
-    """An `nn.Linear` (same parameters and state dict) computed by oneDNN in fp32 CPU inference."""
+    """An `nn.Linear` (same parameters and state dict) computed by oneDNN in fp32 on CPU when its weight is
+    frozen (inference, or P-tuning's base layers in training)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _takes_onednn(x, self.weight):
-            return compat.onednn_linear(x.contiguous(), self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        if not _takes_onednn(x, self.weight, self.bias):
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenWeightLinear.apply(x, self.weight, self.bias)
+        return compat.onednn_linear(x.contiguous(), self.weight, self.bias)
 
 
 def use_onednn_linears(model: nn.Module) -> nn.Module:

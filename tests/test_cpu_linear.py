@@ -35,7 +35,7 @@ def count_onednn_calls(monkeypatch) -> list:
     return calls
 
 
-def test_only_fp32_cpu_inference_takes_onednn_and_training_keeps_f_linear_with_its_gradients(monkeypatch):
+def test_inference_takes_onednn_only_in_fp32_on_cpu(monkeypatch):
     calls = count_onednn_calls(monkeypatch)
     torch.manual_seed(0)
     layer = use_onednn_linears(nn.Linear(64, 32))
@@ -47,11 +47,31 @@ def test_only_fp32_cpu_inference_takes_onednn_and_training_keeps_f_linear_with_i
     assert len(calls) == 2
     with torch.no_grad():
         layer.to(torch.bfloat16)(x.to(torch.bfloat16))  # other dtypes: F.linear
-    layer.float()
-    out = layer(x)  # autograd on (training): exactly F.linear, and the weight gets its gradient
+    assert len(calls) == 2
+
+
+def test_a_layer_whose_weight_trains_keeps_f_linear_and_its_gradients(monkeypatch):
+    calls = count_onednn_calls(monkeypatch)
+    layer = use_onednn_linears(nn.Linear(64, 32))  # requires_grad: e.g. the prefix encoder's MLP
+    x = torch.randn(5, 64, requires_grad=True)
+    out = layer(x)
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
     out.sum().backward()
-    assert len(calls) == 2 and layer.weight.grad is not None
+    assert calls == [] and layer.weight.grad is not None and x.grad is not None
+
+
+def test_a_frozen_layer_in_training_gives_f_linears_input_gradient_through_onednn(monkeypatch):
+    calls = count_onednn_calls(monkeypatch)
+    torch.manual_seed(1)
+    layer = use_onednn_linears(nn.Linear(1024, 2736)).requires_grad_(False)  # a base layer under P-tuning
+    x = torch.randn(3, 7, 1024, requires_grad=True)
+    upstream = torch.randn(3, 7, 2736)
+    (layer(x) * upstream).sum().backward()
+    assert len(calls) == 2  # forward, and backward (grad @ W)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (F.linear(x_ref, layer.weight, layer.bias) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None and layer.bias.grad is None
 
 
 def test_without_the_operator_every_layer_falls_back_to_f_linear(monkeypatch):
