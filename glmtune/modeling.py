@@ -14,8 +14,9 @@ what the native model cannot express:
 * `prefix_mask`: rows of one batch may carry different prefixes (different adapters, different
   pre_seq_len) that the caller placed in the cache as one padded block; each row sees only its own
   slots (used by `glmtune.serve`);
-* every linear layer is a `glmtune.cpu_linear.OneDNNLinear`: same parameters, but fp32 inference on CPU
-  runs on oneDNN, 2-3x faster than torch's default (MKL) on the project's machine;
+* every linear layer is a `glmtune.cpu_linear.OneDNNLinear`: same parameters, but in fp32 on CPU a frozen
+  weight's products (inference, and the base layers in training) run on oneDNN, 2-3x faster than torch's
+  default (MKL) on the project's machine;
 * `loss_only=True`, used in training: the LM head runs only on positions that have a label. The
   official code projects every position to the 65k vocabulary, a third of which are prompt tokens
   whose logits are thrown away.
@@ -107,7 +108,7 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
             )
         # The official ChatGLM2 `chatglm_config` dict this model came from (written back on save).
         self.chatglm_config: dict = {}
-        # fp32 CPU inference 2-3x faster (oneDNN instead of MKL); see glmtune.cpu_linear.
+        # fp32 CPU products with frozen weights 2-3x faster (oneDNN instead of MKL); see glmtune.cpu_linear.
         use_onednn_linears(self)
 
     @property
