@@ -33,13 +33,16 @@ from glmtune import compat
 
 @functools.lru_cache(maxsize=None)
 def onednn_linear_ok() -> bool:
-    """Whether oneDNN's fp32 linear exists in this torch build and computes F.linear on a probe."""
+    """Whether oneDNN's fp32 linear exists in this torch build and computes F.linear on a probe, also with
+    the weight seen transposed (what `_FrozenWeightLinear.backward` passes)."""
     try:
         gen = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(3, 2, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+        g = torch.randn(5, 24, generator=gen)
         with torch.inference_mode():
-            got = compat.onednn_linear(x, w, b)
-        return bool(got.shape == (3, 2, 24) and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+            got, got_t = compat.onednn_linear(x, w, b), compat.onednn_linear(g, w.t(), None)
+        return bool(got.shape == (3, 2, 24) and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+                    and torch.allclose(got_t, g @ w, rtol=1e-5, atol=1e-5))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
