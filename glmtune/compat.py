@@ -112,14 +112,14 @@ QUANTIZED_CPU_OPS = (INT4_MM_OP, INT8_MM_OP, INT4_PACK_OP)
 _OPS: dict = {}
 
 
-def _aten(name: str):
+def _aten(name: str, namespace: str = "aten"):
     # Looked up once: a 6B decoding step calls these 168 times, and the lookup costs as much as a
     # small kernel call.
-    op = _OPS.get(name)
+    op = _OPS.get((namespace, name))
     if op is None:
         import torch
 
-        op = _OPS[name] = getattr(torch.ops.aten, name)
+        op = _OPS[namespace, name] = getattr(getattr(torch.ops, namespace), name)
     return op
 
 
@@ -155,10 +155,5 @@ ONEDNN_LINEAR_OP = "_linear_pointwise"
 
 
 def onednn_linear(x, weight, bias):
-    """F.linear(x, weight, bias) by oneDNN (fp32, CPU, inference only; any leading dims)."""
-    op = _OPS.get(ONEDNN_LINEAR_OP)
-    if op is None:
-        import torch
-
-        op = _OPS[ONEDNN_LINEAR_OP] = getattr(torch.ops.mkldnn, ONEDNN_LINEAR_OP)
-    return op(x, weight, bias, "none", [], "")
+    """F.linear(x, weight, bias) by oneDNN (fp32, CPU, no autograd; any leading dims)."""
+    return _aten(ONEDNN_LINEAR_OP, "mkldnn")(x, weight, bias, "none", [], "")

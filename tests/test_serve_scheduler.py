@@ -7,6 +7,7 @@ import importlib
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,28 +187,26 @@ def test_adapter_for_another_base_shape_is_refused_naming_both_values(tiny, tmp_
         load_served_models(model_dir, adapters={"x": ckpt}, device="cpu", dtype="float32")
 
 
+def copy_adapter(source: Path, dest: Path, **config) -> Path:
+    """A copy of an adapter folder with `config` fields changed in its config.json."""
+    dest.mkdir()
+    for f in source.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dest
+
+
 def test_adapter_trained_on_another_family_is_refused_naming_both(tiny, tmp_path):
     model_dir, a, _ = tiny
-    glm3 = tmp_path / "glm3"
-    glm3.mkdir()
-    for f in a.iterdir():
-        (glm3 / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((glm3 / "config.json").read_text())
-    cfg["glmtune_family"] = "chatglm3"
-    (glm3 / "config.json").write_text(json.dumps(cfg))
+    glm3 = copy_adapter(a, tmp_path / "glm3", glmtune_family="chatglm3")
     with pytest.raises(GlmtuneError, match=r"checkpoint of a chatglm3 model, but the base model is chatglm2"):
         load_served_models(model_dir, adapters={"g3": glm3}, device="cpu", dtype="float32")
 
 
 def test_adapter_with_the_wrong_pre_seq_len_is_refused_naming_both_values(tiny, tmp_path):
     model_dir, a, _ = tiny
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in a.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["pre_seq_len"] = 6
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = copy_adapter(a, tmp_path / "bad", pre_seq_len=6)
     with pytest.raises(GlmtuneError, match=r"pre_seq_len 6, the prefix weights have 4 positions"):
         load_served_models(model_dir, adapters={"bad": bad}, device="cpu", dtype="float32")
 
