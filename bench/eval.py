@@ -1,9 +1,9 @@
 """Benchmark: `glmtune eval` generation throughput, batch 1 (the official setting) vs batch 16.
 
 For the tiny model and a mid config (4 layers, hidden 1024, 16 heads, kv_channels 64, 2 groups, ffn 2736,
-padded vocab 65024; random weights in the official layout, written with `glmtune.tiny`), both with a random
+padded vocab 65024; random weights in the official layout, written with `glmtune.model.tiny`), both with a random
 P-tuning prefix of pre_seq_len 128: greedy generation of a fixed number of new tokens after the bundled dev
-prompts, timed with `glmtune.evaluate.generate_token_ids` at batch 1 and at batch 16. The generated token
+prompts, timed with `glmtune.evaluation.generate.generate_token_ids` at batch 1 and at batch 16. The generated token
 ids must be identical (asserted). Prints a table and writes bench/results/eval.json.
 
     python bench/eval.py [--samples 32] [--max-new-tokens 32] [--configs tiny,mid] [--device cpu] [--threads N]
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from glmtune import data
-from glmtune.evaluate import GenerationSettings, generate_token_ids
-from glmtune.loading import load_model
-from glmtune.tiny import DATA_DIR, TinyConfig, init_model, official_config, random_state_dict, write_weights
-from glmtune.tokenizer import load_tokenizer
+from glmtune.data import preprocess as data
+from glmtune.evaluation.generate import GenerationSettings, generate_token_ids
+from glmtune.model.loading import load_model
+from glmtune.model.tiny import DATA_DIR, TinyConfig, init_model, official_config, random_state_dict, write_weights
+from glmtune.families.tokenizer import load_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.json"
 CONFIGS = {

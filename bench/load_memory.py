@@ -19,7 +19,7 @@ from common import CACHE, print_table, run_isolated, write_random_checkpoint, wr
 
 CHILD = r"""
 import json, sys, torch, transformers
-import glmtune.loading as L
+import glmtune.model.loading as L
 
 
 def status(field):

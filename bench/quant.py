@@ -1,4 +1,4 @@
-"""Speed (and, with --full-6b, memory) of weight-only int8/int4 quantization (`glmtune.quantization`).
+"""Speed (and, with --full-6b, memory) of weight-only int8/int4 quantization (`glmtune.model.quantization`).
 
 (a) model: a mid-size ChatGLM2 (4 layers, hidden 1024, 16 heads, kv_channels 64, 2 groups, ffn 2736;
     vocab 4096 so the unquantized lm_head does not hide the layers) — forward time of int8/int4 in
@@ -6,9 +6,9 @@
 (b) layers: one linear at each full ChatGLM2-6B shape (qkv 4096→4608, o 4096→4096, gate_up
     4096→27392, down 13696→4096), 1 and 64 tokens: dense vs the exact path vs the kernel path.
 (c) crossover: kernel vs exact path over the number of rows at the down shape, which is what
-    `AUTO_KERNEL_MAX_ROWS` in glmtune/quantization.py is set from.
+    `AUTO_KERNEL_MAX_ROWS` in glmtune/model/quantization.py is set from.
 (d) --full-6b: a random 7-shard fp16 checkpoint of the real 6B shape (~12.5 GB, written once to the
-    cache), loaded with `glmtune.loading.load_model(..., quantization_bit=4)`, then one P-tuning
+    cache), loaded with `glmtune.model.loading.load_model(..., quantization_bit=4)`, then one P-tuning
     training step (pre_seq_len 128, --tokens tokens); absolute peak RSS (VmHWM) of each, in a fresh
     interpreter.
 (e) --decode-6b: greedy decoding of that model quantized (64 new tokens after 64 prompt tokens, bf16),
@@ -29,11 +29,11 @@
       its weight at 0.4-0.5x the speed `sum` reads memory on the same threads, so on one core decoding
       stays near 40-55% of the bound;
     * the output layer (0.53 GB of the 3.39 GB a step reads): oneDNN's bf16 GEMV ran at 2/3 of
-      torch's own, now used for one row (glmtune/modeling.py);
+      torch's own, now used for one row (glmtune/model/modeling.py);
     * the prompt: the last position's logits copied the whole output-layer weight transposed (a
       batched matmul on a 3-D input; 9.4 s against 0.09 s in one run), now a 2-D product. At 64
       rows the int4 kernel still beats dequantize + matmul at every 6B shape (see
-      `AUTO_KERNEL_MAX_ROWS` in glmtune/quantization.py);
+      `AUTO_KERNEL_MAX_ROWS` in glmtune/model/quantization.py);
     * Python per step: the same 28 layers with tiny matrices still take 38-64 ms a step at load 9
       (transformers' layers and generate, and 168 QuantizedLinear calls of which glmtune's Python
       was trimmed from ~54 to ~47 us a call over a ~15 us kernel): a real share on a busy core;
@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, RESULTS, print_table, run_isolated, write_random_checkpoint, write_results  # noqa: E402
 
-from glmtune.quantization import QuantizedLinear, quantize_model, quantize_weight  # noqa: E402
+from glmtune.model.quantization import QuantizedLinear, quantize_model, quantize_weight  # noqa: E402
 
 MID = dict(num_layers=4, hidden_size=1024, num_attention_heads=16, kv_channels=64, multi_query_group_num=2,
            ffn_hidden_size=2736, padded_vocab_size=4096)
@@ -84,7 +84,7 @@ def timed(fn, min_time: float = 0.3, max_reps: int = 20) -> float:
 
 
 def bench_model() -> list[dict]:
-    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+    from glmtune.model.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
 
     torch.manual_seed(0)
     dense = ChatGLM2ForCausalLM(glm_config_from_chatglm(chatglm_cfg(MID))).eval()
@@ -162,7 +162,7 @@ def bench_crossover() -> list[dict]:
 
 FULL_CHILD = r"""
 import json, sys, time, torch
-import glmtune.loading as L
+import glmtune.model.loading as L
 torch.set_num_threads(int(sys.argv[4]))
 
 
@@ -200,7 +200,7 @@ print(json.dumps({"baseline": base, "load_peak": load_peak, "after_load": after_
 DECODE_CHILD = r"""
 import json, os, statistics, sys, time, torch
 from transformers import StoppingCriteria
-import glmtune.loading as L
+import glmtune.model.loading as L
 torch.set_num_threads(int(sys.argv[3]))
 
 
@@ -283,9 +283,9 @@ def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
 
     Each run is a fresh process. Its decode speed is compared with the bound the memory allows in the
     same run: read bandwidth (median of samples before, during and after decoding, same threads) /
-    bytes a step reads. The quantized checkpoint is written once (`glmtune.quantization.quantize_checkpoint`, the
+    bytes a step reads. The quantized checkpoint is written once (`glmtune.model.quantization.quantize_checkpoint`, the
     same model `load_model(..., quantization_bit=bits)` builds from the fp16 one) so runs load fast."""
-    from glmtune.quantization import quantize_checkpoint
+    from glmtune.model.quantization import quantize_checkpoint
 
     folder = CACHE / "chatglm2-6b-random-fp16-7"
     write_random_checkpoint(folder, chatglm_cfg(SIX_B), n_shards=7, dtype="float16")
@@ -323,11 +323,11 @@ def _gb(nbytes: int) -> float:
 
 def bench_full_6b(tokens: int, dtypes: list[str], checkpointing: bool, bits_list: list[int]) -> list[dict]:
     try:
-        import glmtune.loading as loading
+        import glmtune.model.loading as loading
     except ImportError:
         loading = None
     if loading is None or not hasattr(loading, "load_model"):
-        print("glmtune.loading.load_model not available: skipping --full-6b")
+        print("glmtune.model.loading.load_model not available: skipping --full-6b")
         return []
     free = shutil.disk_usage(CACHE.parent if CACHE.parent.exists() else Path.home()).free
     folder = CACHE / "chatglm2-6b-random-fp16-7"

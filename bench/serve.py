@@ -48,8 +48,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval as eval_bench  # noqa: E402  (the mid model builder)
 
-from glmtune.prefix import PrefixConfig, PrefixEncoder, official_prefix_state  # noqa: E402
-from glmtune.tiny import DATA_DIR  # noqa: E402
+from glmtune.model.prefix import PrefixConfig, PrefixEncoder, official_prefix_state  # noqa: E402
+from glmtune.model.tiny import DATA_DIR  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
 MID = eval_bench.CONFIGS["mid"]

@@ -5,9 +5,9 @@ ffn 2736, padded vocab 65024, pre_seq_len 128, fp32, random weights), rows from 
 file in train format (max_source_length 64, max_target_length 128). Measured with the functions
 `glmtune train` runs:
 
-* a training step: `glmtune.train.train_step`, batch 8, gradient checkpointing on (the default);
-* the validation loss: `glmtune.train_eval.validation_loss` over `--val-rows` rows, eval batch 8;
-* `--eval-generate K`: `glmtune.train_eval.generation_scores` (batched greedy + BLEU/ROUGE) for K rows.
+* a training step: `glmtune.train.loop.train_step`, batch 8, gradient checkpointing on (the default);
+* the validation loss: `glmtune.train.validation.validation_loss` over `--val-rows` rows, eval batch 8;
+* `--eval-generate K`: `glmtune.train.validation.generation_scores` (batched greedy + BLEU/ROUGE) for K rows.
 
 Every round measures all three in turn (so machine load hits them alike); all rounds are printed and
 written to bench/results/train_eval.json.
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from glmtune import data
-from glmtune.loading import load_model
-from glmtune.tiny import DATA_DIR
-from glmtune.tokenizer import load_tokenizer
-from glmtune.train import Dist, SampleKeyedDropout, train_step
-from glmtune.train_eval import generation_scores, prompts_and_references, validation_loss
+from glmtune.data import preprocess as data
+from glmtune.model.loading import load_model
+from glmtune.model.tiny import DATA_DIR
+from glmtune.families.tokenizer import load_tokenizer
+from glmtune.train.loop import Dist, SampleKeyedDropout, train_step
+from glmtune.train.validation import generation_scores, prompts_and_references, validation_loss
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results" / "train_eval.json"

@@ -11,14 +11,14 @@ Two scenarios (`--scenario fixed|adgen|both`):
 * adgen: batches of 4 rows whose (prompt, answer) token lengths are drawn, seeded, from the real ADGEN
   train-mode lengths (glmtune's preprocessing of the reference AdvertiseGen/dev.json with the real tokenizer,
   max_source_length 64, max_target_length 128); ids are random. glmtune gets the batches its trainer builds
-  (`glmtune.data.collate_train`: right padding to the batch's longest row, masked). The official model gets
+  (`glmtune.data.preprocess.collate_train`: right padding to the batch's longest row, masked). The official model gets
   what THUDM/ChatGLM2-6B `ptuning/main.py` feeds it: `preprocess_function_train` pads every row with id 0 to
   max_source_length + max_target_length = 192 (a row whose prompt and answer are both cut is 193 long and
   stays so; upstream's collator, `padding=False`, could not stack it with 192-long rows, so such a batch is
   given 193 here), labels -100 on the prompt and the padding, and the tokenizer's `pad()` adds an all-ones
   attention mask, so the padding runs as tokens. Tokens/s counts real (non-pad) tokens only.
 
-glmtune's step is `glmtune.train.train_step` (what `glmtune train` runs). The official step runs
+glmtune's step is `glmtune.train.loop.train_step` (what `glmtune train` runs). The official step runs
 `modeling_chatglm.py` from THUDM/chatglm2-6b (fetched by you into a folder outside this repository; it is
 never part of glmtune) in an interpreter with the transformers version its remote code needs, as
 ptuning/main.py drives it: `model(input_ids, labels=...)`, gradient checkpointing through
@@ -116,11 +116,11 @@ def worker_glmtune(gc: bool, steps: int, warmup: int, spec: dict | None) -> dict
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from glmtune.data import collate_train
-    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
-    from glmtune.prefix import PrefixConfig
-    from glmtune.tiny import TinyConfig, official_config
-    from glmtune.train import Dist, SampleKeyedDropout, train_step
+    from glmtune.data.preprocess import collate_train
+    from glmtune.model.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+    from glmtune.model.prefix import PrefixConfig
+    from glmtune.model.tiny import TinyConfig, official_config
+    from glmtune.train.loop import Dist, SampleKeyedDropout, train_step
 
     c = CONFIG
     cfg = official_config(TinyConfig(c["num_layers"], c["hidden_size"], c["num_attention_heads"], c["kv_channels"],
@@ -144,7 +144,7 @@ def worker_glmtune(gc: bool, steps: int, warmup: int, spec: dict | None) -> dict
         batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
                  "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
         batches = [batch] * (warmup + steps)
-    else:  # exactly what glmtune.train.make_batch builds from tokenized rows
+    else:  # exactly what glmtune.train.loop.make_batch builds from tokenized rows
         batches = [collate_train([{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in rows], pad_token_id=PAD_ID)
                    for rows in _adgen_rows(torch, spec)]
     counter = iter(range(10**9))
@@ -230,8 +230,8 @@ def adgen_spec(reference: Path, n_batches: int, grouped: bool = False) -> dict:
     cut into batches, and `n_batches` of them taken evenly spaced from longest to shortest."""
     import numpy as np
 
-    from glmtune.data import DataConfig, load_rows, tokenize_train
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.data.preprocess import DataConfig, load_rows, tokenize_train
+    from glmtune.families.tokenizer import load_tokenizer
 
     config = DataConfig(max_source_length=ADGEN["max_source_length"], max_target_length=ADGEN["max_target_length"])
     tokenizer = load_tokenizer(reference / "chatglm2-6b")

@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from glmtune.errors import GlmtuneError
-from glmtune.family import DEFAULT_FAMILY  # light (no torch): the registry imports only errors and glm3
+from glmtune.families.registry import DEFAULT_FAMILY  # light (no torch): the registry imports only errors and glm3
 
 
 def add_official_spellings(command) -> None:
@@ -40,7 +40,7 @@ def show_train_defaults(command) -> None:
     one then takes, taken from TrainConfig itself so help and behaviour cannot drift apart."""
     import dataclasses
 
-    from glmtune.train_config import TrainConfig  # no torch import there
+    from glmtune.train.config import TrainConfig  # no torch import there
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for param in command.params:
@@ -111,7 +111,7 @@ def init_model_command(
     """Write a tiny random ChatGLM2 or ChatGLM3 model (config, weights, tokenizer) for tests and CPU demos."""
     import json
 
-    from glmtune.tiny import init_model, read_text_file
+    from glmtune.model.tiny import init_model, read_text_file
 
     texts = [t for f in text_file for t in read_text_file(f)] if text_file else None
     out = init_model(
@@ -157,8 +157,9 @@ def preprocess(
     train_on: str = typer.Option("each-turn", "--train-on", "--train_on", help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
 ) -> None:
     """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
-    from glmtune import data, dataset_store
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.data import preprocess as data
+    from glmtune.data import store as dataset_store
+    from glmtune.families.tokenizer import load_tokenizer
 
     given = {name: path for name, path in (("train", train_file), ("validation", validation_file), ("test", test_file)) if path}
     if len(given) != 1:
@@ -177,7 +178,7 @@ def preprocess(
     tokenizer = load_tokenizer(model_path, family=family)
     report = dataset_store.preprocess(source, tokenizer, output_dir, config, mode, num_workers)
     typer.echo(data.format_report(report))
-    from glmtune.data_formats import format_samples
+    from glmtune.data.formats import format_samples
 
     typer.echo(format_samples(dataset_store.load_preprocessed(output_dir)[0], tokenizer))
     typer.echo(f"wrote {output_dir} (report: {output_dir / dataset_store.REPORT_FILE})")
@@ -254,7 +255,7 @@ def train(
     """P-tuning v2: train a prefix for a frozen ChatGLM2 or ChatGLM3 (official defaults; resumable; torchrun data parallel)."""
     import os
 
-    from glmtune.train_config import build_config, launch_torchrun
+    from glmtune.train.config import build_config, launch_torchrun
 
     overrides = {k: v for k, v in locals().items() if k not in ("config", "os", "build_config", "launch_torchrun")}
     settings = build_config(config, overrides)
@@ -264,13 +265,13 @@ def train(
         if code:
             raise typer.Exit(code)
         return
-    from glmtune.train import train as run_training
+    from glmtune.train.loop import train as run_training
 
     result = run_training(settings)
     if int(os.environ.get("RANK", "0")) != 0:
         raise typer.Exit(130 if result.interrupted else 0)
     if result.interrupted:
-        from glmtune.train_log import resume_command
+        from glmtune.train.log import resume_command
 
         typer.echo(f"{result.stop_reason} at step {result.global_step}; saved {result.final_checkpoint}", err=True)
         typer.echo(f"continue with:\n  {resume_command()}", err=True)
@@ -321,7 +322,8 @@ def eval_command(
     general_file: Optional[Path] = typer.Option(None, "--general-file", "--general_file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
 ) -> None:
     """Generate for an eval set (batched, greedy by default) and score BLEU-4 / ROUGE-1/2/L as the official scripts."""
-    from glmtune import data, evaluate
+    from glmtune.data import preprocess as data
+    from glmtune.evaluation import generate as evaluate
 
     if general_file is not None and not compare_base:
         raise GlmtuneError("--general-file needs --compare-base")
@@ -367,7 +369,7 @@ def score(
     num_workers: int = typer.Option(1, "--num-workers", "--num_workers", min=1, help="Processes for scoring."),
 ) -> None:
     """Score predictions with the official BLEU-4 and ROUGE-1/2/L (x100) and write them as JSON."""
-    from glmtune import metrics
+    from glmtune.evaluation import metrics
 
     predictions, labels = metrics.read_predictions(file)
     result = metrics.compute_metrics(predictions, labels, num_workers=num_workers)
@@ -413,8 +415,8 @@ def chat(
 
     import importlib
 
-    chat_lib = importlib.import_module("glmtune.chat")  # `glmtune.chat` is the function (see glmtune/__init__.py)
-    from glmtune.family import family_of
+    from glmtune.inference import chat as chat_lib
+    from glmtune.families.registry import family_of
 
     history = chat_lib.read_history_file(history_file) if history_file is not None else []
     tool_list = chat_lib.read_tools_file(tools) if tools is not None else None
@@ -470,7 +472,7 @@ def merge(
     from glmtune.fsutil import check_output_dir
 
     check_output_dir(output_dir, force, model_path, ptuning_checkpoint)  # before loading anything heavy
-    from glmtune.merge import merge_checkpoint
+    from glmtune.model.merge import merge_checkpoint
 
     result = merge_checkpoint(model_path, ptuning_checkpoint, output_dir, quantization_bit=quantization_bit,
                               fold=fold_prefix, force=force, dtype=dtype, family=family)
@@ -487,7 +489,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output-dir."),
 ) -> None:
     """Write an int4/int8 copy of a model in the official ChatGLM2 quantized layout, shard by shard."""
-    from glmtune.quantization import quantize_checkpoint
+    from glmtune.model.quantization import quantize_checkpoint
 
     out = quantize_checkpoint(model_path, output_dir, bits, force=force, dtype=dtype)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))

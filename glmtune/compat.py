@@ -10,7 +10,7 @@ from __future__ import annotations
 # --- modeling: gradient checkpointing with the prefix cache (harden) -----------------------------------
 # transformers' GradientCheckpointingLayer drops the `cache` argument under checkpointing unless the layer
 # declares `_can_checkpoint_with_cache`; there is no public switch (5.24, 5.25). glmtune's prefix reaches
-# every layer through a read-only cache (glmtune.prefix.PrefixKV), so it must stay.
+# every layer through a read-only cache (glmtune.model.prefix.PrefixKV), so it must stay.
 CHECKPOINT_WITH_CACHE = "_can_checkpoint_with_cache"
 
 
@@ -52,13 +52,13 @@ def missing_private_names() -> list[str]:
     missing = [f"torch.nn.Module.{name}" for name in TORCH_MODULE_HOOKS if not hasattr(torch.nn.Module, name)]
     if not checkpointing_layer_reads_cache_flag():
         missing.append(f"transformers GradientCheckpointingLayer.{CHECKPOINT_WITH_CACHE}")
-    if not hasattr(torch.ops.mkldnn, ONEDNN_LINEAR_OP):  # glmtune.cpu_linear falls back to F.linear, 2-3x slower
+    if not hasattr(torch.ops.mkldnn, ONEDNN_LINEAR_OP):  # glmtune.model.cpu_linear falls back to F.linear, 2-3x slower
         missing.append(f"torch.ops.mkldnn.{ONEDNN_LINEAR_OP}")
     return missing
 
 from typing import Any
 
-# --- tokenizer (glmtune.tokenizer: the ChatGLM2/ChatGLM3 Python-backend tokenizers) ----------------
+# --- tokenizer (glmtune.families.tokenizer: the ChatGLM2/ChatGLM3 Python-backend tokenizers) ----------------
 #
 # transformers 5's `PreTrainedTokenizer` (the Python backend) keeps its added-token tables and special-token
 # map in private attributes and has no public, non-copying accessor for them: `added_tokens_encoder` (public)
@@ -99,7 +99,7 @@ def warn_if_too_long(tokenizer: Any, ids: list[int]) -> None:
     tokenizer._eventual_warn_about_too_long_sequence(ids, None, True)
 
 
-# --- quantized CPU kernels (glmtune.qkernels) ----------------------------------------------------
+# --- quantized CPU kernels (glmtune.model.qkernels) ----------------------------------------------------
 # torch has no public weight-only int4/int8 matmul for CPU: these aten operators (used by torchao and
 # gpt-fast) are the only vectorised ones. Imported lazily: `glmtune --help` must not import torch.
 
@@ -145,7 +145,7 @@ def missing_quantized_cpu_ops() -> list[str]:
     return [name for name in QUANTIZED_CPU_OPS if not hasattr(torch.ops.aten, name)]
 
 
-# --- fp32 linear layers on CPU (glmtune.cpu_linear) ------------------------------------------------
+# --- fp32 linear layers on CPU (glmtune.model.cpu_linear) ------------------------------------------------
 # torch's CPU F.linear in fp32 goes to MKL's sgemm, which on this AMD EPYC runs 2-3x slower than oneDNN
 # for the shapes of a model (and does not use the second core for one row). oneDNN's fp32 inner
 # product is reachable only through this operator of torch's mkldnn fusion passes (it takes a plain

@@ -7,7 +7,7 @@ complete one is expected, and an existing folder is only replaced once the new o
 line by line and reports a non-UTF-8 byte with its line instead of a bare UnicodeDecodeError;
 `json_line` parses one JSON Lines record and names the right column on error; `iter_records` reads a
 data file (JSON Lines, a JSON array or CSV) as (file:line, record) pairs for both model families' data
-readers (`glmtune.data`, `glmtune.data_glm3`), which therefore need not import each other.
+readers (`glmtune.data.preprocess`, `glmtune.families.chatglm3.data`), which therefore need not import each other.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def reference() -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random ChatGLM2 folder (glmtune init-model defaults), made once per test module."""
-    from glmtune.tiny import init_model
+    from glmtune.model.tiny import init_model
 
     return init_model(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmtune.chat import (
+from glmtune.inference.chat import (
     HistoryTruncatedWarning,
     InvalidScoreLogitsProcessor,
     chat,
@@ -28,8 +28,8 @@ from glmtune.chat import (
     stream_chat,
 )
 from glmtune.errors import GlmtuneError
-from glmtune.loading import load_model, save_prefix_checkpoint
-from glmtune.tiny import init_model
+from glmtune.model.loading import load_model, save_prefix_checkpoint
+from glmtune.model.tiny import init_model
 
 GREEDY = dict(do_sample=False, max_new_tokens=8)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -8,12 +8,12 @@ import warnings
 import pytest
 import torch
 
-from glmtune.chat import chat, stream_chat
+from glmtune.inference.chat import chat, stream_chat
 from glmtune.errors import GlmtuneError
-from glmtune.family import CHATGLM2, CHATGLM3
-from glmtune.glm3 import ToolCallWarning, parse_tool_call, process_response
-from glmtune.loading import load_model
-from glmtune.tokenizer import load_tokenizer
+from glmtune.families.registry import CHATGLM2, CHATGLM3
+from glmtune.families.chatglm3.chat import ToolCallWarning, parse_tool_call, process_response
+from glmtune.model.loading import load_model
+from glmtune.families.tokenizer import load_tokenizer
 
 STOP_IDS = {2, 64795, 64797}
 
@@ -182,9 +182,9 @@ def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(
 
     import importlib
 
-    chat_module = importlib.import_module("glmtune.chat")  # the module; glmtune.chat is the function
-    from glmtune.chat import run_repl
-    from glmtune.family import family_of
+    from glmtune.inference import chat as chat_module
+    from glmtune.inference.chat import run_repl
+    from glmtune.families.registry import family_of
 
     tokenizer = glm3[0]
     calls = []
@@ -221,7 +221,7 @@ def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(
 
 
 def test_a_long_chatglm3_history_drops_the_oldest_messages_but_keeps_the_system_prompt(glm3):
-    from glmtune.chat import build_chat_prompt, truncation_message
+    from glmtune.inference.chat import build_chat_prompt, truncation_message
 
     tokenizer = glm3[0]
     system = {"role": "system", "content": "你是助手", "tools": [{"name": "f"}]}

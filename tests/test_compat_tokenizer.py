@@ -7,8 +7,8 @@ import inspect
 from transformers import PreTrainedTokenizer
 
 from glmtune import compat
-from glmtune.tiny import bundled_texts, train_tokenizer
-from glmtune.tokenizer import ChatGLM2Tokenizer, load_tokenizer
+from glmtune.model.tiny import bundled_texts, train_tokenizer
+from glmtune.families.tokenizer import ChatGLM2Tokenizer, load_tokenizer
 
 
 def test_overridden_tokenizer_hooks_exist_in_transformers_with_the_arguments_glmtune_passes():

@@ -1,13 +1,14 @@
-"""fp32 CPU inference through oneDNN (glmtune.cpu_linear): F.linear's results, only where autograd is off."""
+"""fp32 CPU inference through oneDNN (glmtune.model.cpu_linear): F.linear's results, only where autograd is off."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmtune import compat, cpu_linear
-from glmtune.cpu_linear import OneDNNLinear, use_onednn_linears
-from glmtune.tiny import TinyConfig
+from glmtune import compat
+from glmtune.model import cpu_linear
+from glmtune.model.cpu_linear import OneDNNLinear, use_onednn_linears
+from glmtune.model.tiny import TinyConfig
 
 
 def test_onednn_linear_is_available_and_passes_its_probe_in_this_torch():
@@ -85,8 +86,8 @@ def test_without_the_operator_every_layer_falls_back_to_f_linear(monkeypatch):
 
 
 def test_every_linear_of_the_model_is_a_onednn_linear_and_the_state_dict_is_unchanged():
-    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
-    from glmtune.tiny import official_config
+    from glmtune.model.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+    from glmtune.model.tiny import official_config
 
     model = ChatGLM2ForCausalLM(glm_config_from_chatglm(official_config(TinyConfig(), 512)))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

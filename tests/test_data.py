@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from glmtune import data, dataset_store
+from glmtune.data import preprocess as data
+from glmtune.data import store as dataset_store
 from glmtune.cli import app
 from glmtune.errors import GlmtuneError
 
@@ -20,7 +21,7 @@ GMASK, SOP, EOS, PAD = 64790, 64792, 2, 0
 
 @pytest.fixture(scope="module")
 def tokenizer(reference):
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.families.tokenizer import load_tokenizer
 
     return load_tokenizer(reference / "chatglm2-6b")
 
@@ -366,7 +367,7 @@ def test_damaged_dataset_metadata_names_the_file_and_the_field(tmp_path, meta_te
 
 
 def test_eval_reads_a_damaged_dataset_folder_through_the_same_checks(tmp_path):
-    from glmtune import evaluate
+    from glmtune.evaluation import generate as evaluate
 
     folder = _folder(tmp_path, json.dumps(_valid_meta(mode="eval", config={**dataclasses.asdict(data.DataConfig()), "seed": 1})))
     with pytest.raises(GlmtuneError, match=r"glmtune_data\.json: field 'config' has unknown setting\(s\) \['seed'\]"):
@@ -388,7 +389,7 @@ def test_max_samples_on_a_preprocessed_folder_follows_the_raw_file_rule_without_
     for n in (1, 2, 3, 4, 9):
         config = data.DataConfig(max_samples=n)
         from_raw, _ = dataset_store.load_or_build_dataset(raw, tokenizer, config, "train", cache_dir=tmp_path / "cache")
-        with caplog.at_level("WARNING", logger="glmtune.dataset_store"):
+        with caplog.at_level("WARNING", logger="glmtune.data.store"):
             caplog.clear()
             from_folder, _ = dataset_store.load_or_build_dataset(out, tokenizer, config, "train")
         assert not caplog.records  # only max_samples differs from the stored settings: nothing to warn about

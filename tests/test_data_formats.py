@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from glmtune.data import DataConfig, load_rows, tokenize_train
+from glmtune.data.preprocess import DataConfig, load_rows, tokenize_train
 from glmtune.errors import GlmtuneError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,14 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from glmtune.tiny import init_model
+    from glmtune.model.tiny import init_model
 
     return init_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.families.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model)
 
@@ -136,8 +136,8 @@ def test_preprocess_prints_two_decoded_rows_with_the_label_span_marked(tiny_mode
 def test_train_with_all_turns_runs_and_records_the_setting_for_resume(tiny_model, tmp_path, monkeypatch):
     import torch
 
-    from glmtune.train import train
-    from glmtune.train_config import build_config
+    from glmtune.train.loop import train
+    from glmtune.train.config import build_config
 
     monkeypatch.setenv("GLMTUNE_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from glmtune import data_glm3
-from glmtune.data import DataConfig, load_rows, tokenize
+from glmtune.families.chatglm3 import data as data_glm3
+from glmtune.data.preprocess import DataConfig, load_rows, tokenize
 from glmtune.errors import GlmtuneError
-from glmtune.tokenizer import load_tokenizer
+from glmtune.families.tokenizer import load_tokenizer
 
 RULES_2023 = DataConfig(family="chatglm3", max_source_length=64, max_target_length=64, max_seq_length=256)
 RULES_HF = DataConfig(family="chatglm3", glm3_rules="finetune-hf", max_source_length=128, max_target_length=64)

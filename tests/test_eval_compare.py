@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glmtune.data import DataConfig
+from glmtune.data.preprocess import DataConfig
 from glmtune.errors import GlmtuneError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,9 +23,9 @@ DEV_FILE = REPO / "data" / "adgen_sample" / "dev.json"
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """A tiny base and a prefix trained on it for a few steps at a high rate (so answers change)."""
-    from glmtune.tiny import init_model
-    from glmtune.train import train
-    from glmtune.train_config import build_config
+    from glmtune.model.tiny import init_model
+    from glmtune.train.loop import train
+    from glmtune.train.config import build_config
 
     root = tmp_path_factory.mktemp("compare")
     model = init_model(root / "model")
@@ -42,8 +42,8 @@ def tuned(tmp_path_factory):
 
 
 def test_compare_base_scores_the_base_and_the_tuned_model_as_separate_evals_would(tuned, tmp_path):
-    from glmtune import metrics
-    from glmtune.evaluate import GENERAL_PREDICTIONS_FILE, GenerationSettings, compare_base, run_eval
+    from glmtune.evaluation import metrics
+    from glmtune.evaluation.generate import GENERAL_PREDICTIONS_FILE, GenerationSettings, compare_base, run_eval
 
     model, checkpoint = tuned
     config = DataConfig(max_samples=6)

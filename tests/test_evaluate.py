@@ -13,10 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from glmtune import data, dataset_store
+from glmtune.data import preprocess as data
+from glmtune.data import store as dataset_store
 from glmtune.cli import app
 from glmtune.errors import GlmtuneError
-from glmtune.evaluate import (
+from glmtune.evaluation.generate import (
     PREDICTIONS_FILE,
     RESULTS_FILE,
     GenerationSettings,
@@ -24,9 +25,9 @@ from glmtune.evaluate import (
     generate_texts,
     length_sorted_batches,
 )
-from glmtune.loading import load_model
-from glmtune.tiny import DATA_DIR, init_model
-from glmtune.tokenizer import load_tokenizer
+from glmtune.model.loading import load_model
+from glmtune.model.tiny import DATA_DIR, init_model
+from glmtune.families.tokenizer import load_tokenizer
 
 DEV = DATA_DIR / "adgen_sample" / "dev.json"
 TRAIN = DATA_DIR / "adgen_sample" / "train.json"

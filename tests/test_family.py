@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from glmtune.errors import GlmtuneError
-from glmtune.family import FAMILIES, FAMILY_FIELD, detect_family, get_family, resolve_family
-from glmtune.loading import load_model, save_model, save_prefix_checkpoint
+from glmtune.families.registry import FAMILIES, FAMILY_FIELD, detect_family, get_family, resolve_family
+from glmtune.model.loading import load_model, save_model, save_prefix_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""What differs between model families is asked of the registry (`glmtune.family`), never decided in the commands:
+"""What differs between model families is asked of the registry (`glmtune.families.registry`), never decided in the commands:
 a static check of the command modules, and a made-up third family that goes through chat and serving
 without any command knowing its name."""
 
@@ -13,14 +13,21 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from glmtune.family import CHATGLM2, FAMILIES, family_of, get_family
-from glmtune.tokenizer import load_tokenizer
+from glmtune.families.registry import CHATGLM2, FAMILIES, family_of, get_family
+from glmtune.families.tokenizer import load_tokenizer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "glmtune"
-COMMAND_MODULES = ["chat.py", "cli.py", "evaluate.py", "train.py", "merge.py",
+COMMAND_MODULES = ["inference/chat.py", "cli.py", "evaluation/generate.py", "train/loop.py", "model/merge.py",
                    *sorted(p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "serve").glob("*.py"))]
 FAMILY_NAMES = {"chatglm2", "chatglm3"}
-FAMILY_MODULES = {"glm2", "glm3"}  # a family's own implementation, reached through the registry only
+# a family's own implementation (a package under glmtune/families/), reached through the registry only
+FAMILY_PACKAGES = {p.name for p in (PACKAGE / "families").iterdir() if (p / "__init__.py").is_file()}
+FAMILY_MODULES = {"glm2", "glm3", *FAMILY_PACKAGES}
+
+
+def _is_family_module(dotted: str) -> bool:
+    parts = dotted.split(".")
+    return parts[:2] == ["glmtune", "families"] and len(parts) > 2 and parts[2] in FAMILY_PACKAGES
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -44,10 +51,10 @@ def family_branches(source: str) -> list[str]:
             found.append(f"{where}: {node.value.id}.{node.attr}")
         elif isinstance(node, ast.Attribute) and node.attr == "role_tokens":
             found.append(f"{where}: .role_tokens")
-        elif isinstance(node, ast.ImportFrom) and node.module == "glmtune" and \
-                {a.name for a in node.names} & FAMILY_MODULES:
+        elif isinstance(node, ast.ImportFrom) and (_is_family_module(node.module or "") or node.module == "glmtune.families"
+                                                   and {a.name for a in node.names} & FAMILY_PACKAGES):
             found.append(f"{where}: imports a family module")
-        elif isinstance(node, ast.Import) and any(a.name in {f"glmtune.{m}" for m in FAMILY_MODULES} for a in node.names):
+        elif isinstance(node, ast.Import) and any(_is_family_module(a.name) for a in node.names):
             found.append(f"{where}: imports a family module")
         elif isinstance(node, ast.Compare):
             # `family.name == x`, `tokenizer.family != x`: a name comparison, whatever it is compared with.
@@ -62,7 +69,8 @@ def family_branches(source: str) -> list[str]:
 def test_the_family_branch_detector_finds_each_kind_of_branch():
     # The check below would pass vacuously if the detector found nothing: it must flag each pattern it names.
     for snippet in ['if chat_lib.is_glm3(tok):\n    pass', 'if is_glm3(tok): pass', 'x = "chatglm3"',
-                    'glm3.system_messages(t)', 'from glmtune import glm3', 'import glmtune.glm3',
+                    'glm3.system_messages(t)', 'from glmtune.families import chatglm3', 'import glmtune.families.chatglm3.chat',
+                        'from glmtune.families.chatglm2.tokenizer import build_prompt',
                     'if tokenizer.family == x: pass', 'if model_family.name != "chatglm2": pass',
                     'if tok.role_tokens: pass']:
         assert family_branches(snippet), snippet
@@ -100,8 +108,8 @@ class _ThenEop(LogitsProcessor):
 
 
 def test_a_registered_family_chats_with_its_own_stop_token_and_no_command_knows_its_name(tiny_model, eop_family):
-    chat_module = importlib.import_module("glmtune.chat")  # the module; glmtune.chat is the function
-    from glmtune.loading import load_model
+    from glmtune.inference import chat as chat_module
+    from glmtune.model.loading import load_model
 
     model = load_model(tiny_model)
     glm2_tok = load_tokenizer(tiny_model)
@@ -127,7 +135,7 @@ def test_a_registered_family_chats_with_its_own_stop_token_and_no_command_knows_
 
 def test_serving_a_registered_family_builds_its_prompt_and_stops_on_its_tokens(tiny_model, eop_family):
     pytest.importorskip("fastapi")
-    from glmtune.loading import load_model
+    from glmtune.model.loading import load_model
     from glmtune.serve.models import stop_token_ids
     from glmtune.serve.protocol import ApiError, ChatRequest, chat_prompt_ids
 

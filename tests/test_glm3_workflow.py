@@ -132,8 +132,8 @@ def test_train_family_option_overrides_detection_and_a_mismatched_resume_is_refu
 
     from glmtune.cli import app
     from glmtune.errors import GlmtuneError
-    from glmtune.tiny import init_model
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.model.tiny import init_model
+    from glmtune.families.tokenizer import load_tokenizer
 
     # A ChatGLM3 folder that says nothing about its family (like a bare official download): detected as ChatGLM2.
     model = init_model(tmp_path / "bare3", family="chatglm3", seq_length=1024)

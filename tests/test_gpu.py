@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmtune.loading import load_model
+from glmtune.model.loading import load_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -27,8 +27,8 @@ def tiny(tmp_path_factory):
     """A tiny model (short window, so sampled chat stays quick) and a P-tuning checkpoint for it."""
     import torch
 
-    from glmtune.loading import load_model, save_prefix_checkpoint
-    from glmtune.tiny import init_model
+    from glmtune.model.loading import load_model, save_prefix_checkpoint
+    from glmtune.model.tiny import init_model
 
     root = tmp_path_factory.mktemp("harden")
     model_dir = init_model(root / "chatglm2-6b", seq_length=96)
@@ -59,12 +59,12 @@ def test_readme_python_example_runs_on_the_tiny_model(tiny):
 
 def test_every_public_name_is_the_function_whatever_was_imported_first():
     code = ("import importlib, types, glmtune\n"
-            "importlib.import_module('glmtune.chat'); importlib.import_module('glmtune.loading')\n"
+            "importlib.import_module('glmtune.inference.chat'); importlib.import_module('glmtune.model.loading')\n"
             "from glmtune import chat, stream_chat, load_model, save_model, load_tokenizer\n"
             "assert all(callable(getattr(glmtune, n)) and not isinstance(getattr(glmtune, n), types.ModuleType)\n"
             "           for n in glmtune.__all__ if n != '__version__'), glmtune.__all__\n"
-            "assert chat.__module__ == 'glmtune.chat' and chat.__name__ == 'chat'\n"
-            "assert importlib.import_module('glmtune.chat').read_history_file\n"
+            "assert chat.__module__ == 'glmtune.inference.chat' and chat.__name__ == 'chat'\n"
+            "assert importlib.import_module('glmtune.inference.chat').read_history_file\n"
             "print('OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -93,7 +93,7 @@ def test_ci_entry_point_requires_the_reference_data():
 
 
 def test_save_model_refuses_an_existing_folder_unless_overwrite(tiny, tmp_path):
-    from glmtune.loading import load_model, save_model
+    from glmtune.model.loading import load_model, save_model
 
     _, model_dir, _ = tiny
     model = load_model(model_dir)
@@ -114,8 +114,9 @@ def test_save_model_refuses_an_existing_folder_unless_overwrite(tiny, tmp_path):
 
 
 def test_cached_tokenized_file_reports_the_path_given(tiny, tmp_path):
-    from glmtune import data, dataset_store
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.data import preprocess as data
+    from glmtune.data import store as dataset_store
+    from glmtune.families.tokenizer import load_tokenizer
 
     _, model_dir, _ = tiny
     tokenizer = load_tokenizer(model_dir)
@@ -143,7 +144,7 @@ def test_cached_tokenized_file_reports_the_path_given(tiny, tmp_path):
     ("crlf.jsonl", '{"content": "a", "summary": "b"}\r\n{"content": "ab",\r\n', r"crlf.jsonl:2: .* at column 18\)"),
 ])
 def test_malformed_data_files_name_the_line_and_the_right_column(tmp_path, name, text, message):
-    from glmtune import data
+    from glmtune.data import preprocess as data
 
     path = tmp_path / name
     path.write_bytes(text.encode("utf-8"))
@@ -152,7 +153,7 @@ def test_malformed_data_files_name_the_line_and_the_right_column(tmp_path, name,
 
 
 def test_short_csv_rows_and_blank_lines_are_read_as_pandas_would(tmp_path):
-    from glmtune import data
+    from glmtune.data import preprocess as data
 
     path = tmp_path / "ok.csv"
     path.write_text('content,summary\n"a, with comma",b\n\nc\n"multi\nline",d\n', encoding="utf-8")
@@ -186,7 +187,7 @@ def test_model_config_with_a_wrong_type_or_negative_size_is_one_clear_error(tiny
     cfg[field] = value
     (folder / "config.json").write_text(json.dumps(cfg))
     if field != "num_layers":
-        from glmtune.loading import load_model
+        from glmtune.model.loading import load_model
 
         with pytest.raises(GlmtuneError) as caught:
             load_model(folder)
@@ -219,7 +220,7 @@ def test_eval_says_how_many_rows_were_dropped_as_empty_and_why(tiny, tmp_path):
 
 
 def test_dropped_rows_message_on_a_preprocessed_folder_cut_by_max_samples():
-    from glmtune.evaluate import dropped_rows_message
+    from glmtune.evaluation.generate import dropped_rows_message
 
     assert dropped_rows_message({"empty_prompt": 0, "empty_response": 0, "total": 0}, 20) is None
     assert dropped_rows_message({"empty_prompt": None, "empty_response": None, "total": 1}, 19).startswith(
@@ -230,15 +231,15 @@ def test_dropped_rows_message_on_a_preprocessed_folder_cut_by_max_samples():
 
 
 def test_merged_model_given_another_ptuning_checkpoint_warns_that_it_replaces_the_prefix(tiny, tmp_path, caplog):
-    from glmtune.loading import load_model
-    from glmtune.merge import merge_checkpoint
+    from glmtune.model.loading import load_model
+    from glmtune.model.merge import merge_checkpoint
 
     _, model_dir, ckpt = tiny
     merged = merge_checkpoint(model_dir, ckpt, tmp_path / "merged").output_dir
-    with caplog.at_level("WARNING", logger="glmtune.loading"):
+    with caplog.at_level("WARNING", logger="glmtune.model.loading"):
         load_model(merged)
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="glmtune.loading"):
+    with caplog.at_level("WARNING", logger="glmtune.model.loading"):
         load_model(merged, ptuning_checkpoint=ckpt)
     assert [r.getMessage() for r in caplog.records] == [
         f"warning: {merged} is a merged model with its own prefix (pre_seq_len 4); --ptuning-checkpoint {ckpt} replaces it"]
@@ -261,7 +262,7 @@ def _effective_default(command_name: str, param):
         return param.default
     import dataclasses
 
-    from glmtune.train_config import TrainConfig
+    from glmtune.train.config import TrainConfig
 
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return fields.get(param.name)
@@ -333,7 +334,7 @@ def test_plain_flags_reject_a_value_with_a_clear_usage_error(tmp_path):
 
 
 def test_length_table_columns_stay_apart_at_six_and_more_digits():
-    from glmtune import data
+    from glmtune.data import preprocess as data
 
     report = {"source": "x.json", "mode": "train", "rows_read": 3, "rows_kept": 3,
               "rows_skipped": {"total": 0, "empty_prompt": 0, "empty_response": 0},
@@ -369,24 +370,33 @@ def test_evaluate_and_chat_scripts_read_checkpoint_and_step_the_same_way(tmp_pat
 
 
 def _import_graph() -> dict[str, set[str]]:
+    """Module -> the glmtune modules it imports (dotted names below glmtune, packages by their __init__)."""
     import ast
 
     package = REPO / "glmtune"
-    modules = {p.stem for p in package.glob("*.py")}
+
+    def dotted(path: Path) -> str:
+        parts = path.relative_to(package).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {dotted(p) for p in package.rglob("*.py")}
+
+    def targets(module: str, names=()) -> set[str]:
+        found = {module} if module in modules else set()
+        return found | {f"{module}.{n}".lstrip(".") for n in names if f"{module}.{n}".lstrip(".") in modules}
+
     graph = {}
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module == "glmtune":
-                deps |= {alias.name for alias in node.names if alias.name in modules}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("glmtune."):
-                deps.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and (node.module == "glmtune" or (node.module or "").startswith("glmtune.")):
+                deps |= targets(node.module[len("glmtune."):] if node.module != "glmtune" else "", [a.name for a in node.names])
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("glmtune.")}
+                deps |= set().union(*(targets(a.name[len("glmtune."):]) for a in node.names if a.name.startswith("glmtune.")))
             elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args \
                     and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("glmtune."):
-                deps.add(node.args[0].value.split(".")[1])
-        graph[path.stem] = deps - {path.stem}
+                deps |= targets(node.args[0].value[len("glmtune."):])
+        graph[dotted(path)] = deps - {dotted(path), ""}
     return graph
 
 
@@ -415,12 +425,13 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_glmtune_modules_import_each_other_without_cycles():
     graph = _import_graph()
-    assert graph["quantization"] and graph["merge"]  # the graph was really read
+    assert graph["model.quantization"] and graph["model.merge"]  # the graph was really read
     # No cycle at all, top-level or deferred: the family registry sits below the implementations it names
-    # (ChatGLM2's reply post-processing lives in glmtune.family; the tokenizer classes below glmtune.tokenizer's
-    # loader; what glmtune.data and glmtune.data_glm3 share in glmtune.data_formats / glmtune.fsutil).
+    # (ChatGLM2's reply post-processing lives in glmtune.families.registry; the tokenizer classes below glmtune.families.tokenizer's
+    # loader; what glmtune.data.preprocess and glmtune.families.chatglm3.data share in glmtune.data.formats / glmtune.fsutil).
     assert _cycles(graph) == [], _cycles(graph)
-    assert {"tokenizer_glm2", "tokenizer_glm3", "family"} <= graph["tokenizer"] and "data_glm3" in graph["data"]
+    assert {"families.chatglm2.tokenizer", "families.chatglm3.tokenizer", "families.registry"} <= graph["families.tokenizer"]
+    assert "families.chatglm3.data" in graph["data.preprocess"]
 
 
 # --- item 18 (parts): one definition each; no dead code or unused dependency; one atomic-write helper ----
@@ -431,7 +442,7 @@ def _module_constants() -> dict[str, list[str]]:
     from collections import defaultdict
 
     found = defaultdict(list)
-    for path in (REPO / "glmtune").glob("*.py"):
+    for path in (REPO / "glmtune").rglob("*.py"):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
             for target in targets:
@@ -441,7 +452,8 @@ def _module_constants() -> dict[str, list[str]]:
 
 
 def test_ignore_index_and_modes_are_each_defined_once():
-    from glmtune import data, modeling
+    from glmtune.data import preprocess as data
+    from glmtune.model import modeling
 
     constants = _module_constants()
     assert len(constants["IGNORE_INDEX"]) == 1 and modeling.IGNORE_INDEX == data.IGNORE_INDEX == -100
@@ -452,30 +464,31 @@ def test_ignore_index_and_modes_are_each_defined_once():
 def test_removed_dead_code_stays_removed():
     import inspect
 
-    from glmtune import data
+    from glmtune.data import preprocess as data
 
     # (`_prefix_kv` and the dtype fallback came back with the serve work's forward split on main: `compute_dtype`
     # documents why, and `_prepare_cache` calls `_prefix_kv`; that code is the serve developer's.)
     assert list(inspect.signature(data.collate_train).parameters) == ["features", "pad_token_id"]
-    assert "1e-5" not in (REPO / "glmtune" / "quantization.py").read_text().split('"""')[1]
+    assert "1e-5" not in (REPO / "glmtune" / "model" / "quantization.py").read_text().split('"""')[1]
 
 
 def test_every_declared_dependency_is_imported_somewhere():
     sources = "\n".join(p.read_text(encoding="utf-8") for d in ("glmtune", "bench", "tests")
-                        for p in (REPO / d).glob("*.py") if p.name != Path(__file__).name)
+                        for p in (REPO / d).rglob("*.py") if p.name != Path(__file__).name)
     assert "psutil" not in (REPO / "requirements.txt").read_text() and "psutil" not in (REPO / "setup.cfg").read_text()
     assert "import psutil" not in sources
 
 
 def test_my_modules_write_files_through_fsutil_only():
-    for name in ("dataset_store", "metrics", "evaluate", "data", "merge", "loading"):
+    for name in ("data/store", "evaluation/metrics", "evaluation/generate", "data/preprocess", "model/merge", "model/loading"):
         text = (REPO / "glmtune" / f"{name}.py").read_text(encoding="utf-8")
         assert "os.replace(" not in text and ".tmp" not in text, name
 
 
 def test_dataset_folder_written_by_preprocess_gets_umask_modes_and_leaves_no_temp(tiny, tmp_path):
-    from glmtune import data, dataset_store
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.data import preprocess as data
+    from glmtune.data import store as dataset_store
+    from glmtune.families.tokenizer import load_tokenizer
 
     source = tmp_path / "train.json"
     source.write_text(json.dumps({"content": "类型#裙", "summary": "好看"}, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -492,7 +505,7 @@ def test_dataset_folder_written_by_preprocess_gets_umask_modes_and_leaves_no_tem
 
 PRIVATE = re.compile(r"\b(_attn_implementation|_can_checkpoint_with_cache|_parameters|_buffers|_added_tokens_\w+|"
                      r"_encode_plus|_weight_int[48]pack\w*|_convert_weight_to_int4pack\w*|_linear_pointwise)\b")
-OWNERS_ROUTE_THEMSELVES = {"tokenizer_glm2.py", "qkernels.py"}  # issue 9: their owners move these names
+OWNERS_ROUTE_THEMSELVES = {"families/chatglm2/tokenizer.py", "model/qkernels.py"}  # their owners move these names
 
 
 def test_every_private_name_glmtune_relies_on_exists_in_the_installed_versions():
@@ -512,8 +525,10 @@ def _code_names(path: Path) -> list[str]:
 
 
 def test_private_transformers_and_torch_names_appear_only_in_compat():
-    offenders = {p.name: [n for n in _code_names(p) if PRIVATE.fullmatch(n)] for p in (REPO / "glmtune").glob("*.py")
-                 if p.name not in OWNERS_ROUTE_THEMSELVES | {"compat.py"}}
+    package = REPO / "glmtune"
+    offenders = {p.relative_to(package).as_posix(): [n for n in _code_names(p) if PRIVATE.fullmatch(n)]
+                 for p in package.rglob("*.py")
+                 if p.relative_to(package).as_posix() not in OWNERS_ROUTE_THEMSELVES | {"compat.py"}}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
@@ -567,7 +582,7 @@ def test_init_model_pretraining_lowers_the_loss_changes_the_weights_and_is_seede
     import torch
     from safetensors.torch import load_file
 
-    from glmtune.tiny import init_model
+    from glmtune.model.tiny import init_model
 
     runs = []
     for name in ("a", "b"):
@@ -583,14 +598,14 @@ def test_init_model_pretraining_lowers_the_loss_changes_the_weights_and_is_seede
 
 
 def test_init_model_rejects_a_negative_pretrain_steps(tmp_path):
-    from glmtune.tiny import init_model
+    from glmtune.model.tiny import init_model
 
     with pytest.raises(GlmtuneError, match="--pretrain-steps must be 0 or a positive integer"):
         init_model(tmp_path / "m", pretrain_steps=-1)
 
 
 def test_history_and_tools_files_that_are_not_utf8_or_not_json_are_one_clear_error(tmp_path):
-    from glmtune.chat import read_history_file, read_tools_file
+    from glmtune.inference.chat import read_history_file, read_tools_file
 
     latin = tmp_path / "latin1.json"
     latin.write_bytes('[["caf\u00e9", "ok"]]'.encode("latin-1"))

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from glmtune.chat import chat, load_chat_model
+from glmtune.inference.chat import chat, load_chat_model
 from glmtune.errors import GlmtuneError
-from glmtune.loading import load_model, save_prefix_checkpoint
-from glmtune.merge import merge_checkpoint
-from glmtune.tiny import init_model
+from glmtune.model.loading import load_model, save_prefix_checkpoint
+from glmtune.model.merge import merge_checkpoint
+from glmtune.model.tiny import init_model
 
 QUESTIONS = ["你好", "这款连衣裙适合什么场合"]
 
@@ -134,7 +134,8 @@ def test_cli_merge_then_chat_on_the_merged_folder_answers_as_base_plus_checkpoin
 
 
 def test_eval_on_the_merged_folder_without_flags_predicts_as_base_plus_checkpoint(tiny, tmp_path):
-    from glmtune import data, evaluate
+    from glmtune.data import preprocess as data
+    from glmtune.evaluation import generate as evaluate
 
     root, model_dir, ckpt = tiny
     merged = merge_checkpoint(model_dir, ckpt, root / "for-eval", fold=True).output_dir

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from glmtune.cli import app
 from glmtune.errors import GlmtuneError
-from glmtune.metrics import METRIC_KEYS, compute_metrics, read_predictions, score_pair
+from glmtune.evaluation.metrics import METRIC_KEYS, compute_metrics, read_predictions, score_pair
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_blank_prediction_or_reference_scores_zero_with_a_counted_warning(caplog
     text = "简约而不简单的牛仔外套，白色的衣身十分百搭。"
     preds = [text, "", "   \n", text]
     labels = [text, text, text, " \t"]
-    with caplog.at_level(logging.WARNING, logger="glmtune.metrics"):
+    with caplog.at_level(logging.WARNING, logger="glmtune.evaluation.metrics"):
         result = compute_metrics(preds, labels)
     assert result.empty == 3
     assert result.per_pair[0] == {key: 100.0 for key in METRIC_KEYS}

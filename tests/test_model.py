@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from glmtune.errors import GlmtuneError
-from glmtune.loading import load_model, save_model, save_prefix_checkpoint
+from glmtune.model.loading import load_model, save_model, save_prefix_checkpoint
 
 TAGS = {"base": None, "ptuning": "ptuning", "ptuning-proj": "ptuning-proj"}
 TOL = 1e-4

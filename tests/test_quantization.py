@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmtune import qkernels
-from glmtune import quantization as Q
+from glmtune.model import qkernels
+from glmtune.model import quantization as Q
 from glmtune.errors import GlmtuneError
-from glmtune.quantization import (
+from glmtune.model.quantization import (
     QuantizedLinear,
     dequantize_weight,
     is_quantizable_key,
@@ -225,8 +225,8 @@ def test_every_candidate_cpu_int4_layout_round_trips(layout, width):
 
 LAYOUT_PROBE = """
 import torch
-from glmtune import qkernels
-from glmtune.quantization import QuantizedLinear
+from glmtune.model import qkernels
+from glmtune.model.quantization import QuantizedLinear
 layout = qkernels.cpu_int4_layout()
 torch.manual_seed(0)
 layer = QuantizedLinear.from_float(torch.nn.Linear(256, 112), 4)
@@ -271,7 +271,7 @@ def test_input_gradient_equals_gradient_through_dequantized_fp32_weight(bits, ch
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prefix_gradient_through_quantized_golden_model_equals_dequantized_fp32(golden, bits):
-    from glmtune.loading import load_model
+    from glmtune.model.loading import load_model
 
     root, _, exp = golden
     model = load_model(root / f"model-int{bits}", pre_seq_len=4)
@@ -297,7 +297,7 @@ def test_prefix_gradient_through_quantized_golden_model_equals_dequantized_fp32(
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_official_quantized_golden_models_give_official_logits(golden, bits):
-    from glmtune.loading import load_model
+    from glmtune.model.loading import load_model
 
     root, _, exp = golden
     model = load_model(root / f"model-int{bits}")
@@ -311,7 +311,7 @@ def test_official_quantized_golden_models_give_official_logits(golden, bits):
 
 
 def test_replace_linears_swaps_the_six_decoder_kinds_only(golden):
-    from glmtune.loading import load_model
+    from glmtune.model.loading import load_model
 
     root, _, _ = golden
     model = replace_linears_with_quantized(load_model(root / "model"), 4, torch.float32)
@@ -326,7 +326,7 @@ def test_replace_linears_swaps_the_six_decoder_kinds_only(golden):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_command_writes_the_official_quantized_model(golden, tmp_path, bits):
-    from glmtune.loading import load_model
+    from glmtune.model.loading import load_model
 
     root, _, exp = golden
     from safetensors.torch import load_file
@@ -386,7 +386,7 @@ def test_auto_mode_runs_fp32_exact_and_single_bf16_tokens_on_the_kernel():
 
 @needs_kernels
 def test_model_saved_after_kernel_repacking_reloads_with_official_logits(golden, tmp_path):
-    from glmtune.loading import load_model, save_model
+    from glmtune.model.loading import load_model, save_model
 
     root, _, exp = golden
     model = load_model(root / "model-int4")
@@ -416,7 +416,7 @@ def test_last_position_logits_run_as_one_matrix_product_not_a_batched_one():
     (0.5 GB, ~10 s per prompt for the 6B model on 1 thread, bench/quant.py --decode-6b)."""
     from torch.profiler import profile
 
-    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+    from glmtune.model.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
 
     cfg = dict(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
                ffn_hidden_size=96, padded_vocab_size=512, multi_query_attention=True, add_qkv_bias=True)
@@ -438,7 +438,7 @@ def test_last_position_logits_run_as_one_matrix_product_not_a_batched_one():
 
 def test_single_bf16_row_logits_use_torch_gemv_and_restore_onednn():
     """oneDNN's bf16 GEMV is ~1.5x slower than torch's for the 6B output layer (bench/quant.py --decode-6b)."""
-    from glmtune.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
+    from glmtune.model.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
 
     cfg = dict(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
                ffn_hidden_size=96, padded_vocab_size=512, multi_query_attention=True, add_qkv_bias=True)

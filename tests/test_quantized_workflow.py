@@ -27,7 +27,7 @@ def _glmtune(*args, tmp_path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("bits", [4])
 def test_train_eval_and_chat_through_a_quantized_base_model(tmp_path, bits):
-    from glmtune.tiny import init_model
+    from glmtune.model.tiny import init_model
 
     model = init_model(tmp_path / "model")
     out = tmp_path / "run"

@@ -18,7 +18,7 @@ import pytest
 
 from test_serve_scheduler import make_adapter  # noqa: E402  (same tiny adapters as the scheduler tests)
 
-from glmtune.tiny import init_model
+from glmtune.model.tiny import init_model
 
 KEY = "test-key-123"
 HISTORY = [["你好", "你好，我是助手"]]
@@ -136,7 +136,7 @@ def test_streamed_chat_sends_role_first_then_deltas_then_finish(client):
 
 
 def test_a_system_message_goes_in_front_of_the_query(tiny, client):
-    from glmtune.chat import chat, load_chat_model
+    from glmtune.inference.chat import chat, load_chat_model
 
     model, tokenizer = load_chat_model(tiny[0], device="cpu", dtype="float32")
     expected, _ = chat(model, tokenizer, "简短些。写一句广告词", HISTORY, do_sample=False, max_new_tokens=8,

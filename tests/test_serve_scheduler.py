@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
+from glmtune.inference import chat as chat_lib
 from glmtune.errors import GlmtuneError
-from glmtune.loading import load_model, save_prefix_checkpoint
+from glmtune.model.loading import load_model, save_prefix_checkpoint
 from glmtune.serve.models import load_served_models, parse_adapter_specs
 from glmtune.serve.scheduler import Request, SamplingParams, Scheduler, run_to_completion
-from glmtune.tiny import init_model
+from glmtune.model.tiny import init_model
 
 QUERIES = ["你好", "这款连衣裙适合什么场合", "写一句广告词", "裤子"]
 
@@ -220,7 +220,7 @@ def test_adapter_specs_are_parsed_and_checked():
 
 
 def test_a_merged_folder_serves_its_prefix_under_the_base_name(tiny, served, tmp_path):
-    from glmtune.merge import merge_checkpoint
+    from glmtune.model.merge import merge_checkpoint
 
     model_dir, a, _ = tiny
     merged = tmp_path / "merged"

@@ -18,7 +18,7 @@ from glmtune.serve import protocol  # noqa: E402
 from glmtune.serve.api import create_app  # noqa: E402
 from glmtune.serve.protocol import ApiError, ChatRequest, chat_prompt_ids, reply_tool_call  # noqa: E402
 from glmtune.serve.scheduler import Event  # noqa: E402
-from glmtune.tokenizer import load_tokenizer  # noqa: E402
+from glmtune.families.tokenizer import load_tokenizer  # noqa: E402
 
 WEATHER = {"name": "get_weather", "description": "查询指定城市的实时天气",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -260,7 +260,7 @@ def test_real_chatglm3_server_takes_tools_and_tool_results_from_the_openai_clien
     the conversation goes through and that the streamed and non-streamed greedy replies agree."""
     from test_serve_api import start_server
 
-    from glmtune.tiny import init_model
+    from glmtune.model.tiny import init_model
 
     model_dir = init_model(tmp_path / "m", family="chatglm3")
     proc, url = start_server(["--model-path", str(model_dir), "--device", "cpu", "--dtype", "float32",

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from glmtune.errors import GlmtuneError
-from glmtune.tiny import init_model
-from glmtune.tokenizer import load_tokenizer
+from glmtune.model.tiny import init_model
+from glmtune.families.tokenizer import load_tokenizer
 
 LAYERS, HIDDEN, HEADS, KV, GROUPS, FFN = 2, 64, 4, 16, 2, 160
 

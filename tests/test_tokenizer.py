@@ -9,8 +9,8 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from glmtune.errors import GlmtuneError
-from glmtune.tiny import bundled_texts, train_tokenizer
-from glmtune.tokenizer import ChatGLM2Tokenizer, build_prompt, load_tokenizer
+from glmtune.model.tiny import bundled_texts, train_tokenizer
+from glmtune.families.tokenizer import ChatGLM2Tokenizer, build_prompt, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from glmtune.family import detect_family
-from glmtune.tokenizer import ChatGLM2Tokenizer, load_tokenizer
-from glmtune.tokenizer_glm3 import ChatGLM3Tokenizer
+from glmtune.families.registry import detect_family
+from glmtune.families.tokenizer import ChatGLM2Tokenizer, load_tokenizer
+from glmtune.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 
 ROLE_IDS = {"<|system|>": 64794, "<|user|>": 64795, "<|assistant|>": 64796, "<|observation|>": 64797}
 

@@ -16,9 +16,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from glmtune.checkpoint import latest_checkpoint, read_metrics
+from glmtune.train.checkpoint import latest_checkpoint, read_metrics
 from glmtune.errors import GlmtuneError
-from glmtune.train_config import TrainConfig, build_config
+from glmtune.train.config import TrainConfig, build_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILE = REPO / "data" / "adgen_sample" / "train.json"
@@ -36,7 +36,7 @@ def _config(model, out, **overrides) -> TrainConfig:
 
 
 def _train(model, out, **overrides):
-    from glmtune.train import train
+    from glmtune.train.loop import train
 
     return train(_config(model, out, **overrides))
 
@@ -58,16 +58,16 @@ def _losses(out) -> list[tuple[int, float]]:
 
 
 def test_frozen_weights_never_change_and_only_the_prefix_is_optimized(tiny_model, tmp_path, monkeypatch):
-    import glmtune.loading
+    import glmtune.model.loading
 
-    original, captured = glmtune.loading.load_model, {}
+    original, captured = glmtune.model.loading.load_model, {}
 
     def capturing(*args, **kwargs):  # keep a handle on the model the trainer trains
         captured["model"] = original(*args, **kwargs)
         captured["initial"] = captured["model"].prefix_encoder.embedding.weight.detach().clone()
         return captured["model"]
 
-    monkeypatch.setattr(glmtune.loading, "load_model", capturing)
+    monkeypatch.setattr(glmtune.model.loading, "load_model", capturing)
     _train(tiny_model, tmp_path / "out", max_steps=3)
 
     trained = captured["model"]
@@ -96,7 +96,7 @@ def test_loss_goes_down_on_the_tiny_model(tiny_model, tmp_path):
 
 
 def test_keyed_dropout_mask_depends_only_on_the_row_key():
-    from glmtune.train import SampleKeyedDropout
+    from glmtune.train.loop import SampleKeyedDropout
 
     drop = SampleKeyedDropout(0.1, seed=42).train()
     x = torch.ones(3, 64, 32)
@@ -125,7 +125,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model, tmp_path):
 def test_group_by_length_uses_transformers_length_grouping_seeded_by_epoch():
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from glmtune.train import DataStream
+    from glmtune.train.loop import DataStream
 
     lengths = [(i * 37) % 101 for i in range(250)]
     plain, grouped = DataStream(250, 7), DataStream(250, 7, lengths, batch_size=10)
@@ -163,8 +163,8 @@ def test_training_with_group_by_length_runs_and_records_it_for_resume(tiny_model
 
 @pytest.mark.parametrize("projection", [False, True])
 def test_checkpoints_every_save_steps_and_at_the_end_in_the_official_format(tiny_model, tmp_path, projection):
-    from glmtune.loading import load_model
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.model.loading import load_model
+    from glmtune.families.tokenizer import load_tokenizer
 
     out = tmp_path / "out"
     _train(tiny_model, out, max_steps=5, save_steps=2, prefix_projection=projection)
@@ -274,8 +274,8 @@ def test_an_existing_run_is_not_overwritten_without_a_flag(tiny_model, tmp_path)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path, monkeypatch):
-    from glmtune.modeling import ChatGLM2ForCausalLM
-    from glmtune.train import TrainingDiverged
+    from glmtune.model.modeling import ChatGLM2ForCausalLM
+    from glmtune.train.loop import TrainingDiverged
 
     forward = ChatGLM2ForCausalLM.forward
     calls = {"n": 0}

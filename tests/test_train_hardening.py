@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glmtune.checkpoint import read_metrics
+from glmtune.train.checkpoint import read_metrics
 from glmtune.errors import GlmtuneError
-from glmtune.train_config import build_config
+from glmtune.train.config import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILE = REPO / "data" / "adgen_sample" / "train.json"
@@ -40,7 +40,7 @@ def _settings(model, out, **overrides) -> dict:
 
 
 def _train(model, out, **overrides):
-    from glmtune.train import train
+    from glmtune.train.loop import train
 
     return train(build_config(None, _settings(model, out, **overrides)))
 
@@ -61,7 +61,7 @@ def _cli_args(model, **flags) -> list[str]:
 
 @pytest.mark.parametrize("how", ["detached", "zero"])
 def test_a_prefix_that_gets_no_gradient_stops_training_with_a_clear_error(tiny_model, tmp_path, monkeypatch, how):
-    from glmtune.prefix import PrefixEncoder
+    from glmtune.model.prefix import PrefixEncoder
 
     forward = PrefixEncoder.forward
 
@@ -91,12 +91,12 @@ def test_resume_with_a_different_learning_rate_is_refused_with_both_values(tiny_
 
 
 def test_an_output_dir_that_is_a_file_fails_before_anything_loads(tiny_model, tmp_path, monkeypatch):
-    import glmtune.loading
-    import glmtune.tokenizer
+    import glmtune.model.loading
+    import glmtune.families.tokenizer
 
     blocker = tmp_path / "out"
     blocker.write_text("mine")
-    for module, name in ((glmtune.loading, "load_model"), (glmtune.tokenizer, "load_tokenizer")):
+    for module, name in ((glmtune.model.loading, "load_model"), (glmtune.families.tokenizer, "load_tokenizer")):
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("loaded before checking --output-dir"))
     with pytest.raises(GlmtuneError, match=r"--output-dir .*out exists and is not a folder"):
         _train(tiny_model, blocker)
@@ -157,7 +157,7 @@ def test_sigint_saves_a_checkpoint_prints_the_resume_command_and_resuming_is_bit
 
 
 def test_a_second_signal_exits_at_once(monkeypatch):
-    import glmtune.train_log as train_log
+    import glmtune.train.log as train_log
 
     said, exits = [], []
 
@@ -230,7 +230,7 @@ def test_checkpoint_files_all_get_the_umask_modes(tiny_model, tmp_path):
 
 
 def test_checkpoint_single_file_writes_go_through_fsutil(tmp_path, monkeypatch):
-    import glmtune.checkpoint as checkpoint
+    import glmtune.train.checkpoint as checkpoint
     from glmtune import fsutil
 
     calls = []

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glmtune.checkpoint import read_metrics
+from glmtune.train.checkpoint import read_metrics
 from glmtune.errors import GlmtuneError
-from glmtune.train_config import build_config
+from glmtune.train.config import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FILE = REPO / "data" / "adgen_sample" / "train.json"
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread_own_cache")  # fixtures: tes
 
 
 def _train(model, out, **overrides):
-    from glmtune.train import train
+    from glmtune.train.loop import train
 
     settings = dict(model_path=str(model), train_file=str(TRAIN_FILE), output_dir=str(out), pre_seq_len=4,
                     per_device_train_batch_size=4, max_steps=4, logging_steps=1, save_steps=100, disable_tqdm=True,
@@ -56,11 +56,11 @@ def overfit(tmp_path_factory):
 
 
 def test_validation_loss_is_the_token_mean_of_one_big_forward(tiny_model):
-    from glmtune.data import DataConfig, collate_train, load_rows, tokenize_train
-    from glmtune.loading import load_model
-    from glmtune.tokenizer import load_tokenizer
-    from glmtune.train import Dist
-    from glmtune.train_eval import validation_loss
+    from glmtune.data.preprocess import DataConfig, collate_train, load_rows, tokenize_train
+    from glmtune.model.loading import load_model
+    from glmtune.families.tokenizer import load_tokenizer
+    from glmtune.train.loop import Dist
+    from glmtune.train.validation import validation_loss
 
     tokenizer = load_tokenizer(tiny_model)
     dataset = tokenize_train(load_rows(DEV_FILE, DataConfig(max_samples=13)), tokenizer).select_columns(["input_ids", "labels"])
@@ -135,7 +135,7 @@ def test_resume_from_a_mid_run_checkpoint_ends_with_the_same_best_and_stop_step(
 
 
 def test_eval_generate_scores_with_the_official_metrics_and_writes_predictions_beside_the_checkpoint(tiny_model, tmp_path):
-    from glmtune import metrics
+    from glmtune.evaluation import metrics
 
     out = tmp_path / "out"
     result = _train(tiny_model, out, max_steps=2, validation_file=str(DEV_FILE), eval_steps=2, eval_generate=3,
@@ -166,7 +166,7 @@ def test_best_metric_direction_is_inferred_and_settings_are_checked():
 
 
 def test_early_stopping_threshold_counts_small_gains_as_no_improvement():
-    from glmtune.train_eval import EvalTracker
+    from glmtune.train.validation import EvalTracker
 
     tracker = EvalTracker(patience=2, threshold=0.05)
     for step, loss in ((1, 1.0), (2, 0.97), (3, 0.96)):
@@ -196,7 +196,7 @@ def test_tensorboard_events_and_the_plot_hold_training_and_validation_curves(tin
 
 
 def test_only_a_runs_folder_of_event_files_counts_as_a_previous_run(tmp_path):
-    from glmtune.checkpoint import has_run_artifacts
+    from glmtune.train.checkpoint import has_run_artifacts
 
     (tmp_path / "runs" / "demo").mkdir(parents=True)  # e.g. a project's own runs/ folder
     assert has_run_artifacts(tmp_path) == []
@@ -208,7 +208,7 @@ def test_only_a_runs_folder_of_event_files_counts_as_a_previous_run(tmp_path):
 def test_loss_plot_draws_a_validation_line(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from glmtune.checkpoint import plot_loss_curve
+    from glmtune.train.checkpoint import plot_loss_curve
 
     metrics_file = tmp_path / "metrics.jsonl"
     metrics_file.write_text("".join(json.dumps(r) + "\n" for r in (
@@ -234,7 +234,7 @@ def test_val_size_holds_out_a_seeded_share_of_the_training_rows(tiny_model, tmp_
 
 
 def test_mix_file_adds_seeded_general_rows_to_every_epoch():
-    from glmtune.train import DataStream
+    from glmtune.train.loop import DataStream
 
     stream = DataStream(20, seed=3, mix_rows=50, mix_count=5)
     assert stream.epoch_rows == 25

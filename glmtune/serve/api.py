@@ -13,7 +13,6 @@ enforced while reading, and so that every validation error comes out in OpenAI's
 from __future__ import annotations
 
 import asyncio
-import importlib
 import hmac
 import json
 import threading
@@ -25,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
+from glmtune.inference import chat as chat_lib
 from glmtune.errors import GlmtuneError
 from glmtune.serve import protocol
 from glmtune.serve.protocol import ApiError

@@ -68,7 +68,7 @@ def stop_token_ids(model, tokenizer) -> frozenset[int]:
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
-    from glmtune.family import stop_ids_for
+    from glmtune.families.registry import stop_ids_for
 
     ids.update(stop_ids_for(tokenizer))  # ChatGLM3 also stops on <|user|> and <|observation|>
     return frozenset(int(i) for i in ids)
@@ -104,8 +104,8 @@ def check_checkpoint_shape(model, raw: dict, state: dict, source: str, pre_seq_l
 
 
 def load_adapter(model, name: str, path: str | Path) -> Adapter:
-    from glmtune.family import FAMILY_FIELD, check_same_family, get_family
-    from glmtune.prefix import PrefixEncoder, load_prefix_state, read_prefix_checkpoint
+    from glmtune.families.registry import FAMILY_FIELD, check_same_family, get_family
+    from glmtune.model.prefix import PrefixEncoder, load_prefix_state, read_prefix_checkpoint
 
     source = f"adapter {name} ({path})"
     # The same family check as load_model's for --ptuning-checkpoint (the prefix shapes match across families).
@@ -130,8 +130,8 @@ def load_served_models(
     device: str = "auto",
 ) -> ServedModels:
     """Load the base once and every adapter onto it; names must be unique."""
-    from glmtune.chat import find_tokenizer
-    from glmtune.loading import load_model, read_chatglm_config, resolve_device
+    from glmtune.inference.chat import find_tokenizer
+    from glmtune.model.loading import load_model, read_chatglm_config, resolve_device
 
     model_path = Path(model_path)
     read_chatglm_config(model_path)  # "not a model folder" first

@@ -3,7 +3,7 @@
 Follows THUDM/ChatGLM2-6B `openai_api.py` where it speaks: the last message must be the user's; a
 leading system message is put in front of the current query; user/assistant pairs before it are the
 history; absent `temperature` / `top_p` default to 0.95 / 0.7. The prompt itself is built by
-`glmtune.chat.build_chat_prompt`, the function `glmtune chat` uses, so a greedy answer equals
+`glmtune.inference.chat.build_chat_prompt`, the function `glmtune chat` uses, so a greedy answer equals
 `glmtune chat --query` for the same history (oldest rounds dropped the same way when they do not fit).
 
 Deliberate differences: `temperature: 0` means greedy (the official server treats 0 as unset); a
@@ -23,17 +23,16 @@ Which reading applies is the model family's chat format (`REQUEST_READERS`: "rou
 
 from __future__ import annotations
 
-import importlib
 import json
 import keyword
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-chat_lib = importlib.import_module("glmtune.chat")  # the module: `glmtune.chat` is the public function
+from glmtune.inference import chat as chat_lib
 from glmtune.errors import GlmtuneError
-from glmtune.family import family_of
-from glmtune.glm3 import DEFAULT_TOOLS_SYSTEM, parse_response
+from glmtune.families.registry import family_of
+from glmtune.families.chatglm3.chat import DEFAULT_TOOLS_SYSTEM, parse_response
 from glmtune.serve.scheduler import SamplingParams
 
 DEFAULT_TEMPERATURE = 0.95  # official openai_api.py
@@ -294,7 +293,7 @@ def roles_request(req: ChatRequest) -> tuple[str, list, str]:
     return messages[-1]["content"], messages[:-1], messages[-1]["role"]
 
 
-# How a request becomes a chat, per chat format of the model's family (`glmtune.family.Family.chat_format`).
+# How a request becomes a chat, per chat format of the model's family (`glmtune.families.registry.Family.chat_format`).
 REQUEST_READERS = {"rounds": rounds_request, "roles": roles_request}
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from glmtune.chat import INVALID_SCORE_TOKEN
+from glmtune.inference.chat import INVALID_SCORE_TOKEN
 
 # --- requests and events -------------------------------------------------------------------------
 

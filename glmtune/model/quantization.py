@@ -11,7 +11,7 @@ even column in the high nibble. State-dict names are the official `*.weight` (in
   what the official fp32 outputs are (the golden int4/int8 logits match it within 1e-4, the tolerance
   tests/test_quantization.py checks);
 * kernel: torch's CPU weight-only kernels (`_weight_int8pack_mm` on the official int8 layout,
-  `_weight_int4pack_mm_for_cpu` after a one-time lossless repack, see `glmtune.qkernels`). In fp32 they
+  `_weight_int4pack_mm_for_cpu` after a one-time lossless repack, see `glmtune.model.qkernels`). In fp32 they
   form the same products as the exact path (only the summation order differs) but are scalar loops;
   with bf16 activations they are vectorised, 5-20x faster than dequantizing for a few tokens (the
   scale is then rounded to bf16).
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmtune import qkernels
+from glmtune.model import qkernels
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
 
@@ -434,7 +434,7 @@ def quantize_checkpoint(model_path: str | Path, output_dir: str | Path, bits: in
     from safetensors.torch import save_file
 
     from glmtune.fsutil import check_output_dir
-    from glmtune.weights import iter_shard, parse_dtype, read_chatglm_config, weight_files
+    from glmtune.model.weights import iter_shard, parse_dtype, read_chatglm_config, weight_files
 
     _check_bits(bits)
     src = Path(model_path)

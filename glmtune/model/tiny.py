@@ -28,7 +28,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
 
 # Inside the package, so a non-editable install (`pip install .`) has it; data/ in the repository links here.
-DATA_DIR = Path(__file__).resolve().parent / "sample_data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 BUNDLED_FILES = ("adgen_sample/train.json", "adgen_sample/dev.json", "multiturn_sample.json")
 N_COMMAND_TOKENS = 5  # [MASK] [gMASK] [sMASK] sop eop, appended by the tokenizer class
 VOCAB_MULTIPLE = 64  # the official padded_vocab_size (65024) is the tokenizer size rounded up to 64
@@ -60,7 +60,7 @@ class TinyConfig:
 
 def bundled_texts(data_dir: Path = DATA_DIR) -> list[str]:
     """Prompts (in the chat template) and responses of glmtune's bundled sample data."""
-    from glmtune.tokenizer import build_prompt
+    from glmtune.families.tokenizer import build_prompt
 
     texts = []
     for name in BUNDLED_FILES:
@@ -136,7 +136,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     """
     import sentencepiece as spm
 
-    from glmtune.tokenizer import TOKENIZER_FILE, ChatGLM2Tokenizer
+    from glmtune.families.tokenizer import TOKENIZER_FILE, ChatGLM2Tokenizer
 
     texts = [t for t in texts if t]
     if not texts:
@@ -260,7 +260,7 @@ def pretrain_base(
     """
     import torch
 
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.families.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
     stream: list[int] = []
@@ -283,7 +283,7 @@ def pretrain_base(
 def _pretrain_loop(folder: Path, data, steps: int, seed: int, batch_size: int, learning_rate: float):
     import torch
 
-    from glmtune.loading import load_model, native_to_official
+    from glmtune.model.loading import load_model, native_to_official
 
     windows = data.shape[0]
     torch.manual_seed(seed)
@@ -407,9 +407,9 @@ def init_model(
 
     with atomic_dir(out_dir) as tmp:
         train_tokenizer(texts, tmp, vocab_size=vocab_size)
-        from glmtune.tokenizer import load_tokenizer
+        from glmtune.families.tokenizer import load_tokenizer
 
-        from glmtune.family import FAMILY_FIELD, get_family
+        from glmtune.families.registry import FAMILY_FIELD, get_family
 
         family_name = get_family(family).name
         tokenizer = load_tokenizer(tmp, family=family_name)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from glmtune.errors import GlmtuneError
-from glmtune.train_config import TrainConfig
+from glmtune.train.config import TrainConfig
 
 
 # --- data order and dropout --------------------------------------------------------------------
@@ -97,7 +97,7 @@ class SampleKeyedDropout(nn.Module):
 
 
 def make_batch(dataset, stream: DataStream, positions: list[int], pad_id: int, device: torch.device) -> dict:
-    from glmtune.data import collate_train
+    from glmtune.data.preprocess import collate_train
 
     columns = dataset[[stream.row(p) for p in positions]]
     features = [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
@@ -114,8 +114,8 @@ class TrainData:
 
 def load_train_data(config: TrainConfig, tokenizer, dist, say) -> TrainData:
     """Training rows (+ --mix-file rows after them) and validation rows (--validation-file or a --val-size split)."""
-    from glmtune.data import DataConfig, format_report
-    from glmtune.dataset_store import load_or_build_dataset
+    from glmtune.data.preprocess import DataConfig, format_report
+    from glmtune.data.store import load_or_build_dataset
 
     if config.dataset and not Path(config.dataset).is_dir():
         raise GlmtuneError(f"--dataset {config.dataset}: not a folder (pass raw files with --train-file)")

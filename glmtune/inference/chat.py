@@ -8,17 +8,17 @@ Reproduces `ChatGLMForConditionalGeneration.chat` / `stream_chat` of THUDM/chatg
 * sampling defaults top_p 0.8, temperature 0.8 and top_k 50 (transformers 4.30's default, which the
   official chat inherited; transformers 5 has none, so it is passed explicitly);
 * `InvalidScoreLogitsProcessor`: NaN/inf scores are replaced by a one-hot on token 5;
-* `process_response` (defined with the ChatGLM2 entry of `glmtune.family`): strip, and the `[[训练时间]]`
+* `process_response` (defined with the ChatGLM2 entry of `glmtune.families.registry`): strip, and the `[[训练时间]]`
   placeholder becomes `2023年` (ChatGLM2 does no punctuation swapping, unlike ChatGLM-6B);
 * `chat` returns `(response, history + [(query, response)])`; `stream_chat` yields that pair after
   every generated token.
 
-What differs between families is asked of the tokenizer's family (`glmtune.family.family_of`): how the
+What differs between families is asked of the tokenizer's family (`glmtune.families.registry.family_of`): how the
 history is checked, the prompt, the post-processing and which partial answers are streamed. ChatGLM3
-(`glmtune.glm3.RolesChat`) follows `chat` / `stream_chat` of THUDM/chatglm3-6b instead: the prompt is
+(`glmtune.families.chatglm3.chat.RolesChat`) follows `chat` / `stream_chat` of THUDM/chatglm3-6b instead: the prompt is
 `build_chat_input(query, history, role)` over message dicts (system prompt and tools, observations),
 generation stops on `</s>`, `<|user|>` or `<|observation|>`, and the reply goes through
-`glmtune.glm3.process_response` (a tool call comes back as a dict, parsed without `eval`). Two
+`glmtune.families.chatglm3.chat.process_response` (a tool call comes back as a dict, parsed without `eval`). Two
 official quirks are not copied: the official `chat` decodes `generated[:-1]`, dropping the last token
 even when generation stopped at the length limit (glmtune drops only a stop token), and when the first
 token is a stop token the official `chat` returns "" while `stream_chat` yields nothing (glmtune's
@@ -48,10 +48,10 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from glmtune.errors import GlmtuneError
-from glmtune.family import family_of, normalize_history, normalize_messages
-from glmtune.family import glm2_process_response as process_response  # the registry's; public here as before
+from glmtune.families.registry import family_of, normalize_history, normalize_messages
+from glmtune.families.registry import glm2_process_response as process_response  # the registry's; public here as before
 from glmtune.fsutil import read_json_file
-from glmtune.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
+from glmtune.model.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
 
 DEFAULT_MAX_LENGTH = 8192
 # Room kept for the answer when fitting the history, unless max_new_tokens says otherwise.
@@ -106,12 +106,12 @@ def load_chat_model(
     family: str | None = None,
 ):
     """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint, the
-    family (`glmtune.family`) from `family` or the model folder."""
-    from glmtune.loading import load_model, read_chatglm_config
+    family (`glmtune.families.registry`) from `family` or the model folder."""
+    from glmtune.model.loading import load_model, read_chatglm_config
 
     read_chatglm_config(model_path)  # "not a model folder" says more than "no tokenizer"
     tokenizer = find_tokenizer(model_path, ptuning_checkpoint, family=family)
-    from glmtune.loading import resolve_device
+    from glmtune.model.loading import resolve_device
 
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
@@ -258,7 +258,7 @@ def chat(
 
     ChatGLM3: `history` is a list of messages and `role` the query's role (user, observation, system); the
     result is `(response, history + [{role, content: query}, {role: assistant, metadata, content}])`, the
-    response a string or, for a tool call, `{"name", "parameters"}` (see glmtune.glm3).
+    response a string or, for a tool call, `{"name", "parameters"}` (see glmtune.families.chatglm3.chat).
     `max_new_tokens` caps the answer (default: whatever the window leaves). `on_prompt` receives the
     `ChatPrompt` before generation (then no warning is issued for dropped rounds: the callback decides).
     """

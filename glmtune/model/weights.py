@@ -1,7 +1,7 @@
 """Reading an official ChatGLM2 model folder: its config.json (checked field by field), its weight files
 (single or sharded, `.bin` or `.safetensors`) and dtype names.
 
-The lowest layer under `glmtune.loading` (which builds the model) and `glmtune.quantization` (which
+The lowest layer under `glmtune.model.loading` (which builds the model) and `glmtune.model.quantization` (which
 rewrites a folder shard by shard): both read folders through here, so neither imports the other for it.
 """
 

@@ -3,7 +3,7 @@
 THUDM/ChatGLM2-6B `ptuning/main.py` tokenizes inside every run: `datasets.load_dataset` reads the raw file and
 `Dataset.map(..., num_proc=preprocessing_num_workers, load_from_cache_file=not overwrite_cache)` reuses an
 earlier result from datasets' own cache. This module reproduces that tokenize-once-and-reuse with a cache key of
-its own, and adds a separate, inspectable preprocessing step; the ids themselves come from `glmtune.data`.
+its own, and adds a separate, inspectable preprocessing step; the ids themselves come from `glmtune.data.preprocess`.
 
 * `preprocess` writes a folder: the Arrow dataset, `glmtune_data.json` (format version, mode, settings, sha256 of
   the source and of the tokenizer model, rows dropped as empty) and `preprocess_report.json`; it is built in a
@@ -25,8 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-# FORMAT_VERSION, digest and tokenizer_fingerprint live in glmtune.data (tokenize keys datasets' cache with them).
-from glmtune.data import (  # noqa: F401 (FORMAT_VERSION, digest re-exported)
+# FORMAT_VERSION, digest and tokenizer_fingerprint live in glmtune.data.preprocess (tokenize keys datasets' cache with them).
+from glmtune.data.preprocess import (  # noqa: F401 (FORMAT_VERSION, digest re-exported)
     FORMAT_VERSION, TOKENIZE_MODES, DataConfig, build_report, digest, is_usable, load_rows, tokenize, tokenizer_fingerprint,
     with_family,
 )
@@ -73,7 +73,7 @@ _CONFIG_TYPES = {
     "prompt_column": (str,), "response_column": (str,), "history_column": (str, type(None)), "source_prefix": (str,),
     "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
     "family": (str,), "glm3_rules": (str,), "max_seq_length": (int, type(None)),
-    "data_format": (str,), "train_on": (str,),  # glmtune.data_formats
+    "data_format": (str,), "train_on": (str,),  # glmtune.data.formats
 }
 # Settings added with the ChatGLM3 family and the data formats; folders written before them are ChatGLM2
 # column data trained on each turn.

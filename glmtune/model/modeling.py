@@ -1,10 +1,10 @@
 """ChatGLM2-6B on transformers' native `GlmForCausalLM`, with the official P-tuning v2 prefix.
 
 The base network is transformers' `GlmForCausalLM`, which computes what THUDM/chatglm2-6b
-`modeling_chatglm.py` computes once the weights are renamed (see `glmtune.loading`). This module adds
+`modeling_chatglm.py` computes once the weights are renamed (see `glmtune.model.loading`). This module adds
 what the native model cannot express:
 
-* the official prefix (`glmtune.prefix.PrefixEncoder`) fed as past keys/values of every layer, with
+* the official prefix (`glmtune.model.prefix.PrefixEncoder`) fed as past keys/values of every layer, with
   real tokens numbered from position 0 (as `ChatGLMModel.forward` does) instead of after the prefix;
 * the attention mask the official `get_masks` builds: every real token sees the whole prefix, causal
   among real tokens, left padding masked; passed as a ready 4-D mask so transformers does not
@@ -14,7 +14,7 @@ what the native model cannot express:
 * `prefix_mask`: rows of one batch may carry different prefixes (different adapters, different
   pre_seq_len) that the caller placed in the cache as one padded block; each row sees only its own
   slots (used by `glmtune.serve`);
-* every linear layer is a `glmtune.cpu_linear.OneDNNLinear`: same parameters, but in fp32 on CPU a frozen
+* every linear layer is a `glmtune.model.cpu_linear.OneDNNLinear`: same parameters, but in fp32 on CPU a frozen
   weight's products (inference, and the base layers in training) run on oneDNN, 2-3x faster than torch's
   default (MKL) on the project's machine;
 * `loss_only=True`, used in training: the LM head runs only on positions that have a label. The
@@ -34,10 +34,10 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from glmtune.compat import allow_checkpointing_with_cache
-from glmtune.cpu_linear import use_onednn_linears
-from glmtune.data import IGNORE_INDEX  # noqa: F401 (one definition; importable from here as before)
-from glmtune.family import FAMILY_FIELD, get_family
-from glmtune.prefix import PrefixConfig, PrefixEncoder, PrefixKV
+from glmtune.model.cpu_linear import use_onednn_linears
+from glmtune.data.preprocess import IGNORE_INDEX  # noqa: F401 (one definition; importable from here as before)
+from glmtune.families.registry import FAMILY_FIELD, get_family
+from glmtune.model.prefix import PrefixConfig, PrefixEncoder, PrefixKV
 
 
 def attention_dims(cfg: dict) -> tuple[int, int, int]:
@@ -64,7 +64,7 @@ def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
         attention_bias=cfg.get("add_qkv_bias", True),
         attention_dropout=cfg.get("attention_dropout", 0.0),
         # ChatGLM rotates half of each head with base 10000; `rope_ratio` (the 32k releases) means position
-        # interpolation for ChatGLM2 and base scaling for ChatGLM3: the family decides (glmtune.family).
+        # interpolation for ChatGLM2 and base scaling for ChatGLM3: the family decides (glmtune.families.registry).
         rope_parameters=get_family(cfg.get(FAMILY_FIELD)).rope_parameters(float(cfg.get("rope_ratio", 1.0))),
         pad_token_id=cfg.get("pad_token_id", 0),
         eos_token_id=cfg.get("eos_token_id", 2),
@@ -108,7 +108,7 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
             )
         # The official ChatGLM2 `chatglm_config` dict this model came from (written back on save).
         self.chatglm_config: dict = {}
-        # fp32 CPU products with frozen weights 2-3x faster (oneDNN instead of MKL); see glmtune.cpu_linear.
+        # fp32 CPU products with frozen weights 2-3x faster (oneDNN instead of MKL); see glmtune.model.cpu_linear.
         use_onednn_linears(self)
 
     @property

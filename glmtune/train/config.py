@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError
-from glmtune.family import FAMILIES  # plain data, no torch
+from glmtune.families.registry import FAMILIES  # plain data, no torch
 
 # Official spellings that differ from ours beyond kebab/snake case.
 ALIASES = {"model_name_or_path": "model_path", "train_dataset": "dataset"}
@@ -36,7 +36,7 @@ class TrainConfig:
     quantization_bit: int | None = None
     dtype: str = "auto"  # float32 on CPU; bfloat16 (or float16 without bf16 support) on CUDA
     device: str = "auto"
-    family: str | None = None  # chatglm2 / chatglm3 (glmtune.family); None = detected from the model folder
+    family: str | None = None  # chatglm2 / chatglm3 (glmtune.families.registry); None = detected from the model folder
     # data (the official ADGEN columns and lengths)
     train_file: str | None = None
     dataset: str | None = None
@@ -48,7 +48,7 @@ class TrainConfig:
     max_target_length: int = 128
     max_train_samples: int | None = None
     preprocessing_num_workers: int = 1
-    data_format: str = "auto"  # auto (from the first row), columns, alpaca, sharegpt (glmtune.data_formats)
+    data_format: str = "auto"  # auto (from the first row), columns, alpaca, sharegpt (glmtune.data.formats)
     train_on: str = "each-turn"  # sharegpt: one row per assistant turn, or all-turns in one row
     mix_file: str | None = None  # general-purpose rows mixed into every epoch (against forgetting)
     mix_ratio: float = 0.0  # mix_ratio x training rows drawn from mix_file per epoch
@@ -146,7 +146,7 @@ class TrainConfig:
 
     def _validate_steering(self) -> None:
         """Validation, best checkpoint, early stopping, data-format and mixing settings."""
-        from glmtune.data_formats import resolve
+        from glmtune.data.formats import resolve
 
         resolve(self.data_format, self.train_on)
         if not (0 <= self.val_size < 1):

@@ -132,7 +132,7 @@ def save_checkpoint(
 
     `extra_files` (name -> text) land in the same folder, e.g. the predictions of the evaluation at this step.
     """
-    from glmtune.loading import save_prefix_checkpoint
+    from glmtune.model.loading import save_prefix_checkpoint
 
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"

@@ -1,4 +1,4 @@
-"""Int4 weight layouts and torch's CPU weight-only kernels, used by `glmtune.quantization`.
+"""Int4 weight layouts and torch's CPU weight-only kernels, used by `glmtune.model.quantization`.
 
 One int4 weight [N, K] can be stored two ways, both N×K/2 bytes (K padded to a multiple of 32 in the
 second, see below):

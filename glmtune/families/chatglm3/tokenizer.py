@@ -25,8 +25,8 @@ from typing import Any
 
 from transformers.tokenization_utils_base import BatchEncoding
 
-from glmtune.family import GLM3_ROLE_TOKENS
-from glmtune.tokenizer_glm2 import COMMAND_TOKENS, ChatGLM2Tokenizer
+from glmtune.families.registry import GLM3_ROLE_TOKENS
+from glmtune.families.chatglm2.tokenizer import COMMAND_TOKENS, ChatGLM2Tokenizer
 
 ROLES = ("system", "user", "assistant", "observation")
 
@@ -39,7 +39,7 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
 
     def __init__(self, vocab_file: Any, encode_special_tokens: bool = False, **kwargs: Any) -> None:
         self.encode_special_tokens = bool(encode_special_tokens)
-        # Recorded in tokenizer_config.json by save_pretrained, so `glmtune.family.detect_family` finds the family.
+        # Recorded in tokenizer_config.json by save_pretrained, so `glmtune.families.registry.detect_family` finds the family.
         kwargs.setdefault("glmtune_family", self.family)
         super().__init__(vocab_file, **kwargs)
         self._role_pattern = re.compile("|".join(re.escape(t) for t in GLM3_ROLE_TOKENS))

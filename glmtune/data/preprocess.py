@@ -18,8 +18,8 @@ included) are kept, then empty rows are dropped, so fewer than N may remain.
 Unlike the official code nothing is padded here: `collate_train` pads right and `collate_eval` pads left per
 batch, so the unpadded ids and labels are identical and batches are shorter.
 
-Saving tokenized rows to disk (`glmtune preprocess` folders, the raw-file cache) is `glmtune.dataset_store`;
-alpaca / sharegpt records and `--train-on all-turns` rows are `glmtune.data_formats`.
+Saving tokenized rows to disk (`glmtune preprocess` folders, the raw-file cache) is `glmtune.data.store`;
+alpaca / sharegpt records and `--train-on all-turns` rows are `glmtune.data.formats`.
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from glmtune import data_formats
-from glmtune.data_formats import IGNORE_INDEX, length_percentiles  # defined once, in the module below this one
+from glmtune.data import formats as data_formats
+from glmtune.data.formats import IGNORE_INDEX, length_percentiles  # defined once, in the module below this one
 from glmtune.errors import GlmtuneError
-from glmtune.family import get_family
+from glmtune.families.registry import get_family
 from glmtune.fsutil import iter_records
 
 TOKENIZE_MODES = ("train", "eval")  # what `tokenize` builds: training rows or eval prompts + references
 MIN_ROWS_PER_WORKER = 4096
-FORMAT_VERSION = 2  # of tokenized data (glmtune.dataset_store); bump when the stored columns or their meaning change
+FORMAT_VERSION = 2  # of tokenized data (glmtune.data.store); bump when the stored columns or their meaning change
 
 
 def digest(parts: Any) -> str:
@@ -70,13 +70,13 @@ class DataConfig:
     max_source_length: int = 64
     max_target_length: int = 128
     max_samples: int | None = None  # first N rows read, before empty ones are dropped (see the module docstring)
-    # The model family (set from the tokenizer by `with_family`); ChatGLM3 data is `glmtune.data_glm3`, with
+    # The model family (set from the tokenizer by `with_family`); ChatGLM3 data is `glmtune.families.chatglm3.data`, with
     # the 2023 or 2024 ("finetune-hf") rules of the official demo and its conversation length limit.
     family: str = "chatglm2"
     glm3_rules: str = "2023"
     max_seq_length: int | None = None
-    data_format: str = "auto"  # columns, alpaca, sharegpt, or auto from the first row (glmtune.data_formats)
-    train_on: str = "each-turn"  # or all-turns: every answer of a row's history labelled too (glmtune.data_formats)
+    data_format: str = "auto"  # columns, alpaca, sharegpt, or auto from the first row (glmtune.data.formats)
+    train_on: str = "each-turn"  # or all-turns: every answer of a row's history labelled too (glmtune.data.formats)
 
     def validate(self) -> None:
         # The prompt always starts with the two tokens `[gMASK] sop`; fewer than 3 leaves no text at all.
@@ -91,7 +91,7 @@ class DataConfig:
 
 def _role_family(config: DataConfig) -> bool:
     """Whether the config's family chats in role messages (ChatGLM3: `Family.chat_format`); its data is then
-    read, tokenized and reported by `glmtune.data_glm3`."""
+    read, tokenized and reported by `glmtune.families.chatglm3.data`."""
     return get_family(config.family).chat_format == "roles"
 
 
@@ -133,7 +133,7 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
     """
     config = config or DataConfig()
     if _role_family(config):
-        from glmtune.data_glm3 import load_rows as load_glm3_rows
+        from glmtune.families.chatglm3.data import load_rows as load_glm3_rows
 
         return load_glm3_rows(path, config)
     path = Path(path)
@@ -148,7 +148,7 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
         if not isinstance(record, dict):
             raise GlmtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
         layout = layout or data_formats.detect(record, config.prompt_column, config.response_column)
-        if layout != "columns":  # alpaca / sharegpt records become the same rows (glmtune.data_formats)
+        if layout != "columns":  # alpaca / sharegpt records become the same rows (glmtune.data.formats)
             rows.extend(data_formats.convert(layout, where, record, config.train_on))
             continue
         prompt = _text_field(where, record, config.prompt_column)
@@ -179,7 +179,7 @@ def with_family(config: DataConfig, tokenizer: Any) -> DataConfig:
 
 
 def is_usable(row: dict) -> bool:
-    if "conversations" in row:  # ChatGLM3 rows: glmtune.data_glm3.skip_reason decides
+    if "conversations" in row:  # ChatGLM3 rows: glmtune.families.chatglm3.data.skip_reason decides
         return True
     # The official filter is truthiness: "" and None are dropped, whitespace-only text is kept.
     return bool(row["prompt"] and row["response"])
@@ -223,7 +223,7 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
         raise GlmtuneError(f"mode must be one of {TOKENIZE_MODES}, got {mode!r}")
     config.validate()
     if _role_family(config):
-        from glmtune.data_glm3 import tokenize as tokenize_glm3
+        from glmtune.families.chatglm3.data import tokenize as tokenize_glm3
 
         return tokenize_glm3(rows, tokenizer, config, mode)
     import datasets
@@ -231,7 +231,7 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
     kept = _usable(rows)
     if not kept:
         raise GlmtuneError("every row has an empty prompt or response: nothing to tokenize")
-    if config.train_on == "all-turns" and mode == "train":  # every answer labelled (glmtune.data_formats)
+    if config.train_on == "all-turns" and mode == "train":  # every answer labelled (glmtune.data.formats)
         encoded = [data_formats.encode_all_turns(row, tokenizer, config) for row in kept]
         return datasets.Dataset.from_dict({k: [e[k] for e in encoded] for k in encoded[0]})
     texts = [
@@ -321,7 +321,7 @@ def collate_eval(features: Sequence[dict], pad_token_id: int = 0) -> dict:
 def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, source: str | os.PathLike) -> dict:
     """Rows read/skipped, untruncated token lengths, and how many prompts/targets the limits cut."""
     if _role_family(config):
-        from glmtune.data_glm3 import build_report as build_glm3_report
+        from glmtune.families.chatglm3.data import build_report as build_glm3_report
 
         return build_glm3_report(rows, dataset, config, mode, source)
     empty_prompt = sum(1 for row in rows if not row["prompt"])

@@ -9,7 +9,7 @@ Reproduces `build_chat_input` and `process_response` of THUDM/chatglm3-6b (model
 * a reply is split at `<|assistant|>`; each part's first line is its metadata. A part without metadata is
   text (stripped, `[[训练时间]]` -> `2023年`); with metadata, and tools in the system message, it is a tool
   call `{"name": metadata, "parameters": {...}}`; with metadata and no tools, `{"name", "content"}`;
-* `RolesChat`: ChatGLM3's chat rules for `glmtune.family.CHATGLM3` (history fitting, the answer without its
+* `RolesChat`: ChatGLM3's chat rules for `glmtune.families.registry.CHATGLM3` (history fitting, the answer without its
   stop token, which partial answers `stream_chat` yields, the `--system` / `--tools` opening).
 
 Deliberate difference: the official code runs the tool-call text through Python's `eval` (model output
@@ -151,7 +151,7 @@ def system_message(system: str | None = None, tools: list | None = None) -> dict
 
 
 class RolesChat:
-    """ChatGLM3's `chat` / `stream_chat` of THUDM/chatglm3-6b (`glmtune.family.CHATGLM3`; `Family` documents
+    """ChatGLM3's `chat` / `stream_chat` of THUDM/chatglm3-6b (`glmtune.families.registry.CHATGLM3`; `Family` documents
     each method): history is a list of messages, the prompt `build_chat_input`, the reply parsed by
     `process_response` once the stop token is dropped (a last token cut by the length limit is kept, unlike
     the official `chat`); a partial answer is yielded only when its text is not empty and does not end in an

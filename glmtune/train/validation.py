@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from glmtune.modeling import IGNORE_INDEX
+from glmtune.model.modeling import IGNORE_INDEX
 
 METRIC_KEYS = {"eval_loss": "eval_loss", "bleu-4": "eval_bleu-4", "rouge-1": "eval_rouge-1",
                "rouge-2": "eval_rouge-2", "rouge-l": "eval_rouge-l"}
@@ -27,7 +27,7 @@ METRIC_KEYS = {"eval_loss": "eval_loss", "bleu-4": "eval_bleu-4", "rouge-1": "ev
 
 def validation_loss(model, dataset, batch_size: int, pad_id: int, dist) -> tuple[float, int]:
     """(token-mean loss, label tokens) over all of `dataset`, in eval mode (no dropout), split over processes."""
-    from glmtune.data import collate_train
+    from glmtune.data.preprocess import collate_train
 
     was_training = model.training
     model.eval()
@@ -68,8 +68,8 @@ def prompts_and_references(dataset, tokenizer, k: int) -> tuple[list[list[int]],
 
 def generation_scores(model, tokenizer, prompts, references, max_new_tokens: int, batch_size: int) -> tuple[dict, list[str]]:
     """Greedy answers for `prompts` and their official BLEU-4 / ROUGE scores (x100), as `eval_*` keys."""
-    from glmtune import metrics
-    from glmtune.evaluate import GenerationSettings, generate_texts
+    from glmtune.evaluation import metrics
+    from glmtune.evaluation.generate import GenerationSettings, generate_texts
 
     was_training = model.training
     model.eval()

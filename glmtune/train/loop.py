@@ -3,7 +3,7 @@
 Reproduces the training run of THUDM/ChatGLM2-6B `ptuning/main.py` + `train.sh` (transformers'
 Seq2SeqTrainer): the prefix encoder is the only trainable tensor (fp32); AdamW (0.9, 0.999, 1e-8) with a
 linear decay to 0 and no warmup, no weight decay, gradient-norm clipping at 1.0, seed 42; prefix dropout
-0.1; rows `prompt + answer + eos` (glmtune.data) with the loss on the answer and eos only.
+0.1; rows `prompt + answer + eos` (glmtune.data.preprocess) with the loss on the answer and eos only.
 
 Why an own loop rather than transformers' Trainer: what this command guarantees sits where the Trainer
 is least flexible: checkpoints that hold only the prefix in the official format and appear atomically
@@ -27,8 +27,8 @@ Deliberate differences from the official run:
   its `LengthGroupedSampler`), called with a generator seeded by (seed, epoch), so the order stays a pure
   function of the position in the stream and resuming stays exact.
 
-Validation, best checkpoint and early stopping are `glmtune.train_eval`; logs, TensorBoard and the
-Ctrl-C handling are `glmtune.train_log`. Which rank writes what: rank 0 writes every file (checkpoints,
+Validation, best checkpoint and early stopping are `glmtune.train.validation`; logs, TensorBoard and the
+Ctrl-C handling are `glmtune.train.log`. Which rank writes what: rank 0 writes every file (checkpoints,
 metrics.jsonl, TensorBoard, the plot); all ranks train, compute the validation loss on their share of the
 rows, and contribute their RNG state to the checkpoint; rank 0 alone generates for `--eval-generate`.
 """
@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glmtune.checkpoint import (
+from glmtune.train.checkpoint import (
     LOSS_PLOT,
     METRICS_FILE,
     RESULTS_FILE,
@@ -64,9 +64,9 @@ from glmtune.checkpoint import (
     write_results,
 )
 from glmtune.errors import GlmtuneError
-from glmtune.modeling import IGNORE_INDEX
-from glmtune.train_config import TrainConfig
-from glmtune.train_data import DataStream, SampleKeyedDropout, TrainData, load_train_data, make_batch  # noqa: F401
+from glmtune.model.modeling import IGNORE_INDEX
+from glmtune.train.config import TrainConfig
+from glmtune.train.data import DataStream, SampleKeyedDropout, TrainData, load_train_data, make_batch  # noqa: F401
 
 
 DEFAULT_PRE_SEQ_LEN = 128  # the official train.sh
@@ -264,9 +264,9 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         datasets.disable_progress_bars()
 
     seed_everything(config.seed)
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.families.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(config.model_path, family=config.family)  # --family, else detected (glmtune.family)
+    tokenizer = load_tokenizer(config.model_path, family=config.family)  # --family, else detected (glmtune.families.registry)
     data = load_train_data(config, tokenizer, dist, say)
     model, params, dropout = _load_model(config, dist, resume_dir, tokenizer.family)
     run = _Run(config, dist, out, model, params, dropout, tokenizer, data, say)
@@ -283,7 +283,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         truncate_metrics(out / METRICS_FILE, run.step)
     dist.barrier()
     say(run.banner())
-    from glmtune.train_log import RunLog, tensorboard_available
+    from glmtune.train.log import RunLog, tensorboard_available
 
     if config.report_to == "tensorboard" and not tensorboard_available():
         raise GlmtuneError("--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard)")
@@ -303,7 +303,7 @@ class _Run:
     def __init__(self, config: TrainConfig, dist: Dist, out: Path, model, params, dropout, tokenizer, data: TrainData, say):
         from transformers import get_linear_schedule_with_warmup
 
-        from glmtune.train_eval import EvalTracker
+        from glmtune.train.validation import EvalTracker
 
         self.config, self.dist, self.out, self.say = config, dist, out, say
         self.model, self.params, self.dropout, self.tokenizer, self.data = model, params, dropout, tokenizer, data
@@ -330,7 +330,7 @@ class _Run:
 
     def restore(self, resume_dir: Path) -> None:
         """Optimizer/scheduler/RNG state and the evaluation history; the run must see the same data stream."""
-        from glmtune.train_eval import EvalTracker
+        from glmtune.train.validation import EvalTracker
 
         ckpt = load_checkpoint_state(resume_dir)
         state, config = ckpt["state"], self.config
@@ -377,7 +377,7 @@ class _Run:
     # --- the loop ---
 
     def loop(self) -> None:
-        from glmtune.train_log import Interrupts
+        from glmtune.train.log import Interrupts
 
         config = self.config
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
@@ -441,7 +441,7 @@ class _Run:
                                    " (try a lower --learning-rate)") from None
 
     def _maybe_evaluate(self) -> tuple[bool, list[str]]:
-        from glmtune.train_eval import run_validation
+        from glmtune.train.validation import run_validation
 
         if self.data.validation is None or not (self.step % self.config.evaluation_steps == 0 or self.step == self.total_steps):
             return False, []
@@ -456,7 +456,7 @@ class _Run:
         return True, lines
 
     def _save(self, result: StepResult, predictions: list[str]) -> None:
-        from glmtune.checkpoint import PREDICTIONS_FILE, prune_checkpoints
+        from glmtune.train.checkpoint import PREDICTIONS_FILE, prune_checkpoints
 
         c, step, out = self.config, self.step, self.out
         best = out / f"checkpoint-{self.tracker.best_step}" if self.tracker.best_step is not None else None
@@ -511,8 +511,8 @@ def _load_model(config: TrainConfig, dist: Dist, resume_dir: Path | None, family
     """The frozen model with its prefix (fresh and seeded, or the checkpoint's), keyed dropout, the trainable params.
 
     `family` is the tokenizer's (--family or detected): it decides the rope rule, is recorded in every checkpoint's
-    config.json, and a checkpoint of another family is refused on resume (glmtune.loading.load_model)."""
-    from glmtune.loading import load_model, resolve_device
+    config.json, and a checkpoint of another family is refused on resume (glmtune.model.loading.load_model)."""
+    from glmtune.model.loading import load_model, resolve_device
 
     _, dtype = resolve_device(str(dist.device), config.dtype)
     torch.manual_seed(config.seed)  # a fresh prefix starts from the same values on every process

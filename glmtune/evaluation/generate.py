@@ -2,8 +2,8 @@
 
 Reproduces the `--do_predict --predict_with_generate` path of THUDM/ChatGLM2-6B `ptuning/main.py`
 (run by `ptuning/evaluate.sh`): prompts are `source_prefix + build_prompt(query, history)` cut to
-`max_source_length` tokens (see `glmtune.data`), the model generates after the prompt, predictions and
-references are decoded without special tokens and stripped, scored by `glmtune.metrics`, and written as
+`max_source_length` tokens (see `glmtune.data.preprocess`), the model generates after the prompt, predictions and
+references are decoded without special tokens and stripped, scored by `glmtune.evaluation.metrics`, and written as
 `generated_predictions` lines `{"labels", "predict"}` and `predict_results.json` with the official keys.
 
 Differences from the official run, on purpose:
@@ -105,7 +105,7 @@ def generate_token_ids(
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from glmtune.data import collate_eval
+    from glmtune.data.preprocess import collate_eval
 
     settings = settings or GenerationSettings()
     settings.validate()
@@ -147,9 +147,9 @@ def generate_texts(
 ) -> list[str]:
     """`generate_token_ids`, decoded without special tokens (eos, padding) and stripped, as the official
     `generated_predictions`."""
-    from glmtune.family import stop_ids_for
+    from glmtune.families.registry import stop_ids_for
 
-    # ChatGLM3 answers end at </s>, <|user|> or <|observation|> (glmtune.family); ChatGLM2 ones at </s>.
+    # ChatGLM3 answers end at </s>, <|user|> or <|observation|> (glmtune.families.registry); ChatGLM2 ones at </s>.
     stops = stop_ids_for(tokenizer)
     ids = generate_token_ids(model, prompts, settings, batch_size, tokenizer.pad_token_id,
                              stops if len(stops) > 1 else stops[0], progress)
@@ -226,9 +226,10 @@ def evaluate(
     num_workers: int = 1,
     progress: bool = True,
 ) -> EvalOutput:
-    """Generate for every row of an eval `dataset` (from `glmtune.data.tokenize_eval` / `glmtune.dataset_store.load_or_build_dataset`),
+    """Generate for every row of an eval `dataset` (from `glmtune.data.preprocess.tokenize_eval` / `glmtune.data.store.load_or_build_dataset`),
     score against its references, write `OUT/generated_predictions.jsonl` and `OUT/predict_results.json`."""
-    from glmtune import data, metrics
+    from glmtune.data import preprocess as data
+    from glmtune.evaluation import metrics
 
     if len(dataset) == 0:
         raise GlmtuneError("the eval data has no rows to generate for")
@@ -258,7 +259,7 @@ def load_eval_data(
     made with; only `max_samples` still applies (the first N rows read, before empty ones were dropped,
     as on a raw file).
     """
-    from glmtune import dataset_store
+    from glmtune.data import store as dataset_store
 
     if (test_file is None) == (dataset_dir is None):
         raise GlmtuneError("give exactly one of --test-file (raw data) or --dataset (a `glmtune preprocess` folder)")
@@ -281,7 +282,7 @@ def load_eval_data(
 
 def _checked_inputs(output_dir, config, settings) -> tuple[Any, GenerationSettings, Path]:
     """Defaults filled in and checked, and an output path that is not a file: before anything loads."""
-    from glmtune import data
+    from glmtune.data import preprocess as data
 
     config = config or data.DataConfig()
     config.validate()
@@ -323,12 +324,12 @@ def run_eval(
 ) -> EvalOutput:
     """Load the model (and P-tuning checkpoint), read the eval data, and `evaluate`; what `glmtune eval` runs.
 
-    `family` (chatglm2, chatglm3) overrides the one detected from the model folder (glmtune.family).
+    `family` (chatglm2, chatglm3) overrides the one detected from the model folder (glmtune.families.registry).
 
     `settings.max_new_tokens` of None means `config.max_target_length`.
     """
-    from glmtune.loading import load_model
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.model.loading import load_model
+    from glmtune.families.tokenizer import load_tokenizer
 
     if batch_size < 1:
         raise GlmtuneError(f"--batch-size must be at least 1, got {batch_size}")
@@ -338,7 +339,7 @@ def run_eval(
     # Data first: a wrong column or a malformed line fails before the (slow) model load.
     dataset, config, dropped = load_eval_data(tokenizer, test_file, dataset_dir, config, cache_dir, num_workers)
     settings = _with_answer_budget(settings, config)
-    from glmtune.loading import resolve_device  # one auto device/dtype rule for train, eval and chat
+    from glmtune.model.loading import resolve_device  # one auto device/dtype rule for train, eval and chat
 
     device, dtype = resolve_device(device, dtype)
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len,
@@ -388,9 +389,9 @@ def compare_base(
     """Score the base model (prefix off) and the tuned one on the same rows (OUT/base, OUT/tuned), and on an
     optional general-purpose file measure how far the tuned greedy answers moved from the base's: the share
     of identical answers and the mean ROUGE-L of tuned against base answers. Writes OUT/comparison.json."""
-    from glmtune import metrics
-    from glmtune.loading import load_model, resolve_device
-    from glmtune.tokenizer import load_tokenizer
+    from glmtune.evaluation import metrics
+    from glmtune.model.loading import load_model, resolve_device
+    from glmtune.families.tokenizer import load_tokenizer
 
     config, settings, out = _checked_inputs(output_dir, config, settings)
     tokenizer = load_tokenizer(model_path, family=family)

@@ -5,7 +5,7 @@ index) are renamed onto transformers' native `GlmForCausalLM` (mapping in `offic
 The model skeleton is built on the meta device and each shard's tensors are converted and placed as
 they are read, so peak memory is about one model copy plus one shard. `quantization_bit` in the
 folder's config.json (the official int4/int8 releases) or passed by the caller selects the
-weight-only quantized linear layers of `glmtune.quantization`; a full-precision folder is then
+weight-only quantized linear layers of `glmtune.model.quantization`; a full-precision folder is then
 quantized shard by shard while it loads.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from glmtune.errors import GlmtuneError
-from glmtune.family import FAMILY_FIELD, check_same_family, resolve_family
+from glmtune.families.registry import FAMILY_FIELD, check_same_family, resolve_family
 from glmtune.fsutil import atomic_dir
-from glmtune.modeling import ChatGLM2ForCausalLM, attention_dims, glm_config_from_chatglm
-from glmtune.prefix import (
+from glmtune.model.modeling import ChatGLM2ForCausalLM, attention_dims, glm_config_from_chatglm
+from glmtune.model.prefix import (
     OFFICIAL_PREFIX,
     PrefixConfig,
     load_prefix_state,
@@ -29,8 +29,8 @@ from glmtune.prefix import (
     read_prefix_checkpoint,
     resolve_prefix_config,
 )
-# Folder reading lives one layer down (shared with glmtune.quantization); the names stay importable from here.
-from glmtune.weights import DTYPES, iter_shard, parse_dtype, read_chatglm_config, weight_files  # noqa: F401
+# Folder reading lives one layer down (shared with glmtune.model.quantization); the names stay importable from here.
+from glmtune.model.weights import DTYPES, iter_shard, parse_dtype, read_chatglm_config, weight_files  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def load_model(
     The base model is frozen. With `ptuning_checkpoint`, or `pre_seq_len` for a fresh prefix, the
     model carries a trainable prefix encoder (kept in fp32 whatever `dtype`, as the official trainer
     does). `pre_seq_len` / `prefix_projection` default to what the checkpoint or folder says; a
-    disagreement is an error naming both values. `family` (`glmtune.family`) overrides the detected one; it
+    disagreement is an error naming both values. `family` (`glmtune.families.registry`) overrides the detected one; it
     decides the rope rule and is recorded in what is saved from the model; a checkpoint of another family
     is refused.
     """
@@ -218,7 +218,7 @@ def load_model(
     with torch.device("meta"):
         model = ChatGLM2ForCausalLM(config, prefix=None)
         if bits:
-            from glmtune.quantization import replace_linears_with_quantized
+            from glmtune.model.quantization import replace_linears_with_quantized
 
             replace_linears_with_quantized(model, bits, compute_dtype)
     folder_prefix = _load_weights(model, folder, cfg, bits, compute_dtype, device)
@@ -308,7 +308,7 @@ def _place(model, name, value, expected, bits, compute_dtype, device, shard, key
     if bits and name.endswith(".weight") and target.dtype == torch.int8 and value.dtype != torch.int8:
         # A full-precision folder loaded with --quantization-bit: quantize this tensor now, so the
         # full-precision model never exists in memory.
-        from glmtune.quantization import quantize_weight
+        from glmtune.model.quantization import quantize_weight
 
         # In the checkpoint's own dtype: the official scheme's arithmetic depends on it (see quantize_weight).
         value, scale = quantize_weight(value, bits)
@@ -344,7 +344,7 @@ def _finish(model, config, cfg, prefix, ckpt_state, source, device) -> None:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     model.prefix_config = prefix
     if prefix is not None:
-        from glmtune.prefix import PrefixEncoder
+        from glmtune.model.prefix import PrefixEncoder
 
         model.prefix_encoder = PrefixEncoder(
             prefix, config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.hidden_size
@@ -359,8 +359,8 @@ def _finish(model, config, cfg, prefix, ckpt_state, source, device) -> None:
 def find_tokenizer(*folders: str | Path | None, family: str | None = None):
     """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint);
     its family is `family`, else detected from the first folder (the model's)."""
-    from glmtune.family import resolve_family
-    from glmtune.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from glmtune.families.registry import resolve_family
+    from glmtune.families.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     candidates = [Path(f) for f in folders if f is not None]
     for folder in candidates:

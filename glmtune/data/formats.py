@@ -1,6 +1,6 @@
 """The two data layouts most instruction data ships in (alpaca, sharegpt), read as glmtune's column rows.
 
-`glmtune.data.load_rows` reads `--prompt-column/--response-column/--history-column` rows; this module turns
+`glmtune.data.preprocess.load_rows` reads `--prompt-column/--response-column/--history-column` rows; this module turns
 a record of another layout into the same `{"prompt", "response", "history"}` rows, so tokenizing,
 truncation and caching stay the official ones and an alpaca or sharegpt row gives exactly the ids of the
 equivalent column row.
@@ -21,7 +21,7 @@ cut on the right to max_source_length + max_target_length + 1 tokens. It applies
 (columns with --history-column, alpaca `history`, sharegpt).
 
 This module also holds what the two families' data modules share (`IGNORE_INDEX`, `length_percentiles`),
-below both `glmtune.data` and `glmtune.data_glm3`, so that neither imports the other for them.
+below both `glmtune.data.preprocess` and `glmtune.families.chatglm3.data`, so that neither imports the other for them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 from glmtune.errors import GlmtuneError
 
-IGNORE_INDEX = -100  # the one definition (glmtune.data, which imports this module, re-exports it): a label that is not trained
+IGNORE_INDEX = -100  # the one definition (glmtune.data.preprocess, which imports this module, re-exports it): a label that is not trained
 FORMATS = ("auto", "columns", "alpaca", "sharegpt")
 TRAIN_ON = ("each-turn", "all-turns")
 _USER, _ASSISTANT, _SYSTEM = ("human", "user"), ("gpt", "assistant", "chatgpt", "bot"), ("system",)
@@ -193,8 +193,8 @@ def format_samples(dataset, tokenizer, count: int = 2) -> str:
 
 
 def length_percentiles(values: list[int]) -> dict[str, float]:
-    """p50/p90/p99/max of token lengths: the preprocess report of both families (here, below glmtune.data and
-    glmtune.data_glm3, so neither imports the other for it)."""
+    """p50/p90/p99/max of token lengths: the preprocess report of both families (here, below glmtune.data.preprocess and
+    glmtune.families.chatglm3.data, so neither imports the other for it)."""
     import numpy as np
 
     p50, p90, p99 = np.percentile(values, [50, 90, 99])

@@ -3,7 +3,7 @@
 The official ptuning workflow (THUDM/ChatGLM2-6B ptuning/README.md, "模型部署") loads the base model
 and then the checkpoint's `transformer.prefix_encoder.*` on every start. A merged folder holds both:
 the base weights in the official layout (safetensors, sharded for large models, via
-`glmtune.loading.save_model`), config.json with `pre_seq_len` / `prefix_projection`, the prefix
+`glmtune.model.loading.save_model`), config.json with `pre_seq_len` / `prefix_projection`, the prefix
 tensors, and the tokenizer, so `load_model(OUT)` (and `glmtune chat/eval --model-path OUT`) need no
 further flags and compute exactly what base + checkpoint computes.
 
@@ -46,7 +46,7 @@ def fold_prefix(model) -> bool:
     """Replace a projected prefix by its output, as a plain embedding; False if there was no projection."""
     import torch
 
-    from glmtune.prefix import PrefixConfig, PrefixEncoder
+    from glmtune.model.prefix import PrefixConfig, PrefixEncoder
 
     encoder = model.prefix_encoder
     if encoder is None:
@@ -68,7 +68,7 @@ def fold_prefix(model) -> bool:
 
 def _source_dtype(model_path: Path) -> str:
     """The base folder's weight dtype (config torch_dtype), so merging neither loses nor inflates precision."""
-    from glmtune.loading import DTYPES, read_chatglm_config
+    from glmtune.model.loading import DTYPES, read_chatglm_config
 
     name = read_chatglm_config(model_path).get("torch_dtype") or "float32"
     return name if name in DTYPES else "float32"
@@ -91,7 +91,7 @@ def merge_checkpoint(
     `dtype` "auto" keeps the base folder's dtype (fp16 for the official release). With
     `quantization_bit` the base weights are quantized while loading and stored quantized.
     """
-    from glmtune.loading import find_tokenizer, load_model, save_model
+    from glmtune.model.loading import find_tokenizer, load_model, save_model
 
     model_path, ptuning_checkpoint = Path(model_path), Path(ptuning_checkpoint)
     out = check_output_dir(output_dir, force, model_path, ptuning_checkpoint)
@@ -99,7 +99,7 @@ def merge_checkpoint(
         raise GlmtuneError(f"--model-path {model_path}: folder not found")
     if dtype in (None, "auto"):
         dtype = _source_dtype(model_path)  # also checks that it is a ChatGLM2 folder
-    tokenizer = find_tokenizer(model_path, ptuning_checkpoint, family=family)  # family: glmtune.family
+    tokenizer = find_tokenizer(model_path, ptuning_checkpoint, family=family)  # family: glmtune.families.registry
     model = load_model(model_path, ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit,
                        dtype=dtype, device="cpu", family=tokenizer.family)
     folded = fold_prefix(model) if fold else False

@@ -4,15 +4,15 @@ ChatGLM3-6B has the network and weight layout of ChatGLM2-6B; what differs is li
 no command branches on a family name itself (tests/test_family_dispatch.py checks the command modules):
 
 * tokenizer: ChatGLM3 adds four role tokens `<|system|> <|user|> <|assistant|> <|observation|>` after the five
-  GLM command tokens (`glmtune.tokenizer_glm3`);
+  GLM command tokens (`glmtune.families.chatglm3.tokenizer`);
 * prompt building and stop tokens: ChatGLM2 uses the `[Round N]\\n\\n问：...\\n\\n答：` template and stops on
   `</s>`; ChatGLM3 uses role messages (`build_chat_input`) and stops on `</s>`, `<|user|>` or `<|observation|>`;
-* response parsing: ChatGLM3 replies may carry metadata (a tool name) and a tool call (`glmtune.glm3`);
+* response parsing: ChatGLM3 replies may carry metadata (a tool name) and a tool call (`glmtune.families.chatglm3.chat`);
 * the chat rules (`Family.chat`): how a history is held and checked ((query, answer) rounds, or role
   messages whose leading system message always stays in the prompt), which partial answers `stream_chat`
   yields, how `glmtune chat` prints a history and opens one with `--system` / `--tools`: `RoundsChat`
-  below for ChatGLM2, `glmtune.glm3.RolesChat` for ChatGLM3; `Family.chat_format` names which, for the
-  OpenAI request reader of `glmtune serve` and the data reader of `glmtune.data`;
+  below for ChatGLM2, `glmtune.families.chatglm3.chat.RolesChat` for ChatGLM3; `Family.chat_format` names which, for the
+  OpenAI request reader of `glmtune serve` and the data reader of `glmtune.data.preprocess`;
 * the rotary rule for `rope_ratio` (the 32k releases): THUDM/chatglm2-6b-32k divides the positions by it
   (position interpolation), THUDM/chatglm3-6b-32k multiplies the rotary base by it;
 * the default P-tuning data format: ADGEN prompt/response for ChatGLM2, `conversations` for ChatGLM3.
@@ -24,10 +24,10 @@ ChatGLM2; `--family` overrides. The official releases do not record a family: a
 folder with no tokenizer (e.g. a bare 32k weight folder) needs `--family chatglm3` to be read as ChatGLM3.
 
 The registry sits below what uses it and imports nothing above it (no import cycle): ChatGLM2's prompt
-building, reply post-processing and chat rules are defined here (`glmtune.chat` re-exports
-`process_response`), ChatGLM3's come from `glmtune.glm3`, which imports only `glmtune.errors`; the
-tokenizer classes and data readers pick their family's code from above (`glmtune.tokenizer` by the
-family's role tokens, `glmtune.data` by its chat format). A family registered in `FAMILIES` (e.g. ChatGLM2's
+building, reply post-processing and chat rules are defined here (`glmtune.inference.chat` re-exports
+`process_response`), ChatGLM3's come from `glmtune.families.chatglm3.chat`, which imports only `glmtune.errors`; the
+tokenizer classes and data readers pick their family's code from above (`glmtune.families.tokenizer` by the
+family's role tokens, `glmtune.data.preprocess` by its chat format). A family registered in `FAMILIES` (e.g. ChatGLM2's
 rules with another stop token) is used by every command without touching them.
 """
 
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.errors import GlmtuneError
-from glmtune.glm3 import RolesChat, messages_to_ids, normalize_messages, process_response
+from glmtune.families.chatglm3.chat import RolesChat, messages_to_ids, normalize_messages, process_response
 
 FAMILY_FIELD = "glmtune_family"  # key in config.json of checkpoints and merged folders
 GLM3_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -63,7 +63,7 @@ class Family:
     # decoded answer text + the messages so far -> (response, messages + the answer)
     _parse_response: Callable[[str, list[dict]], tuple[Any, list[dict]]] = field(repr=False)
     # How `chat` / `stream_chat` / `glmtune chat` hold a conversation: ChatGLM2's (query, answer) rounds
-    # (`RoundsChat`, below) or ChatGLM3's role messages (`glmtune.glm3.RolesChat`); the methods below delegate.
+    # (`RoundsChat`, below) or ChatGLM3's role messages (`glmtune.families.chatglm3.chat.RolesChat`); the methods below delegate.
     chat: RoundsChat | RolesChat = field(repr=False)
 
     def messages_to_ids(self, tokenizer: Any, messages: Sequence[dict]) -> list[int]:
@@ -78,7 +78,7 @@ class Family:
         """The official post-processing of a decoded answer: (response, messages with the answer appended)."""
         return self._parse_response(text, messages)
 
-    # --- chat: what glmtune.chat, glmtune chat and glmtune serve ask the family --------------------------
+    # --- chat: what glmtune.inference.chat, glmtune chat and glmtune serve ask the family --------------------------
 
     @property
     def chat_format(self) -> str:
@@ -166,7 +166,7 @@ def _glm2_messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]
 
 def glm2_process_response(response: str) -> str:
     """The official ChatGLM2 post-processing of a decoded answer (`process_response` of THUDM/chatglm2-6b);
-    `glmtune.chat` uses it as its `process_response`. It lives here, with ChatGLM2's prompt building, so the
+    `glmtune.inference.chat` uses it as its `process_response`. It lives here, with ChatGLM2's prompt building, so the
     registry imports nothing above it."""
     return response.strip().replace("[[训练时间]]", "2023年")
 
@@ -193,7 +193,7 @@ def normalize_history(history: Any, source: str = "history") -> list[tuple[str, 
 class RoundsChat:
     """ChatGLM2's `chat` / `stream_chat` of THUDM/chatglm2-6b: history is [(query, answer), ...], the prompt the
     `[Round N]` template, every generated token yields the post-processed answer so far. ChatGLM3's
-    counterpart is `glmtune.glm3.RolesChat`; `Family` documents each method."""
+    counterpart is `glmtune.families.chatglm3.chat.RolesChat`; `Family` documents each method."""
 
     format = "rounds"
     unit = "round(s)"

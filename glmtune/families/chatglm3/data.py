@@ -23,7 +23,7 @@ Eval rows (both rules, one per assistant message, as `process_batch_eval`): the 
 max_source_length) + `<|assistant|>`; `labels` the message's ids (metadata line, content, eos) cut to
 max_target_length; `reference` its content text, which the predictions are scored against.
 
-Deliberate differences: rows are not padded here (batches are padded by `glmtune.data.collate_*`); the
+Deliberate differences: rows are not padded here (batches are padded by `glmtune.data.preprocess.collate_*`); the
 2024 demo's NotImplementedError on tools is one clear error naming the row and the option to use.
 """
 
@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from glmtune.data_formats import IGNORE_INDEX, length_percentiles  # one definition each, below glmtune.data
+from glmtune.data.formats import IGNORE_INDEX, length_percentiles  # one definition each, below glmtune.data.preprocess
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import iter_records
 
@@ -232,7 +232,7 @@ def encode_eval(row: dict, tokenizer: Any, config: Any) -> list[tuple[list[int],
 
 
 def encode_batch(batch: dict, tokenizer: Any, config: Any, mode: str) -> dict:
-    """`datasets.map` function: the columns `glmtune.data` produces, from rows stored as JSON text."""
+    """`datasets.map` function: the columns `glmtune.data.preprocess` produces, from rows stored as JSON text."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_tokens": [], "target_tokens": []}
     if mode == "eval":
         out["reference"] = []
@@ -271,7 +271,7 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: Any, mode: str):
 
 
 def build_report(rows: Sequence[dict], dataset, config: Any, mode: str, source: Any) -> dict:
-    """Rows read / skipped (with reasons) and token lengths, in the shape of `glmtune.data.build_report`."""
+    """Rows read / skipped (with reasons) and token lengths, in the shape of `glmtune.data.preprocess.build_report`."""
     reasons: dict[str, int] = {}
     for row in rows:
         reason = skip_reason(row, config)

@@ -23,8 +23,8 @@ any text where the two could differ; special tokens, truncation and padding stay
 
 The chat prompt (`build_prompt`) is the official `[Round N]\\n\\n问：...\\n\\n答：` template.
 
-Load a folder's tokenizer with `glmtune.tokenizer.load_tokenizer`, which picks this class or its ChatGLM3
-subclass (`glmtune.tokenizer_glm3`) by family; this module imports neither, so both sit below the loader.
+Load a folder's tokenizer with `glmtune.families.tokenizer.load_tokenizer`, which picks this class or its ChatGLM3
+subclass (`glmtune.families.chatglm3.tokenizer`) by family; this module imports neither, so both sit below the loader.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     """SentencePiece + ChatGLM2 command tokens, left padding with position ids."""
 
     vocab_files_names = {"vocab_file": TOKENIZER_FILE}
-    #: The family name (glmtune.family) and the command tokens that follow the SentencePiece pieces.
+    #: The family name (glmtune.families.registry) and the command tokens that follow the SentencePiece pieces.
     family = "chatglm2"
     command_tokens: tuple[str, ...] = COMMAND_TOKENS
     model_input_names = ["input_ids", "attention_mask", "position_ids"]

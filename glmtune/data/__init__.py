@@ -1,0 +1,1 @@
+"""Fine-tuning data: file formats, the official preprocessing, and the tokenized store."""

@@ -1,0 +1,1 @@
+"""Evaluation: batched generation and the official BLEU-4 / ROUGE metrics."""

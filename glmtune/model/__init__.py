@@ -1,0 +1,1 @@
+"""The network: transformers' GLM model with a P-tuning v2 prefix, loading/saving the official layout, quantization and CPU kernels."""
