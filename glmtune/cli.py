@@ -413,13 +413,12 @@ def chat(
         raise GlmtuneError(f"sampling needs --temperature > 0 and 0 < --top-p <= 1 (found {temperature}, {top_p}); or pass --greedy")
     import json
 
-    import importlib
-
-    from glmtune.inference import chat as chat_lib
+    from glmtune import repl
     from glmtune.families.registry import family_of
+    from glmtune.inference import chat as chat_lib
 
-    history = chat_lib.read_history_file(history_file) if history_file is not None else []
-    tool_list = chat_lib.read_tools_file(tools) if tools is not None else None
+    history = repl.read_history_file(history_file) if history_file is not None else []
+    tool_list = repl.read_tools_file(tools) if tools is not None else None
     if query is None:
         typer.echo("loading model ...", err=True)
     model, tokenizer = chat_lib.load_chat_model(
@@ -440,7 +439,7 @@ def chat(
                 import readline  # noqa: F401  (line editing and history for input())
             except ImportError:
                 pass
-        chat_lib.run_repl(model, tokenizer, debug_prompt=debug_prompt, start=history, **options)
+        repl.run_repl(model, tokenizer, debug_prompt=debug_prompt, start=history, **options)
         return
 
     def note(prepared) -> None:

@@ -23,10 +23,9 @@ from glmtune.inference.chat import (
     chat,
     load_chat_model,
     process_response,
-    read_history_file,
-    run_repl,
     stream_chat,
 )
+from glmtune.repl import read_history_file, run_repl
 from glmtune.errors import GlmtuneError
 from glmtune.model.loading import load_model, save_prefix_checkpoint
 from glmtune.model.tiny import init_model

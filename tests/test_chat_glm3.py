@@ -180,10 +180,8 @@ def test_family_registry_builds_prompts_and_stop_ids_for_a_server(reference):
 def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(glm3, monkeypatch):
     import io
 
-    import importlib
-
     from glmtune.inference import chat as chat_module
-    from glmtune.inference.chat import run_repl
+    from glmtune.repl import run_repl
     from glmtune.families.registry import family_of
 
     tokenizer = glm3[0]

@@ -17,7 +17,7 @@ from glmtune.families.registry import CHATGLM2, FAMILIES, family_of, get_family
 from glmtune.families.tokenizer import load_tokenizer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "glmtune"
-COMMAND_MODULES = ["inference/chat.py", "cli.py", "evaluation/generate.py", "train/loop.py", "model/merge.py",
+COMMAND_MODULES = ["inference/chat.py", "repl.py", "cli.py", "evaluation/generate.py", "train/loop.py", "model/merge.py",
                    *sorted(p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "serve").glob("*.py"))]
 FAMILY_NAMES = {"chatglm2", "chatglm3"}
 # a family's own implementation (a package under glmtune/families/), reached through the registry only

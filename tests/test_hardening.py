@@ -64,7 +64,7 @@ def test_every_public_name_is_the_function_whatever_was_imported_first():
             "assert all(callable(getattr(glmtune, n)) and not isinstance(getattr(glmtune, n), types.ModuleType)\n"
             "           for n in glmtune.__all__ if n != '__version__'), glmtune.__all__\n"
             "assert chat.__module__ == 'glmtune.inference.chat' and chat.__name__ == 'chat'\n"
-            "assert importlib.import_module('glmtune.inference.chat').read_history_file\n"
+            "assert importlib.import_module('glmtune.repl').read_history_file\n"
             "print('OK')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -434,6 +434,25 @@ def test_glmtune_modules_import_each_other_without_cycles():
     assert "families.chatglm3.data" in graph["data.preprocess"]
 
 
+def test_serving_and_the_python_api_import_no_terminal_code():
+    graph = _import_graph()
+    importers = {module for module, deps in graph.items() if "repl" in deps}
+    assert importers == {"cli"}, importers  # the terminal chat is the chat command's, nobody else's
+
+    def reaches(start: str, seen=None) -> set[str]:
+        seen = set() if seen is None else seen
+        for dep in graph.get(start, ()):
+            if dep not in seen:
+                seen.add(dep)
+                reaches(dep, seen)
+        return seen
+
+    for module in ("serve.api", "serve.protocol", "serve.scheduler", "serve.models", "inference.chat"):
+        assert "repl" not in reaches(module), module
+    text = (REPO / "glmtune" / "inference" / "chat.py").read_text(encoding="utf-8")
+    assert not re.search(r"sys\.std(in|out)|\binput\(|def run_repl", text)
+
+
 # --- item 18 (parts): one definition each; no dead code or unused dependency; one atomic-write helper ----
 
 
@@ -501,11 +520,17 @@ def test_dataset_folder_written_by_preprocess_gets_umask_modes_and_leaves_no_tem
     assert (out / dataset_store.META_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-# --- item 3 (harden part): private names go through glmtune.compat, which checks they still exist -------
+# --- private names go through glmtune.compat, which checks they still exist ---------------------------------
 
-PRIVATE = re.compile(r"\b(_attn_implementation|_can_checkpoint_with_cache|_parameters|_buffers|_added_tokens_\w+|"
-                     r"_encode_plus|_weight_int[48]pack\w*|_convert_weight_to_int4pack\w*|_linear_pointwise)\b")
-OWNERS_ROUTE_THEMSELVES = {"families/chatglm2/tokenizer.py", "model/qkernels.py"}  # their owners move these names
+PRIVATE = re.compile(
+    r"\b(_attn_implementation|_can_checkpoint_with_cache|_parameters|_buffers"  # transformers / torch modules
+    r"|_added_tokens_\w+|_special_tokens_map|_extra_special_tokens|_eventual_warn_about_too_long_sequence"  # tokenizer state
+    r"|_tokenize|_convert_token_to_id|_convert_id_to_token|_decode|_encode_plus|_pad|Trie|tokenization_python"  # its hooks
+    r"|_save_to_state_dict|_load_from_state_dict|_apply"  # nn.Module hooks (quantization)
+    r"|trainer_pt_utils|get_length_grouped_indices"  # Trainer internals (length grouping)
+    r"|masking_utils|create_causal_mask|_preprocess_mask_arguments"  # the ready 4-D mask's pass-through
+    r"|mkldnn|_weight_int[48]pack\w*|_convert_weight_to_int4pack\w*|_linear_pointwise)\b")  # torch CPU kernels, oneDNN
+OWNERS_ROUTE_THEMSELVES: set[str] = set()  # every module goes through compat
 
 
 def test_every_private_name_glmtune_relies_on_exists_in_the_installed_versions():
@@ -526,10 +551,51 @@ def _code_names(path: Path) -> list[str]:
 
 def test_private_transformers_and_torch_names_appear_only_in_compat():
     package = REPO / "glmtune"
-    offenders = {p.relative_to(package).as_posix(): [n for n in _code_names(p) if PRIVATE.fullmatch(n)]
-                 for p in package.rglob("*.py")
-                 if p.relative_to(package).as_posix() not in OWNERS_ROUTE_THEMSELVES | {"compat.py"}}
+    scanned = {p.relative_to(package).as_posix(): p for p in package.rglob("*.py")}
+    # every subpackage is scanned, and every module holding one of these names before compat took them over
+    assert {"families/chatglm2/tokenizer.py", "model/quantization.py", "model/modeling.py", "train/data.py",
+            "model/qkernels.py", "serve/scheduler.py", "repl.py"} <= set(scanned)
+    assert {path.split("/")[0] for path in scanned if "/" in path} == \
+        {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    offenders = {name: [n for n in _code_names(p) if PRIVATE.fullmatch(n)]
+                 for name, p in scanned.items() if name not in OWNERS_ROUTE_THEMSELVES | {"compat.py"}}
     assert {k: v for k, v in offenders.items() if v} == {}
+    # The model's ready 4-D mask is built by compat, in the form transformers passes on untouched.
+    modeling = (package / "model" / "modeling.py").read_text(encoding="utf-8")
+    assert "ready_attention_mask(" in modeling and "finfo" not in modeling
+
+
+def test_no_module_changes_a_process_wide_torch_switch():
+    import ast
+
+    for path in (REPO / "glmtune").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+            for target in targets:
+                assert "backends" not in ast.unparse(target), (path, ast.unparse(target))
+
+
+def test_the_ready_mask_compat_builds_passes_through_transformers_untouched():
+    import torch
+
+    from glmtune import compat
+
+    assert compat.ready_mask_passes_through()
+    allowed = torch.tensor([[[True, False], [True, True]]])
+    mask = compat.ready_attention_mask(allowed, torch.bfloat16)
+    assert mask.shape == (1, 1, 2, 2) and mask[0, 0, 0, 1] == torch.finfo(torch.bfloat16).min and mask[0, 0, 1].eq(0).all()
+
+
+def test_length_grouped_order_is_transformers_own():
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from glmtune import compat
+
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10] * 5
+    ours = compat.length_grouped_order(lengths, 4, torch.Generator().manual_seed(3))
+    assert ours == list(get_length_grouped_indices(lengths, 4, generator=torch.Generator().manual_seed(3)))
+    assert sorted(ours) == list(range(len(lengths)))
 
 
 def test_private_name_detector_sees_code_but_not_docstrings(tmp_path):
@@ -605,7 +671,7 @@ def test_init_model_rejects_a_negative_pretrain_steps(tmp_path):
 
 
 def test_history_and_tools_files_that_are_not_utf8_or_not_json_are_one_clear_error(tmp_path):
-    from glmtune.inference.chat import read_history_file, read_tools_file
+    from glmtune.repl import read_history_file, read_tools_file
 
     latin = tmp_path / "latin1.json"
     latin.write_bytes('[["caf\u00e9", "ok"]]'.encode("latin-1"))

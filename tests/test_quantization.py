@@ -436,20 +436,27 @@ def test_last_position_logits_run_as_one_matrix_product_not_a_batched_one():
     assert "aten::bmm" not in {e.key for e in prof.key_averages()}
 
 
-def test_single_bf16_row_logits_use_torch_gemv_and_restore_onednn():
+def test_single_bf16_row_logits_use_torch_gemv_without_touching_the_onednn_flag(monkeypatch):
     """oneDNN's bf16 GEMV is ~1.5x slower than torch's for the 6B output layer (bench/quant.py --decode-6b)."""
+    from torch.profiler import profile
+
     from glmtune.model.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
 
     cfg = dict(num_layers=1, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
                ffn_hidden_size=96, padded_vocab_size=512, multi_query_attention=True, add_qkv_bias=True)
     torch.manual_seed(0)
     model = ChatGLM2ForCausalLM(glm_config_from_chatglm(cfg)).eval().to(torch.bfloat16)
-    onednn = []
-    model.lm_head.register_forward_pre_hook(lambda module, args: onednn.append(torch.backends.mkldnn.enabled))
+    flags = []
+    real_mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a: flags.append(torch.backends.mkldnn.enabled) or real_mv(*a))
     ids = torch.randint(0, 512, (1, 6))
-    assert torch.backends.mkldnn.enabled
     with torch.no_grad():
-        full = model(input_ids=ids).logits  # 6 rows: oneDNN stays on
-        last = model(input_ids=ids, logits_to_keep=1).logits  # 1 row: torch's GEMV
-    assert onednn == [True, False] and torch.backends.mkldnn.enabled
+        full = model(input_ids=ids).logits  # 6 rows: the output layer as it is
+        with profile() as prof:
+            last = model(input_ids=ids, logits_to_keep=1).logits  # 1 row: torch's GEMV
+    assert flags == [True] and torch.backends.mkldnn.enabled  # one GEMV, the process-wide flag never changed
+    assert "aten::mv" in {e.key for e in prof.key_averages()}
     torch.testing.assert_close(last.float(), full[:, -1:].float(), rtol=2e-2, atol=2e-2)
+    flat = torch.randn(1, 64, dtype=torch.bfloat16)
+    expected = flat.float() @ model.lm_head.weight.float().T
+    torch.testing.assert_close(model._project(flat).float(), expected, rtol=1e-2, atol=1e-2)

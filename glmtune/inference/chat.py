@@ -1,4 +1,4 @@
-"""Chat with a ChatGLM2 or ChatGLM3 model (optionally with a P-tuning v2 prefix): Python API and terminal REPL.
+"""Chat with a ChatGLM2 or ChatGLM3 model (optionally with a P-tuning v2 prefix): the Python API.
 
 Reproduces `ChatGLMForConditionalGeneration.chat` / `stream_chat` of THUDM/chatglm2-6b
 (modeling_chatglm.py) on transformers' `generate`:
@@ -26,37 +26,33 @@ stream yields `("", history)` once).
 
 Additions: when the prompt would not fit the window (`seq_length` of the model, or `max_length` if
 smaller, minus room for the answer) the oldest rounds are dropped and a `HistoryTruncatedWarning`
-says so; the returned history is then the kept rounds plus the new one. The REPL follows the official
-`cli_demo.py` (`clear`, `stop`), plus Ctrl-D to exit and Ctrl-C to stop one answer.
+says so; the returned history is then the kept rounds plus the new one. The terminal chat of `glmtune chat`
+(read loop, history files, printing) is `glmtune.repl`, built on this module; serving uses this module only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import queue
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.registry import family_of, normalize_history, normalize_messages
-from glmtune.families.registry import glm2_process_response as process_response  # the registry's; public here as before
-from glmtune.fsutil import read_json_file
-from glmtune.model.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
+from glmtune.families.registry import family_of
+from glmtune.families.registry import glm2_process_response as process_response  # the official name (serve uses it)
+from glmtune.model.loading import find_tokenizer
 
 DEFAULT_MAX_LENGTH = 8192
 # Room kept for the answer when fitting the history, unless max_new_tokens says otherwise.
 DEFAULT_ANSWER_ROOM = 1024
 INVALID_SCORE_TOKEN = 5  # the official guard's token id
+
 
 class HistoryTruncatedWarning(UserWarning):
     """The oldest rounds of a chat history were dropped so that the prompt fits the window."""
@@ -74,26 +70,6 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
             scores = torch.zeros_like(scores)
             scores[..., INVALID_SCORE_TOKEN] = 5e4
         return scores
-
-
-def read_history_file(path: str | Path) -> list:
-    """A JSON file holding a list of [query, answer] pairs, or (ChatGLM3) of messages {role, content}
-    (what `--json` prints as "history"). Which of the two it is, is the file's format: the model's family
-    checks it fits when chatting."""
-    data = read_json_file(path, "history file")
-    if isinstance(data, dict) and "history" in data:  # accept `--json` output as is
-        data = data["history"]
-    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
-        return normalize_messages(data, source=str(path))
-    return normalize_history(data, source=str(path))
-
-
-def read_tools_file(path: str | Path) -> list:
-    """A JSON file holding a list of tool descriptions (ChatGLM3 `tools`)."""
-    tools = read_json_file(path, "tools file")
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise GlmtuneError(f"{path}: expected a JSON list of tool objects, found {type(tools).__name__}")
-    return tools
 
 
 def load_chat_model(
@@ -359,93 +335,3 @@ def stream_chat(
     finally:
         stop.set()
         worker.join()
-
-
-# --- terminal REPL -----------------------------------------------------------------------------
-
-BANNER = "glmtune chat: type a message and press Enter. 'clear' resets the history, 'stop' or Ctrl-D exits, Ctrl-C stops an answer."
-
-
-def run_repl(
-    model,
-    tokenizer,
-    *,
-    read: Callable[[str], str] = input,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-    debug_prompt: bool = False,
-    start: list | None = None,
-    **chat_kwargs,
-) -> list:
-    """The interactive loop; returns the history at exit. `chat_kwargs` go to `stream_chat`.
-
-    ChatGLM3: `start` is the history to begin with and to return to on `clear` (the `--system` / `--tools`
-    message); when a reply is a tool call, it is printed as JSON and the next line typed is sent back as
-    the tool's observation (role `observation`). Nothing is ever executed."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-
-    def show_prompt(prepared: ChatPrompt) -> None:
-        if prepared.dropped:
-            err.write(f"note: {truncation_message(prepared)}\n")
-        if debug_prompt:
-            err.write(f"[prompt {len(prepared.input_ids)} tokens] {json.dumps(prepared.prompt, ensure_ascii=False)}\n")
-        err.flush()
-        # The label comes after the notes, so they never land inside the answer.
-        out.write("\nChatGLM: ")
-        out.flush()
-
-    out.write(BANNER + "\n")
-    start = list(start or [])
-    history: list = list(start)
-    role = "user"
-    while True:
-        try:
-            query = read("\nObservation: " if role == "observation" else "\nUser: ")
-        except EOFError:
-            out.write("\n")
-            break
-        except KeyboardInterrupt:
-            out.write("\n(type 'stop' or press Ctrl-D to exit)\n")
-            continue
-        query = query.strip()
-        if not query:
-            continue
-        if query == "stop":
-            break
-        if query == "clear":
-            history, role = list(start), "user"
-            out.write("history cleared\n")
-            continue
-        printed, latest = "", None
-        try:
-            with contextlib.closing(
-                stream_chat(model, tokenizer, query, history, on_prompt=show_prompt, role=role, **chat_kwargs)
-            ) as stream:
-                role = "user"
-                for response, latest in stream:
-                    if not isinstance(response, str):  # a ChatGLM3 tool call or metadata reply: shown at the end
-                        continue
-                    # Hold back a trailing U+FFFD: the rest of that character's bytes are still coming.
-                    shown = response.rstrip("\ufffd")
-                    if shown.startswith(printed) and len(shown) > len(printed):
-                        out.write(shown[len(printed):])
-                        out.flush()
-                        printed = shown
-            if latest is not None and isinstance(response, dict):
-                out.write(json.dumps(response, ensure_ascii=False))
-                if "parameters" in response:  # a tool call: the user runs the tool and types its result
-                    role = "observation"
-                    out.write("\n(tool call: type the tool's result as the observation)")
-            elif latest is not None and response.startswith(printed):  # the held-back tail, if any
-                out.write(response[len(printed):])
-            out.write("\n")
-        except KeyboardInterrupt:
-            out.write(" [stopped]\n")
-        except GlmtuneError as exc:
-            err.write(f"error: {exc}\n")
-            continue
-        if latest is not None:  # an interrupted answer stays in the history as far as it got
-            history = latest
-    out.flush()
-    return history

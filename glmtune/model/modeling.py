@@ -24,18 +24,16 @@ what the native model cannot express:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import DynamicCache, GlmConfig, GlmForCausalLM
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from glmtune.compat import allow_checkpointing_with_cache
+from glmtune.compat import allow_checkpointing_with_cache, ready_attention_mask
 from glmtune.model.cpu_linear import use_onednn_linears
-from glmtune.data.preprocess import IGNORE_INDEX  # noqa: F401 (one definition; importable from here as before)
+from glmtune.data.preprocess import IGNORE_INDEX
 from glmtune.families.registry import FAMILY_FIELD, get_family
 from glmtune.model.prefix import PrefixConfig, PrefixEncoder, PrefixKV
 
@@ -74,25 +72,6 @@ def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
         attn_implementation="sdpa",
     )
     return config
-
-
-@contextmanager
-def _native_cpu_gemv(x: torch.Tensor) -> Iterator[None]:
-    """For one bf16 row on CPU (a decoding step), compute the output layer with torch's own GEMV.
-
-    oneDNN takes bf16 matmuls when it is enabled, and for a single row it reads the [vocab, hidden]
-    weight at ~2/3 of the speed of torch's native bf16 GEMV (6B: 17 vs 12 ms a token on 2 threads,
-    31 vs 21 ms on 1; bench/quant.py --decode-6b). Both accumulate in fp32. The switch is torch's
-    public, process-wide flag: a concurrent thread's matmul meanwhile only takes the native kernel.
-    """
-    if x.shape[0] != 1 or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not torch.backends.mkldnn.enabled:
-        yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
 
 
 class ChatGLM2ForCausalLM(GlmForCausalLM):
@@ -149,10 +128,8 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         elif self.pre_seq_len:
             ones = allowed.new_ones(allowed.shape[0], q_len, self.pre_seq_len)
             allowed = torch.cat([ones, allowed], dim=-1)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        # finfo.min rather than -inf: a fully padded query row then stays finite instead of NaN.
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]
+        # In the form transformers passes on untouched (see glmtune.compat): it must not re-derive the mask.
+        return ready_attention_mask(allowed, dtype)
 
     @staticmethod
     def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -265,8 +242,7 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         # position, [1, 1, hidden]) as a batched matmul that first copies the whole [vocab, hidden]
         # weight transposed: 0.5 GB and seconds per prompt for ChatGLM2-6B (bench/quant.py --decode-6b).
         flat = hidden.reshape(-1, hidden.shape[-1])
-        with _native_cpu_gemv(flat):
-            logits = self.lm_head(flat).view(*hidden.shape[:-1], -1)
+        logits = self._project(flat).view(*hidden.shape[:-1], -1)
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -274,6 +250,21 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
                 ignore_index=IGNORE_INDEX,
             )
         return logits, loss
+
+    def _project(self, flat: torch.Tensor) -> torch.Tensor:
+        """The output layer on [rows, hidden]; one bf16 row on CPU (a decoding step) by torch's own GEMV.
+
+        `torch.mv` reaches torch's bf16 GEMV kernel (fp32 accumulation) whatever `torch.backends.mkldnn` says;
+        `F.linear` hands a bf16 product to oneDNN on CPUs where oneDNN takes bf16 matmuls, and for one row oneDNN
+        reads the [vocab, hidden] weight at ~2/3 of that speed (6B: 17 vs 12 ms a token on 2 threads;
+        bench/quant.py --decode-6b). On CPUs without AVX-512 both are the same kernel. No process-wide flag changes.
+        """
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        if (flat.shape[0] == 1 and flat.dtype == torch.bfloat16 and flat.device.type == "cpu"
+                and isinstance(self.lm_head, nn.Linear) and weight.dtype == torch.bfloat16):
+            out = torch.mv(weight, flat[0])[None]
+            return out if bias is None else out + bias
+        return self.lm_head(flat)
 
     def _label_only_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over labelled positions, projecting only those to the vocabulary."""

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmtune import compat
 from glmtune.model import qkernels
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
@@ -154,7 +155,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         return grad_x, grad_b, None, None
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(compat.ModuleStateHooks, nn.Module):
     """A frozen linear layer with an int8 or int4 weight in the official ChatGLM2 layout.
 
     Buffers `weight` (int8 [out, in] or [out, in/2]) and `weight_scale` (fp16 [out]); optional frozen
@@ -246,27 +247,28 @@ class QuantizedLinear(nn.Module):
             self.weight = qkernels.official_to_cpu_int4(self.weight, qkernels.cpu_int4_layout(),
                                                         self._chunk(self.out_features, self.in_features))
 
-    # -- keep the official representation at the module's boundaries --
+    # -- keep the official representation at the module's boundaries (torch's save / load / move hooks, which
+    #    glmtune.compat.ModuleStateHooks hands to these three methods) --
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def save_state(self, destination, prefix, keep_vars):
+        super().save_state(destination, prefix, keep_vars)
         if self._cpu_layout:
             destination[prefix + "weight"] = self.official_weight()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def load_state(self, state_dict, prefix, *args, **kwargs):
         if self._cpu_layout:
             width = self.in_features // 2
             self.weight = torch.empty(self.out_features, width, dtype=torch.int8, device=self.weight.device)
         self._kernel_scale = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super().load_state(state_dict, prefix, *args, **kwargs)
 
-    def _apply(self, fn, recurse=True):
+    def apply_to_tensors(self, fn, recurse=True):
         # Device moves see the official layout (the CPU kernel layout means nothing elsewhere), and the
         # scale stays fp16 whatever dtype the model is cast to: it is the official value, and a bf16
         # copy would lose 3 of its bits.
         self._to_official_layout()
         scale = self.weight_scale
-        result = super()._apply(fn, recurse)
+        result = super().apply_to_tensors(fn, recurse)
         if self.weight_scale.dtype != scale.dtype:
             self.weight_scale = scale.to(self.weight_scale.device)
         return result

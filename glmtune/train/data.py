@@ -3,8 +3,8 @@ the training, validation and `--mix-file` rows.
 
 Everything here is a pure function of (seed, position in the data stream), which is what makes a resumed
 run (or one with another process count) see exactly the batches and dropout masks of an uninterrupted one.
-`--group-by-length` uses transformers' own `get_length_grouped_indices` (the logic of its
-`LengthGroupedSampler`) with a generator seeded by (seed, epoch), so it keeps that property.
+`--group-by-length` uses transformers' own length grouping (the logic of its `LengthGroupedSampler`, through
+`glmtune.compat.length_grouped_order`) with a generator seeded by (seed, epoch), so it keeps that property.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmtune import compat
 from glmtune.errors import GlmtuneError
 from glmtune.train.config import TrainConfig
 
@@ -61,9 +62,7 @@ class DataStream:
             items = self._epoch_rows(epoch)
             generator = torch.Generator().manual_seed(self.seed + epoch)
             if self.lengths is not None and self.batch_size > 0:
-                from transformers.trainer_pt_utils import get_length_grouped_indices
-
-                order = get_length_grouped_indices([self.lengths[i] for i in items], self.batch_size, generator=generator)
+                order = compat.length_grouped_order([self.lengths[i] for i in items], self.batch_size, generator)
             else:
                 order = torch.randperm(len(items), generator=generator).tolist()
             self._perm, self._epoch = [items[i] for i in order], epoch

@@ -35,7 +35,6 @@ from typing import Any
 
 from sentencepiece import SentencePieceProcessor
 from transformers import AddedToken, PreTrainedTokenizer
-from transformers.tokenization_python import Trie
 from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
 from transformers.utils import PaddingStrategy
 
@@ -56,8 +55,11 @@ def build_prompt(query: str, history: list[tuple[str, str]] | list[list[str]] | 
     return prompt
 
 
-class ChatGLM2Tokenizer(PreTrainedTokenizer):
-    """SentencePiece + ChatGLM2 command tokens, left padding with position ids."""
+class ChatGLM2Tokenizer(compat.TokenizerHooks, PreTrainedTokenizer):
+    """SentencePiece + ChatGLM2 command tokens, left padding with position ids.
+
+    transformers' Python backend reaches the methods below through `glmtune.compat.TokenizerHooks`: `text_pieces`,
+    `piece_id`, `id_piece`, `decode_ids`, `encode_single` and `pad_single` are its private hooks under our names."""
 
     vocab_files_names = {"vocab_file": TOKENIZER_FILE}
     #: The family name (glmtune.families.registry) and the command tokens that follow the SentencePiece pieces.
@@ -112,7 +114,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
 
     @property
     def pad_token_id(self) -> int | None:
-        # transformers' `_pad` reads this once per padded row. Without a class attribute every read first
+        # transformers' padding reads this once per padded row. Without a class attribute every read first
         # fails normal lookup and lands in `PreTrainedTokenizerBase.__getattr__` (several µs each); this
         # gives the same answer from the same map. Setting it still goes through the base `__setattr__`.
         token = compat.stored_pad_token(self)
@@ -143,11 +145,8 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         text, kwargs = self.prepare_for_tokenization(text, **kwargs)
         splitting = set() if split_special_tokens else self._splitting_tokens()
         if not any(t in text for t in splitting):
-            return self._tokenize(text)
-        trie = Trie()
-        for token in splitting:
-            trie.add(token)
-        chunks = trie.split(text)
+            return self.text_pieces(text)
+        chunks = compat.split_around(text, splitting)
         for i, chunk in enumerate(chunks):
             if chunk in splitting:
                 added = compat.added_tokens_decoder(self)[compat.added_tokens_encoder(self)[chunk]]
@@ -160,13 +159,13 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             if chunk in splitting:
                 pieces.append(chunk)
             elif chunk:
-                pieces.extend(self._tokenize(chunk))
+                pieces.extend(self.text_pieces(chunk))
         return pieces
 
-    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
+    def text_pieces(self, text: str) -> list[str]:
         return self.sp_model.encode(text, out_type=str)
 
-    def _convert_token_to_id(self, token: str) -> int:
+    def piece_id(self, token: str) -> int:
         # A SentencePiece piece keeps its own id even when it is spelled like a command token (only possible
         # in a vocabulary trained with such a piece; not in the official one), so text never becomes a command.
         piece_id = self.sp_model.piece_to_id(token)
@@ -174,7 +173,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             return self.command_ids[token]
         return piece_id
 
-    def _convert_id_to_token(self, index: int) -> str:
+    def id_piece(self, index: int) -> str:
         if index in self._command_names:
             return self._command_names[index]
         if 0 <= index < self.n_pieces:
@@ -184,7 +183,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self.sp_model.decode_pieces([t for t in tokens if t and t not in self.command_ids])
 
-    def _decode(self, token_ids: int | list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
+    def decode_ids(self, token_ids: int | list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
         # The official class decodes every special id to an empty piece whatever `skip_special_tokens`
         # says, and -100 (label padding) as well; decoding ids directly keeps byte-fallback pieces exact.
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
@@ -199,7 +198,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     # done nothing more than `piece_to_id` on each piece, which `_fast_text_ids` checks; everything
     # after the ids (special tokens, truncation, padding, tensors) still runs through transformers.
 
-    # Why not a `tokenizers` (Rust) fast tokenizer built from tokenizer.model (issue 9 item 19b)? Built as
+    # Why not a `tokenizers` (Rust) fast tokenizer built from tokenizer.model? Built as
     # transformers' converters do (BPE from SentencePieceExtractor, byte fallback, "▁" prepend/replace
     # normalizer) it gives the same ids on all 370 golden texts (ChatGLM2 and ChatGLM3 files), but measured
     # 1.6-2.2x slower than this path on the 308 ChatGLM2 golden texts x 20 (3 runs, loaded 2-core machine:
@@ -222,9 +221,8 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             return state[1], state[2]
         # `tokenize` splits the non-special added tokens out of the text (special ones never).
         needles = tuple(self._splitting_tokens())
-        # `_convert_token_to_id_with_added_voc` looks a piece up among added tokens before SentencePiece: a
-        # piece spelled like one of those gets that id instead of its own (never a command token: see
-        # `_convert_token_to_id`).
+        # The backend looks a piece up among added tokens before SentencePiece: a piece spelled like one of
+        # those gets that id instead of its own (never a command token: see `piece_id`).
         remap = {}
         for name, token_id in encoder.items():
             piece_id = self.sp_model.piece_to_id(name)
@@ -288,7 +286,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             **kwargs,
         )
 
-    def _encode_plus(
+    def encode_single(
         self,
         text: Any,
         text_pair: Any = None,
@@ -310,7 +308,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         **kwargs: Any,
     ) -> BatchEncoding:
         # Single texts (a batch comes back here one text at a time from the base class) take the fast ids
-        # and the same `prepare_for_model` call as `PythonBackend._encode_plus`; anything else goes there.
+        # and the same `prepare_for_model` call as the backend's own; anything else goes there.
         ids = self._fast_text_ids(text, kwargs)
         pair_ids = self._fast_text_ids(text_pair, kwargs) if text_pair is not None else None
         if ids is not None and (text_pair is None or pair_ids is not None):
@@ -333,7 +331,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
                 return_length=return_length,
                 verbose=verbose,
             )
-        return super()._encode_plus(
+        return super().encode_single(
             text,
             text_pair=text_pair,
             add_special_tokens=add_special_tokens,
@@ -386,7 +384,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
 
     # --- padding ----------------------------------------------------------------------------------
 
-    def _pad(
+    def pad_single(
         self,
         encoded_inputs: dict,
         max_length: int | None = None,
@@ -395,13 +393,13 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         padding_side: str | None = None,
         return_attention_mask: bool | None = None,
     ) -> dict:
-        # As the official `_pad`: every encoding gets position ids 0..n-1 on its tokens, and padding
+        # As the official tokenizer's padding: every encoding gets position ids 0..n-1 on its tokens, and padding
         # positions read 0; the base class pads input_ids / attention_mask on the requested side.
         n = len(encoded_inputs[self.model_input_names[0]])
         positions = list(encoded_inputs.pop("position_ids", range(n)))
         if return_attention_mask is None or return_attention_mask:
             encoded_inputs.setdefault("attention_mask", [1] * n)
-        encoded_inputs = super()._pad(
+        encoded_inputs = super().pad_single(
             encoded_inputs,
             max_length=max_length,
             padding_strategy=padding_strategy,

@@ -110,7 +110,7 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
 
     # --- decoding -------------------------------------------------------------------------------------
 
-    def _decode(self, token_ids: int | list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
+    def decode_ids(self, token_ids: int | list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
         # As the official class: ids -> pieces (commands by name; bos/eos/unk and negatives as ""), then
         # SentencePiece joins the pieces, so "▁你" after "sop" keeps its space ("[gMASK]sop 你好").
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
