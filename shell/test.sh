@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Set up, then run the default test suite (CPU; slow and GPU tests are opt-in: -m slow, -m gpu).
+#   GLMTUNE_INSTALL_BROWSER=1 bash shell/test.sh             # also apt-get Chromium for the browser test (root)
 #   bash shell/test.sh [pytest args]                         # with the transformers already installed
 #   TRANSFORMERS_VERSION=floor  bash shell/test.sh           # on the lowest supported release (setup.cfg's floor)
 #   TRANSFORMERS_VERSION=newest bash shell/test.sh           # on the newest 5.x release
@@ -28,4 +29,11 @@ if [[ -n "${TRANSFORMERS_VERSION:-}" ]]; then
   echo "testing with $("$PY" -c 'import transformers; print("transformers", transformers.__version__)')"
 fi
 PYTHON="$PY" bash shell/setup.sh
+# The serving page's browser test needs Chromium, a system package: installed only when asked for.
+if [[ "${GLMTUNE_INSTALL_BROWSER:-}" == 1 ]]; then
+  bash shell/setup_browser.sh
+elif [[ ! -x /usr/bin/chromedriver ]]; then
+  echo "note: no /usr/bin/chromedriver: the serving page's browser test is skipped" \
+       "(GLMTUNE_INSTALL_BROWSER=1 installs Chromium with apt-get, system-wide)" >&2
+fi
 exec "$PY" -m pytest -q "$@"

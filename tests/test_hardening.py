@@ -616,22 +616,57 @@ def test_compat_refuses_a_layer_without_the_flag_instead_of_dropping_the_prefix(
 # --- item 5: a non-editable install works on its own (the bundled data ships inside the package) --------
 
 
+def test_setup_and_the_demos_install_nothing_outside_the_python_and_ci_asks_for_the_browser():
+    for script in ("setup.sh", "demo.sh", "demo_chatglm3.sh"):
+        text = (REPO / "shell" / script).read_text(encoding="utf-8")
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        assert not re.search(r"apt-get|apt |sudo|setup_browser", code), script
+    browser = (REPO / "shell" / "setup_browser.sh").read_text(encoding="utf-8")
+    assert browser.index("echo \"setup_browser: installing") < browser.index("apt-get update")  # says so first
+    test_sh = (REPO / "shell" / "test.sh").read_text(encoding="utf-8")
+    assert re.search(r'if \[\[ "\$\{GLMTUNE_INSTALL_BROWSER:-\}" == 1 \]\]; then\n  bash shell/setup_browser.sh', test_sh)
+    assert "export GLMTUNE_INSTALL_BROWSER=1" in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def _offline_wheel_build_flags() -> list[str]:
+    """`--no-build-isolation` when this Python's setuptools builds wheels by itself (>= 70.1, or >= 64 with the
+    `wheel` package); otherwise pip's isolated build fetches a setuptools that does (as `pip install -e .` did)."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = tuple(int(part) for part in version("setuptools").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return []
+    return ["--no-build-isolation"] if found >= (70, 1) or (found >= (64, 0) and importlib.util.find_spec("wheel")) else []
+
+
 def test_non_editable_install_in_a_fresh_venv_runs_init_model_outside_the_repo(tmp_path):
     import shutil
+    import site
 
     source = tmp_path / "src"
     shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", "build", "dist", "runs", "*.egg-info", "__pycache__", ".venv*", ".pytest_cache"))
-    venv = tmp_path / "venv"
-    # --system-site-packages: torch & co come from this machine; --without-pip: this Python's own pip and
-    # setuptools build the wheel offline (a venv's bundled setuptools may be too old to build wheels).
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(source)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    wheels = tmp_path / "wheels"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *_offline_wheel_build_flags(),
+                           "-w", str(wheels), str(source)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shutil.rmtree(source)  # nothing may still come from the source tree
+    venv = tmp_path / "venv"
+    # A venv of its own, seeing this Python's packages (torch & co, pip) through a .pth file. Not
+    # --system-site-packages: made from inside a venv, that would be the base interpreter's packages (an old
+    # setuptools, perhaps no torch), not the ones this suite runs with.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True, env=env).stdout.strip()
+    outer = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+    (Path(purelib) / "glmtune-test-outer-site.pth").write_text("\n".join(outer) + "\n")
+    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", *map(str, wheels.glob("*.whl"))],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     where = subprocess.run([str(python), "-c", "import glmtune; print(glmtune.__file__)"], capture_output=True,
                            text=True, env=env, cwd=tmp_path).stdout.strip()
     assert where.startswith(str(venv)), where
