@@ -39,10 +39,22 @@ python3 - "$OUT/eval-base" "$OUT/eval" <<'PY'
 import json, sys
 base, tuned = (json.load(open(f"{d}/predict_results.json", encoding="utf-8")) for d in sys.argv[1:3])
 preds = [[json.loads(l)["predict"] for l in open(f"{d}/generated_predictions.jsonl", encoding="utf-8")] for d in sys.argv[1:3]]
-print(f"{'score (x100)':<14}{'base':>10}{'base+prefix':>14}")
+rows = [json.loads(l) for l in open("data/adgen_sample/dev.json", encoding="utf-8")]
+
+
+def follows(content, answer):
+    """Share of the prompt's attribute values (`颜色#白色` -> 白色) that the answer names."""
+    values = [pair.split("#", 1)[1] for pair in content.split("*") if "#" in pair]
+    return sum(v in answer for v in values) / max(1, len(values))
+
+
+print(f"{'score (x100)':<16}{'base':>10}{'base+prefix':>14}")
 for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
-    print(f"{key:<14}{base['predict_' + key]:>10.2f}{tuned['predict_' + key]:>14.2f}")
-print(f"{'distinct':<14}{len(set(preds[0])):>10d}{len(set(preds[1])):>14d}   predictions of {len(preds[1])}")
+    print(f"{key:<16}{base['predict_' + key]:>10.2f}{tuned['predict_' + key]:>14.2f}")
+share = [100 * sum(follows(r["content"], p) for r, p in zip(rows, ps)) / len(rows) for ps in preds]
+print(f"{'input followed':<16}{share[0]:>10.2f}{share[1]:>14.2f}   % of the prompt's attribute values named in the answer")
+print(f"{'distinct':<16}{len(set(preds[0])):>10d}{len(set(preds[1])):>14d}   predictions of {len(preds[1])}")
+print("first row, input: ", rows[0]["content"])
 print("first row, base:  ", preds[0][0])
 print("first row, tuned: ", preds[1][0])
 PY
