@@ -8,7 +8,7 @@ ids must be identical (asserted). Prints a table and writes bench/results/eval.j
 
     python bench/eval.py [--samples 32] [--max-new-tokens 32] [--configs tiny,mid] [--device cpu] [--threads N]
 
-Goal (issue 4): >= 4x samples/s from batching on CPU.
+Goal: >= 4x samples/s from batching on CPU.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Prints a table and writes bench/results/serve.json.
 
     python bench/serve.py [--clients 8] [--max-tokens 64] [--repeats 2] [--threads N] [--dtype float32|bfloat16] [--output F]
 
-Goals (issue 10): concurrent >= 4x the tokens/s of sequential; mixed within +-10% of concurrent.
+Goals: concurrent >= 4x the tokens/s of sequential; mixed within +-10% of concurrent.
 
 Answer length: 64 new tokens by default, the official ADGEN evaluation's `--max_target_length 64`
 (THUDM/ChatGLM2-6B ptuning/evaluate.sh); ADGEN dev answers are 55 / 74 / 99 tokens at p10 / p50 / p90

@@ -1,6 +1,6 @@
 """Seconds per P-tuning v2 optimizer step and tokens/s: glmtune vs the official ChatGLM2 code, on CPU.
 
-Model (issue 3): 4 layers, hidden 1024, 16 heads, kv_channels 64, 2 key/value groups, ffn 2736, vocab 65024,
+Model: 4 layers, hidden 1024, 16 heads, kv_channels 64, 2 key/value groups, ffn 2736, vocab 65024,
 pre_seq_len 128, fp32, random weights, prefix trained and the rest frozen, with and without gradient
 checkpointing. A step is forward + backward + grad-norm clip + AdamW + schedule, as the official Trainer runs it.
 

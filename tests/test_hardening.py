@@ -1,4 +1,4 @@
-"""Issue 9 hardening: each test names the item it covers (the README's Python block, folder guards,
+"""Hardening: each test names the behaviour it covers (the README's Python block, folder guards,
 clear errors for bad input, the cache path, import cycles, private names, CI on missing reference data)."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
     return root, model_dir, ckpt
 
 
-# --- item 2: the README's Python example runs; public names are what they say -------------------------
+# --- the README's Python example runs; public names are what they say -------------------------
 
 
 def _readme_python_block() -> str:
@@ -71,7 +71,7 @@ def test_every_public_name_is_the_function_whatever_was_imported_first():
     assert proc.stdout.strip() == "OK", proc.stderr[-2000:]
 
 
-# --- item 20: CI fails (not skips) when the reference data is missing -----------------------------------
+# --- CI fails (not skips) when the reference data is missing -----------------------------------
 
 
 @pytest.mark.parametrize("required, outcome", [("1", "1 error"), ("", "1 skipped")])
@@ -89,7 +89,7 @@ def test_ci_entry_point_requires_the_reference_data():
     assert "export GLMTUNE_REQUIRE_REFERENCE=1" in (REPO / ".ci" / "run").read_text()
 
 
-# --- item 4: save_model never deletes an existing folder unless asked -----------------------------------
+# --- save_model never deletes an existing folder unless asked -----------------------------------
 
 
 def test_save_model_refuses_an_existing_folder_unless_overwrite(tiny, tmp_path):
@@ -110,7 +110,7 @@ def test_save_model_refuses_an_existing_folder_unless_overwrite(tiny, tmp_path):
     assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
 
 
-# --- item 7: a shared token-cache entry reports the path given, not the first one tokenized ------------
+# --- a shared token-cache entry reports the path given, not the first one tokenized ------------
 
 
 def test_cached_tokenized_file_reports_the_path_given(tiny, tmp_path):
@@ -133,7 +133,7 @@ def test_cached_tokenized_file_reports_the_path_given(tiny, tmp_path):
     assert data.format_report(report_b).startswith(str(second))
 
 
-# --- item 8: one clear error (file, line, field) instead of a traceback ---------------------------------
+# --- one clear error (file, line, field) instead of a traceback ---------------------------------
 
 
 @pytest.mark.parametrize("name, text, message", [
@@ -198,7 +198,7 @@ def test_model_config_with_a_wrong_type_or_negative_size_is_one_clear_error(tiny
     assert f"{folder / 'config.json'}: {expected}" in proc.stderr
 
 
-# --- item 10: eval says how many rows it dropped and why -----------------------------------------------
+# --- eval says how many rows it dropped and why -----------------------------------------------
 
 
 def test_eval_says_how_many_rows_were_dropped_as_empty_and_why(tiny, tmp_path):
@@ -227,7 +227,7 @@ def test_dropped_rows_message_on_a_preprocessed_folder_cut_by_max_samples():
         "1 of 20 rows dropped (empty prompt or response)")
 
 
-# --- item 12 (first half): a merged model given another checkpoint warns --------------------------------
+# --- a merged model given another checkpoint warns --------------------------------
 
 
 def test_merged_model_given_another_ptuning_checkpoint_warns_that_it_replaces_the_prefix(tiny, tmp_path, caplog):
@@ -245,7 +245,7 @@ def test_merged_model_given_another_ptuning_checkpoint_warns_that_it_replaces_th
         f"warning: {merged} is a merged model with its own prefix (pre_seq_len 4); --ptuning-checkpoint {ckpt} replaces it"]
 
 
-# --- items 13, 14: help text a person can read; one set of spellings; --version -------------------------
+# --- help text a person can read; one set of spellings; --version -------------------------
 
 
 def _commands():
@@ -330,7 +330,7 @@ def test_plain_flags_reject_a_value_with_a_clear_usage_error(tmp_path):
     assert proc.returncode == 2 and "unexpected extra argument(s) (true)" in proc.stderr
 
 
-# --- item 15 (parts): the length table's columns; CHECKPOINT means one thing in the shell scripts ------
+# --- the length table's columns; CHECKPOINT means one thing in the shell scripts ------
 
 
 def test_length_table_columns_stay_apart_at_six_and_more_digits():
@@ -366,7 +366,7 @@ def test_evaluate_and_chat_scripts_read_checkpoint_and_step_the_same_way(tmp_pat
         assert args[args.index("--ptuning-checkpoint") + 1] == expected, script
 
 
-# --- item 17: no import cycles inside glmtune/ (top-level or deferred imports alike) ---------------------
+# --- no import cycles inside glmtune/ (top-level or deferred imports alike) ---------------------
 
 
 def _import_graph() -> dict[str, set[str]]:
@@ -453,7 +453,7 @@ def test_serving_and_the_python_api_import_no_terminal_code():
     assert not re.search(r"sys\.std(in|out)|\binput\(|def run_repl", text)
 
 
-# --- item 18 (parts): one definition each; no dead code or unused dependency; one atomic-write helper ----
+# --- one definition each; no dead code or unused dependency; one atomic-write helper ----
 
 
 def _module_constants() -> dict[str, list[str]]:
@@ -613,7 +613,7 @@ def test_compat_refuses_a_layer_without_the_flag_instead_of_dropping_the_prefix(
         compat.allow_checkpointing_with_cache(nn.Linear(2, 2))
 
 
-# --- item 5: a non-editable install works on its own (the bundled data ships inside the package) --------
+# --- a non-editable install works on its own (the bundled data ships inside the package) --------
 
 
 def test_setup_and_the_demos_install_nothing_outside_the_python_and_ci_asks_for_the_browser():
@@ -676,7 +676,7 @@ def test_non_editable_install_in_a_fresh_venv_runs_init_model_outside_the_repo(t
     assert (tmp_path / "model" / "tokenizer.model").is_file()
 
 
-# --- item 16: init-model can pre-train the tiny base (seeded), so the demo shows what the prefix learns ---
+# --- init-model can pre-train the tiny base (seeded), so the demo shows what the prefix learns ---
 
 
 def test_init_model_pretraining_lowers_the_loss_changes_the_weights_and_is_seeded(tiny, tmp_path):

@@ -90,7 +90,7 @@ SPECIAL_IDS = {0, 1, 2, 64789, 64790, 64791, 64792, 64793}
 
 
 def test_special_strings_in_raw_text_stay_ordinary_text(official, golden):
-    # The official class never splits "[gMASK]", "sop", "</s>" or "<unk>" out of user text (issue 9 item 1):
+    # The official class never splits "[gMASK]", "sop", "</s>" or "<unk>" out of user text:
     # an eos inside an answer's labels, or a user ending the answer, must be impossible.
     literal = golden["texts"][300:]  # the 8 official rows with literal special strings (+ 1 prompt row)
     assert all(any(s in r["text"] for s in ("</s>", "<unk>", "[MASK]", "[gMASK]", "<|user|>")) for r in literal)

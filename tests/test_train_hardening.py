@@ -1,4 +1,4 @@
-"""Issue 9's training items: each test fails on the code before the fix.
+"""Training hardening: each test fails on the code before the fix.
 
 3 first-step gradient guard · 6 resume with another learning rate · 8 output dir that is a file, truncated
 resume state · 9 SIGINT saves and resumes bitwise · 11 --max-steps · 12 quantized banner · 15 report once,
@@ -56,7 +56,7 @@ def _cli_args(model, **flags) -> list[str]:
     return [sys.executable, "-m", "glmtune", "train", "--model-path", str(model), "--train-file", str(TRAIN_FILE), *args]
 
 
-# --- item 3: the prefix must get a gradient --------------------------------------------------------
+# --- the prefix must get a gradient --------------------------------------------------------
 
 
 @pytest.mark.parametrize("how", ["detached", "zero"])
@@ -77,7 +77,7 @@ def test_a_prefix_that_gets_no_gradient_stops_training_with_a_clear_error(tiny_m
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
-# --- item 6: resume with another learning rate ----------------------------------------------------
+# --- resume with another learning rate ----------------------------------------------------
 
 
 def test_resume_with_a_different_learning_rate_is_refused_with_both_values(tiny_model, tmp_path):
@@ -87,7 +87,7 @@ def test_resume_with_a_different_learning_rate_is_refused_with_both_values(tiny_
     assert _train(tiny_model, tmp_path / "out", max_steps=4, resume=True).global_step == 4
 
 
-# --- item 8: clear errors --------------------------------------------------------------------------
+# --- clear errors --------------------------------------------------------------------------
 
 
 def test_an_output_dir_that_is_a_file_fails_before_anything_loads(tiny_model, tmp_path, monkeypatch):
@@ -115,7 +115,7 @@ def test_resume_from_a_truncated_state_file_is_one_clear_error(tiny_model, tmp_p
         _train(tiny_model, out, max_steps=2, resume=True)
 
 
-# --- item 9: Ctrl-C saves ---------------------------------------------------------------------------
+# --- Ctrl-C saves ---------------------------------------------------------------------------
 
 
 def _wait_for_step(out: Path, step: int, process, timeout: float = 200) -> None:
@@ -140,7 +140,7 @@ def test_sigint_saves_a_checkpoint_prints_the_resume_command_and_resuming_is_bit
     saved = [p.name for p in cut.glob("checkpoint-*")]
     assert len(saved) == 1 and 5 <= int(saved[0].split("-")[1]) < 40, saved
     assert f"saved {cut / saved[0]}" in err and "Traceback" not in err
-    # item 15: stderr is a pipe here, not a terminal: progress is a line per logging step, no `\r` bars
+    # stderr is a pipe here, not a terminal: progress is a line per logging step, no `\r` bars
     # (neither tqdm's nor datasets' "tokenizing" one), and the data report is printed once
     assert "\r" not in err and err.count("rows read") == 1
     assert re.search(r"^step 1/40: loss [\d.]+, learning_rate", err, re.M) and re.search(r"^step 5/40: loss", err, re.M)
@@ -177,7 +177,7 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored after the run
 
 
-# --- item 11: --max-steps ------------------------------------------------------------------------------
+# --- --max-steps ------------------------------------------------------------------------------
 
 
 def test_max_steps_minus_one_means_epochs_and_other_non_positive_values_are_rejected(tiny_model, tmp_path):
@@ -189,7 +189,7 @@ def test_max_steps_minus_one_means_epochs_and_other_non_positive_values_are_reje
     assert result.global_step == 3  # 12 rows / batch 4, one epoch
 
 
-# --- item 12: the banner says the base is quantized -------------------------------------------------
+# --- the banner says the base is quantized -------------------------------------------------
 
 
 def test_the_train_banner_says_when_the_base_is_quantized(tiny_model, tmp_path, capsys):
@@ -199,7 +199,7 @@ def test_the_train_banner_says_when_the_base_is_quantized(tiny_model, tmp_path, 
     assert "base weights not quantized" in capsys.readouterr().err
 
 
-# --- item 15: output ------------------------------------------------------------------------------------
+# --- output ------------------------------------------------------------------------------------
 
 
 def test_disable_tqdm_also_silences_the_datasets_progress_bars(tiny_model, tmp_path, monkeypatch):
@@ -226,7 +226,7 @@ def test_checkpoint_files_all_get_the_umask_modes(tiny_model, tmp_path):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
 
 
-# --- item 18: one atomic-write helper ------------------------------------------------------------------
+# --- one atomic-write helper ------------------------------------------------------------------
 
 
 def test_checkpoint_single_file_writes_go_through_fsutil(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""`glmtune train` a practitioner can steer (issue 12): validation loss, generation scores, best checkpoint,
+"""`glmtune train` a practitioner can steer: validation loss, generation scores, best checkpoint,
 --save-total-limit, early stopping, TensorBoard, resume of all of it, --val-size, --mix-file."""
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ class TrainConfig:
             raise GlmtuneError("train: --model-path is required (the ChatGLM2 or ChatGLM3 model folder)")
         if not self.output_dir:
             raise GlmtuneError("train: --output-dir is required")
-        # Checked here, before any data or model loads (issue 9, item 8): a file in the way fails at once.
+        # Checked here, before any data or model loads: a file in the way fails at once.
         for folder in (Path(self.output_dir), *Path(self.output_dir).parents):
             if folder.exists():
                 if not folder.is_dir():
