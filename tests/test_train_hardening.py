@@ -1,8 +1,8 @@
 """Training hardening: each test fails on the code before the fix.
 
-3 first-step gradient guard · 6 resume with another learning rate · 8 output dir that is a file, truncated
-resume state · 9 SIGINT saves and resumes bitwise · 11 --max-steps · 12 quantized banner · 15 report once,
-no progress bars off a terminal, checkpoint file modes · 18 single-file writes through fsutil."""
+The first-step gradient guard · resume with another learning rate · an output dir that is a file, truncated
+resume state · SIGINT saves and resumes bitwise · --max-steps · the quantized banner · report once, no progress
+bars off a terminal, checkpoint file modes · single-file writes through fsutil."""
 
 from __future__ import annotations
 
