@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 
 echo "== 1/5 a tiny ChatGLM2 in the official layout, a SentencePiece tokenizer and a short LM pre-training on data/"
 glmtune init-model "$OUT/model" --layers 2 --hidden-size 128 --heads 4 --kv-channels 32 --groups 2 \
-  --ffn-hidden-size 344 --pretrain-steps "$PRETRAIN_STEPS" --overwrite
+  --ffn-hidden-size 344 --vocab-size 1000 --pretrain-steps "$PRETRAIN_STEPS" --overwrite
 
 echo "== 2/5 preprocess the bundled ADGEN-style sample"
 glmtune preprocess --model-path "$OUT/model" --train-file data/adgen_sample/train.json \
