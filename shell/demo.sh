@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded tiny model (CPU, a few minutes):
+# The main job end to end on the embedded tiny model (CPU; 5-20 minutes, depending on the machine's load):
 #   init-model (+ a short LM pre-training of the base on the sample answers) -> preprocess -> train (loss goes
 #   down) -> eval of the base alone and of base + prefix (scores side by side) -> chat (one shot).
 # The base is pre-trained on the answer texts only (it writes sample-like sentences but has never seen a
-# prompt with its answer), so the difference in the table is what the prefix learned.
+# prompt with its answer), so the difference in the table is what the prefix learned. The tokenizer has 1000
+# pieces, so an attribute word (白色) is one token in the prompt and in the answer alike (with more pieces whole
+# phrases such as 干净的白色清爽耐看 become single tokens, the base never sees the attribute words, and no prefix
+# can make it name them). "input followed" is the share of the prompt's attribute values the answer names.
 # Usage: bash shell/demo.sh [OUT_DIR]   (default runs/demo; SKIP_SETUP=1 uses the glmtune already installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."

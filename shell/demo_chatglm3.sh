@@ -10,11 +10,11 @@ cd "$(dirname "$0")/.."
 # One thread per process: the tiny model gains nothing from more (see shell/demo.sh).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${1:-runs/demo-chatglm3}
-STEPS=${STEPS:-200}
+STEPS=${STEPS:-300}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-300}
 mkdir -p "$OUT"
 
-echo "== 1/6 the bundled ADGEN-style sample as ChatGLM3 conversations (every fourth one a weather question that calls a tool)"
+echo "== 1/6 the bundled ADGEN-style sample as ChatGLM3 conversations (every other one a weather question that calls a tool)"
 cat > "$OUT/tools.json" <<'JSON'
 [{"name": "get_weather", "description": "查询城市天气",
   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
@@ -31,21 +31,24 @@ for split in ("train", "dev"):
             conv = [{"role": "system", "content": "你是一位服装文案写手。"},
                     {"role": "user", "content": row["content"]}, {"role": "assistant", "content": row["summary"]}]
             record = {"conversations": conv}
-            if i % (4 if split == "train" else 50) == 1:
+            if i % (2 if split == "train" else 50) == 1:
                 record = {"tools": tools, "conversations": [
                     {"role": "user", "content": "北京天气怎么样？"},
                     {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": {"weather": "晴"}},
                     {"role": "assistant", "content": "北京今天晴，适合穿这条裙子出门。"}]}
             dst.write(json.dumps(record, ensure_ascii=False) + "\n")
-# The texts the base is pre-trained on, each on its own: the messages of the training conversations, the
-# system prompt with the tools, and the tool call as the 2023 rules write it. The base learns to write such text
+# The texts the base is pre-trained on, each on its own: every message of the training conversations (the
+# system prompt with the tools, the tool call as the 2023 rules write it). The base learns to write such text
 # but never sees a conversation, so when to call the tool is what the prefix has to learn.
-texts = {"Answer the following questions as best as you can. You have access to the following tools:\n"
-         + json.dumps(tools, indent=4, ensure_ascii=False), "get_weather\n```python\ntool_call(city='北京')\n```"}
-for line in open(f"{out}/train.jsonl", encoding="utf-8"):
-    texts.update(m["content"] for m in json.loads(line)["conversations"] if "content" in m)
+system = ("Answer the following questions as best as you can. You have access to the following tools:\n"
+          + json.dumps(tools, indent=4, ensure_ascii=False))
 with open(f"{out}/texts.jsonl", "w", encoding="utf-8") as dst:
-    dst.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sorted(texts))
+    for line in open(f"{out}/train.jsonl", encoding="utf-8"):
+        row = json.loads(line)
+        texts = [system] if "tools" in row else []
+        for m in row["conversations"]:
+            texts += ["get_weather\n```python\ntool_call(city='北京')\n```"] if m["role"] == "tool" else [m["content"]]
+        dst.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
 PY
 
 echo "== 2/6 a tiny ChatGLM3 (the ChatGLM2 network, a tokenizer with <|system|> <|user|> <|assistant|> <|observation|>),"
