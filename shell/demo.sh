@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded tiny model (CPU; 5-20 minutes, depending on the machine's load):
+# The main job end to end on the embedded tiny model (CPU; 19 minutes measured on a 2-core machine under heavy load):
 #   init-model (+ a short LM pre-training of the base on the sample answers) -> preprocess -> train (loss goes
 #   down) -> eval of the base alone and of base + prefix (scores side by side) -> chat (one shot).
 # The base is pre-trained on the answer texts only (it writes sample-like sentences but has never seen a
