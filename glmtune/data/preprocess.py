@@ -89,10 +89,10 @@ class DataConfig:
         data_formats.resolve(self.data_format, self.train_on)
 
 
-def _role_family(config: DataConfig) -> bool:
-    """Whether the config's family chats in role messages (ChatGLM3: `Family.chat_format`); its data is then
-    read, tokenized and reported by `glmtune.families.chatglm3.data`."""
-    return get_family(config.family).chat_format == "roles"
+def family_rules(config: DataConfig):
+    """The data rules of the config's family (`Family.data`, e.g. ChatGLM3 conversations), or None: the
+    prompt/response rules of this module."""
+    return get_family(config.family).data
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -132,10 +132,9 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
     a missing prompt/response column (with the columns present), a non-string value, a malformed history.
     """
     config = config or DataConfig()
-    if _role_family(config):
-        from glmtune.families.chatglm3.data import load_rows as load_glm3_rows
-
-        return load_glm3_rows(path, config)
+    rules = family_rules(config)
+    if rules is not None:
+        return rules.load_rows(path, config)
     path = Path(path)
     if not path.is_file():
         raise GlmtuneError(f"{path}: no such file")
@@ -222,10 +221,9 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
     if mode not in TOKENIZE_MODES:
         raise GlmtuneError(f"mode must be one of {TOKENIZE_MODES}, got {mode!r}")
     config.validate()
-    if _role_family(config):
-        from glmtune.families.chatglm3.data import tokenize as tokenize_glm3
-
-        return tokenize_glm3(rows, tokenizer, config, mode)
+    rules = family_rules(config)
+    if rules is not None:
+        return rules.tokenize(rows, tokenizer, config, mode)
     import datasets
 
     kept = _usable(rows)
@@ -320,10 +318,9 @@ def collate_eval(features: Sequence[dict], pad_token_id: int = 0) -> dict:
 
 def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, source: str | os.PathLike) -> dict:
     """Rows read/skipped, untruncated token lengths, and how many prompts/targets the limits cut."""
-    if _role_family(config):
-        from glmtune.families.chatglm3.data import build_report as build_glm3_report
-
-        return build_glm3_report(rows, dataset, config, mode, source)
+    rules = family_rules(config)
+    if rules is not None:
+        return rules.build_report(rows, dataset, config, mode, source)
     empty_prompt = sum(1 for row in rows if not row["prompt"])
     empty_response = sum(1 for row in rows if row["prompt"] and not row["response"])
     prompt_tokens = list(dataset["prompt_tokens"])
