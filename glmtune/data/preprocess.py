@@ -74,6 +74,7 @@ class DataConfig:
     # the 2023 or 2024 ("finetune-hf") rules of the official demo and its conversation length limit.
     family: str = "chatglm2"
     glm3_rules: str = "2023"
+    combine: bool = True  # GLM-4 data: the demo's `combine` (glmtune.families.glm4.data)
     max_seq_length: int | None = None
     data_format: str = "auto"  # columns, alpaca, sharegpt, or auto from the first row (glmtune.data.formats)
     train_on: str = "each-turn"  # or all-turns: every answer of a row's history labelled too (glmtune.data.formats)

@@ -74,11 +74,12 @@ _CONFIG_TYPES = {
     "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
     "family": (str,), "glm3_rules": (str,), "max_seq_length": (int, type(None)),
     "data_format": (str,), "train_on": (str,),  # glmtune.data.formats
+    "combine": (bool,),  # GLM-4 data (glmtune.families.glm4.data)
 }
 # Settings added with the ChatGLM3 family and the data formats; folders written before them are ChatGLM2
 # column data trained on each turn.
 _CONFIG_DEFAULTS = {"family": "chatglm2", "glm3_rules": "2023", "max_seq_length": None,
-                    "data_format": "columns", "train_on": "each-turn"}
+                    "data_format": "columns", "train_on": "each-turn", "combine": True}
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -119,7 +120,7 @@ def read_meta(path: str | os.PathLike) -> dict:
         problem = f"has unknown setting(s) {unknown}" if unknown else f"lacks setting(s) {missing}"
         raise GlmtuneError(f"{file}: field 'config' {problem} (expected {sorted(_CONFIG_TYPES)}); preprocess again")
     for name, types in _CONFIG_TYPES.items():
-        if not isinstance(stored[name], types) or isinstance(stored[name], bool):
+        if not isinstance(stored[name], types) or isinstance(stored[name], bool) and bool not in types:
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise GlmtuneError(f"{file}: field 'config.{name}' should be {expected}, "
                                f"found {type(stored[name]).__name__} ({stored[name]!r:.40})")

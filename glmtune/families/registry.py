@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.errors import GlmtuneError
-from glmtune.families import chatglm2, chatglm3  # each registers its Family when imported
+from glmtune.families import chatglm2, chatglm3, glm4  # each registers its Family when imported
 from glmtune.families.family import FAMILIES, FAMILY_FIELD, Family
 
-CHATGLM2, CHATGLM3 = chatglm2.CHATGLM2, chatglm3.CHATGLM3
+CHATGLM2, CHATGLM3, GLM4 = chatglm2.CHATGLM2, chatglm3.CHATGLM3, glm4.GLM4
 DEFAULT_FAMILY = CHATGLM2
 # Asked in this order after any family registered beyond these (newest first): GLM-4's files also name role tokens.
-BUILTIN_DETECTION = (CHATGLM3,)
+BUILTIN_DETECTION = (GLM4, CHATGLM3)
 
 
 def get_family(name: str | Family | None) -> Family:
