@@ -179,7 +179,7 @@ def with_family(config: DataConfig, tokenizer: Any) -> DataConfig:
 
 
 def is_usable(row: dict) -> bool:
-    if "conversations" in row:  # ChatGLM3 rows: glmtune.families.chatglm3.data.skip_reason decides
+    if "prompt" not in row:  # a family's own rows (conversations, messages): its data rules' skip reasons decide
         return True
     # The official filter is truthiness: "" and None are dropped, whitespace-only text is kept.
     return bool(row["prompt"] and row["response"])
