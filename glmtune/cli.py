@@ -106,7 +106,7 @@ def init_model_command(
     shards: int = typer.Option(1, help="Number of weight shards (>1 writes an index json)."),
     overwrite: bool = typer.Option(False, help="Replace an existing non-empty OUT_DIR."),
     pretrain_steps: int = typer.Option(0, min=0, help="Language-model pre-training steps on the answer texts (bundled data, or --text-file), so the base writes sample-like text; 0 keeps the random base."),
-    family: str = typer.Option(DEFAULT_FAMILY.name, "--family", help="Model family: chatglm2 or chatglm3 (role tokens in the tokenizer)."),
+    family: str = typer.Option(DEFAULT_FAMILY.name, "--family", help="Model family: chatglm2, chatglm3 (role tokens in the tokenizer) or glm4."),
 ) -> None:
     """Write a tiny random ChatGLM2 or ChatGLM3 model (config, weights, tokenizer) for tests and CPU demos."""
     import json
@@ -150,11 +150,12 @@ def preprocess(
         None, "--max-samples", "--max_train_samples", "--max_eval_samples", "--max_predict_samples", help="Keep the first N rows."
     ),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3, glm4); default: detected from the model folder."),
     chatglm3_rules: str = typer.Option("2023", "--chatglm3-rules", help="ChatGLM3 data rules: 2023 (official demo of Nov 2023: loss flags, tools) or finetune-hf (the 2024 finetune_hf.py)."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", "--max_seq_length", min=3, help="ChatGLM3 conversations (2023 rules): tokens kept per conversation (default: source + target + 1)."),
     data_format: str = typer.Option("auto", "--data-format", "--data_format", help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
     train_on: str = typer.Option("each-turn", "--train-on", "--train_on", help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
+    combine: bool = typer.Option(True, "--combine/--no-combine", help="GLM-4 messages: train only the last reply (the demo's combine, default) or every assistant message."),
 ) -> None:
     """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
     from glmtune.data import preprocess as data
@@ -172,7 +173,7 @@ def preprocess(
         prompt_column=prompt_column, response_column=response_column, history_column=history_column,
         source_prefix=source_prefix, max_source_length=max_source_length, max_target_length=max_target_length,
         max_samples=max_samples, glm3_rules=chatglm3_rules, max_seq_length=max_seq_length,
-        data_format=data_format, train_on=train_on,
+        data_format=data_format, train_on=train_on, combine=combine,
     )
     config.validate()
     tokenizer = load_tokenizer(model_path, family=family)
@@ -206,7 +207,7 @@ def train(
     quantization_bit: Optional[int] = typer.Option(None, *_both("quantization_bit"), help="Quantize the frozen weights to 4 or 8 bits."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Frozen weights' dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda [default: auto]."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3, glm4); default: detected from the model folder."),
     prompt_column: Optional[str] = typer.Option(None, *_both("prompt_column"), help="[default: content]"),
     response_column: Optional[str] = typer.Option(None, *_both("response_column"), help="[default: summary]"),
     history_column: Optional[str] = typer.Option(None, *_both("history_column"), help="Column of [query, answer] pairs."),
@@ -317,7 +318,7 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1, help="Processes for tokenizing and scoring."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3, glm4); default: detected from the model folder."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model (prefix off) on the same rows, side by side [default: off]."),
     general_file: Optional[Path] = typer.Option(None, "--general-file", "--general_file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
 ) -> None:
@@ -399,7 +400,7 @@ def chat(
     history_file: Optional[Path] = typer.Option(None, "--history-file", help="One-shot: JSON list of [query, answer] pairs before --query."),
     json_out: bool = typer.Option(False, "--json", help="One-shot: print {\"response\", \"history\"} as JSON."),
     debug_prompt: bool = typer.Option(False, "--debug-prompt", help="Print each prompt sent to the model (JSON string) and its token count to stderr."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3, glm4); default: detected from the model folder."),
     system: Optional[str] = typer.Option(None, "--system", help="ChatGLM3: system prompt."),
     tools: Optional[Path] = typer.Option(None, "--tools", help="ChatGLM3: JSON file with a list of tool descriptions (tool calls are shown, never executed)."),
     role: str = typer.Option("user", "--role", help="ChatGLM3 one-shot: role of --query (user, or observation to answer a tool call)."),
@@ -466,7 +467,7 @@ def merge(
     fold_prefix: bool = typer.Option(False, "--fold-prefix", help="Store the prefix after its projection MLP as plain embeddings (same outputs, smaller, faster)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output-dir."),
     dtype: str = typer.Option("auto", help="Weight dtype of the merged folder: float32, bfloat16, float16, or auto (as the base model's config)."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3, glm4); default: detected from the model folder."),
 ) -> None:
     """Bake a P-tuning checkpoint into a self-contained model folder (weights, prefix, tokenizer)."""
     from glmtune.fsutil import check_output_dir
