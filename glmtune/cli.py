@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.registry import DEFAULT_FAMILY  # light (no torch): the registry imports only errors and glm3
+from glmtune.families.registry import DEFAULT_FAMILY  # light (no torch): family packages import their tokenizers lazily
 
 
 def add_official_spellings(command) -> None:

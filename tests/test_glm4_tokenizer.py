@@ -155,3 +155,22 @@ def test_save_pretrained_round_trips_and_records_the_family(glm4, tmp_path):
     messages = [{"role": "user", "content": "你好 <|user|>"}]
     assert again.apply_chat_template(messages, add_generation_prompt=True) == tok.apply_chat_template(
         messages, add_generation_prompt=True)
+
+
+def test_a_tiny_glm4_tokenizer_is_written_in_the_official_format_and_detected(tmp_path):
+    from glmtune.families.glm4.tiny import write_tiny_tokenizer
+    from glmtune.model.tiny import bundled_texts
+
+    folder = write_tiny_tokenizer(tmp_path / "tok", bundled_texts(), vocab_size=600)
+    tok = load_tokenizer(folder)
+    assert family_of(tok).name == "glm4" and tok.vocab_size == 600 and len(tok) == 614
+    assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "[gMASK]", "<|user|>")] == [600, 602, 607]
+    text = "类型#裙*颜色#红色 hello <|user|> 123"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert len(tok.encode("类型#裙", add_special_tokens=False)) < len("类型#裙".encode())  # merges were learned
+    ids = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True)
+    assert ids[:3] == [602, 604, 607] and ids[-1] == 608
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del config["glmtune_family"]  # the official files alone: the special tokens say GLM-4
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert detect_family(folder).name == "glm4"
