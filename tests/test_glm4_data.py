@@ -140,3 +140,28 @@ def test_preprocess_stores_glm4_rows_through_the_family_and_skips_rows_without_a
     assert len(dataset) == 38
     direct = tokenize(load_rows(source, COMBINE), tokenizer, COMBINE, "train")
     assert dataset["input_ids"] == direct["input_ids"] and dataset["labels"] == direct["labels"]
+
+
+def test_glmtune_preprocess_reads_glm4_messages_for_a_glm4_model_folder(glm4, reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from glmtune.cli import app
+
+    tokenizer, _, _ = glm4
+    source = reference / "glm4-preprocess-in.jsonl"
+    for flag, config in (("--combine", COMBINE), ("--no-combine", PER_MESSAGE)):
+        out = tmp_path / flag.strip("-")
+        result = CliRunner().invoke(app, ["preprocess", "--model-path", str(reference / "glm-4-9b-chat"), "--train-file",
+                                          str(source), "--output-dir", str(out), "--max-source-length", "192",
+                                          "--max-target-length", "64", flag])
+        assert result.exit_code == 0, result.output[-2000:]
+        dataset, report, _ = dataset_store.load_preprocessed(out, tokenizer, "train", None)
+        assert report["rules"] == ("combine" if config.combine else "per-message")
+        direct = tokenize(load_rows(source, config), tokenizer, config, "train")
+        assert dataset["labels"] == direct["labels"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": 3}]}\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["preprocess", "--model-path", str(reference / "glm-4-9b-chat"), "--train-file",
+                                      str(bad), "--output-dir", str(tmp_path / "bad")])
+    # one GlmtuneError naming file, line and field (the console entry point turns it into exit code 2)
+    assert isinstance(result.exception, GlmtuneError) and "bad.jsonl:1: messages[0]: field content" in str(result.exception)
