@@ -75,12 +75,12 @@ class RoundsChat:
 def read_request(messages: list[dict], tools: list[dict] | None) -> tuple[str, list, str]:
     """(query, history, "user") of an OpenAI chat request, as the official openai_api.py reads it."""
     if tools is not None:
-        raise RequestError("tools need a ChatGLM3 or GLM-4 model; this one is ChatGLM2, which has no tool format", param="tools")
+        raise RequestError("tools need a ChatGLM3 model (or GLM-4); this one is ChatGLM2, which has no tool format", param="tools")
     msgs = list(messages)
     for i, m in enumerate(msgs):
         if m["role"] == "tool" or m.get("tool_calls"):
-            raise RequestError(f"messages.{i}: tool calls and tool results need a ChatGLM3 or GLM-4 model (this one "
-                               "is ChatGLM2, which has no tool format)", param=f"messages.{i}")
+            raise RequestError(f"messages.{i}: tool calls and tool results need a ChatGLM3 model (or GLM-4); this "
+                               "one is ChatGLM2, which has no tool format", param=f"messages.{i}")
     if msgs[-1]["role"] != "user":
         raise RequestError(f"the last message must have role 'user', found {msgs[-1]['role']!r}", param="messages")
     query = msgs.pop()["content"]
