@@ -35,28 +35,39 @@ def add_official_spellings(command) -> None:
                     taken.add(snake)
 
 
-def show_train_defaults(command) -> None:
-    """`train` options default to None so a --config file can fill them; show the TrainConfig default each
-    one then takes, taken from TrainConfig itself so help and behaviour cannot drift apart."""
-    import dataclasses
+def config_options(command_function):
+    """Give a command one option per `glmtune train` setting, built from TrainConfig (glmtune.train.config),
+    where each setting's name, help, default and official spellings are written once; the command receives
+    them as `settings`, a dict in which None means "not given" (so a --config file can fill it)."""
+    import functools
+    import inspect
 
-    from glmtune.train.config import TrainConfig  # no torch import there
+    from glmtune.train.config import setting_specs  # no torch import there
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for param in command.params:
-        value = defaults.get(param.name)
-        if param.param_type_name == "option" and param.default is None and value not in (None, "", dataclasses.MISSING) \
-                and "[default:" not in (param.help or ""):
-            param.help = f"{param.help or ''}  [default: {value}]".strip()
+    signature = inspect.signature(command_function)
+    params = [p for p in signature.parameters.values() if p.name != "settings"]
+    names = []
+    for name, kind, text, flags, switch, shown in setting_specs():
+        decls = [f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:]] if switch else list(flags)
+        option = typer.Option(None, *decls, help=f"{text} [default: {shown}]" if shown else text, show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+        names.append(name)
+
+    @functools.wraps(command_function)
+    def command(**kwargs):
+        settings = {name: kwargs.pop(name) for name in names}
+        return command_function(settings=settings, **kwargs)
+
+    command.__signature__ = signature.replace(parameters=params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 class _Group(TyperGroup):
     def __init__(self, *args, commands=None, **kwargs):
         super().__init__(*args, commands=commands, **kwargs)
-        for name, command in self.commands.items():
+        for command in self.commands.values():
             add_official_spellings(command)
-            if name == "train":
-                show_train_defaults(command)
 
 
 app = typer.Typer(
@@ -184,90 +195,28 @@ def preprocess(
     typer.echo(f"wrote {output_dir} (report: {output_dir / dataset_store.REPORT_FILE})")
 
 
-def _both(name: str) -> tuple[str, str]:
-    """A flag in kebab case and in the official snake_case spelling."""
-    return f"--{name.replace('_', '-')}", f"--{name}"
-
-
-def _switch(name: str) -> tuple[str, str]:
-    kebab = name.replace("_", "-")
-    return f"--{kebab}/--no-{kebab}", f"--{name}/--no_{name}"
-
-
 @app.command()
+@config_options
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of settings (keys = flag names); flags given here override it."),
-    model_path: Optional[str] = typer.Option(None, *_both("model_path"), "--model_name_or_path", help="ChatGLM2 or ChatGLM3 model folder (official layout)."),
-    train_file: Optional[str] = typer.Option(None, *_both("train_file"), help="Raw training data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="A folder written by `glmtune preprocess` (instead of --train-file)."),
-    output_dir: Optional[str] = typer.Option(None, *_both("output_dir"), help="Checkpoints, metrics.jsonl, loss_curve.png."),
-    pre_seq_len: Optional[int] = typer.Option(None, *_both("pre_seq_len"), help="Prefix length [default: 128]."),
-    prefix_projection: Optional[bool] = typer.Option(None, *_switch("prefix_projection"), help="Prefix through the 2-layer MLP [default: off]."),
-    quantization_bit: Optional[int] = typer.Option(None, *_both("quantization_bit"), help="Quantize the frozen weights to 4 or 8 bits."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Frozen weights' dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda [default: auto]."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
-    prompt_column: Optional[str] = typer.Option(None, *_both("prompt_column"), help="[default: content]"),
-    response_column: Optional[str] = typer.Option(None, *_both("response_column"), help="[default: summary]"),
-    history_column: Optional[str] = typer.Option(None, *_both("history_column"), help="Column of [query, answer] pairs."),
-    source_prefix: Optional[str] = typer.Option(None, *_both("source_prefix")),
-    max_source_length: Optional[int] = typer.Option(None, *_both("max_source_length"), help="[default: 64]"),
-    max_target_length: Optional[int] = typer.Option(None, *_both("max_target_length"), help="[default: 128]"),
-    max_train_samples: Optional[int] = typer.Option(None, *_both("max_train_samples"), help="Use the first N rows."),
-    preprocessing_num_workers: Optional[int] = typer.Option(None, *_both("preprocessing_num_workers"), help="Tokenizing processes."),
-    per_device_train_batch_size: Optional[int] = typer.Option(None, *_both("per_device_train_batch_size"), help="[default: 8]"),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, *_both("gradient_accumulation_steps"), help="[default: 1]"),
-    num_train_epochs: Optional[float] = typer.Option(None, *_both("num_train_epochs"), help="[default: 3]"),
-    max_steps: Optional[int] = typer.Option(None, *_both("max_steps"), help="Total optimizer steps; > 0 overrides --num-train-epochs."),
-    learning_rate: Optional[float] = typer.Option(None, *_both("learning_rate"), help="[default: 2e-2], decayed linearly to 0."),
-    weight_decay: Optional[float] = typer.Option(None, *_both("weight_decay"), help="[default: 0]"),
-    adam_beta1: Optional[float] = typer.Option(None, *_both("adam_beta1"), help="[default: 0.9]"),
-    adam_beta2: Optional[float] = typer.Option(None, *_both("adam_beta2"), help="[default: 0.999]"),
-    adam_epsilon: Optional[float] = typer.Option(None, *_both("adam_epsilon"), help="[default: 1e-8]"),
-    max_grad_norm: Optional[float] = typer.Option(None, *_both("max_grad_norm"), help="Gradient-norm clip [default: 1.0]; 0 = off."),
-    warmup_steps: Optional[int] = typer.Option(None, *_both("warmup_steps"), help="[default: 0]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="[default: 42]"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, *_switch("gradient_checkpointing"), help="Recompute layers in backward to save memory [default: on, as the official]."),
-    group_by_length: Optional[bool] = typer.Option(None, *_switch("group_by_length"), help="Batch rows of similar length together (less padding, faster) [default: off]."),
-    logging_steps: Optional[int] = typer.Option(None, *_both("logging_steps"), help="[default: 10]"),
-    save_steps: Optional[int] = typer.Option(None, *_both("save_steps"), help="Checkpoint every N steps, and always at the end [default: 500]."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the latest checkpoint in --output-dir."),
-    resume_from_checkpoint: Optional[str] = typer.Option(None, *_both("resume_from_checkpoint"), help="Continue from this checkpoint folder."),
-    overwrite_output_dir: Optional[bool] = typer.Option(None, *_both("overwrite_output_dir"), help="Delete a previous run's checkpoints and logs in --output-dir."),
-    disable_tqdm: Optional[bool] = typer.Option(None, *_both("disable_tqdm"), help="No progress bar."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", "--nproc-per-node", help="Data-parallel processes on this machine (runs torchrun)."),
-    data_format: Optional[str] = typer.Option(None, *_both("data_format"), help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
-    train_on: Optional[str] = typer.Option(None, *_both("train_on"), help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
-    mix_file: Optional[str] = typer.Option(None, *_both("mix_file"), help="General-purpose rows mixed into every epoch (against forgetting)."),
-    mix_ratio: Optional[float] = typer.Option(None, *_both("mix_ratio"), help="Rows drawn from --mix-file per epoch, as a share of the training rows [default: 0]."),
-    validation_file: Optional[str] = typer.Option(None, *_both("validation_file"), help="Validation data (any format --train-file reads)."),
-    val_size: Optional[float] = typer.Option(None, *_both("val_size"), help="Hold out this seeded share of the training rows for validation [default: 0]."),
-    eval_steps: Optional[int] = typer.Option(None, *_both("eval_steps"), help="Validate (and checkpoint) every N steps and at the end [default: --save-steps]."),
-    per_device_eval_batch_size: Optional[int] = typer.Option(None, *_both("per_device_eval_batch_size"), help="[default: 8]"),
-    eval_generate: Optional[int] = typer.Option(None, *_both("eval_generate"), help="Also generate greedily for the first K validation rows and score BLEU-4/ROUGE [default: 0]."),
-    metric_for_best_model: Optional[str] = typer.Option(None, *_both("metric_for_best_model"), help="eval_loss, bleu-4, rouge-1, rouge-2 or rouge-l [default: eval_loss]."),
-    greater_is_better: Optional[bool] = typer.Option(None, *_switch("greater_is_better"), help="[default: inferred from the metric: lower loss, higher scores]"),
-    save_total_limit: Optional[int] = typer.Option(None, *_both("save_total_limit"), help="Keep at most N checkpoints; the best and the latest are never deleted [default: all]."),
-    early_stopping_patience: Optional[int] = typer.Option(None, *_both("early_stopping_patience"), help="Stop after P evaluations without improvement [default: off]."),
-    early_stopping_threshold: Optional[float] = typer.Option(None, *_both("early_stopping_threshold"), help="Smallest change that counts as an improvement [default: 0]."),
-    report_to: Optional[str] = typer.Option(None, *_both("report_to"), help="tensorboard (event files in OUTPUT/runs), none, or auto [default: auto: tensorboard when installed]."),
+    *,
+    settings: dict,  # one entry per TrainConfig setting (config_options)
 ) -> None:
     """P-tuning v2: train a prefix for a frozen ChatGLM2 or ChatGLM3 (official defaults; resumable; torchrun data parallel)."""
     import os
 
     from glmtune.train.config import build_config, launch_torchrun
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "os", "build_config", "launch_torchrun")}
-    settings = build_config(config, overrides)
-    if settings.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    run_config = build_config(config, settings)
+    if run_config.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # The workers see `--config TMPFILE`; they get the command as typed, for the resume hint.
-        code = launch_torchrun(settings, command_line=shlex.join(["glmtune", *sys.argv[1:]]))
+        code = launch_torchrun(run_config, command_line=shlex.join(["glmtune", *sys.argv[1:]]))
         if code:
             raise typer.Exit(code)
         return
     from glmtune.train.loop import train as run_training
 
-    result = run_training(settings)
+    result = run_training(run_config)
     if int(os.environ.get("RANK", "0")) != 0:
         raise typer.Exit(130 if result.interrupted else 0)
     if result.interrupted:
