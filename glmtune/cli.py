@@ -5,6 +5,7 @@ Every command imports its module lazily, so `glmtune --help` starts without impo
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typer.core import TyperGroup
 
 from glmtune.errors import GlmtuneError
 from glmtune.families.registry import DEFAULT_FAMILY  # light (no torch): the registry imports only errors and glm3
+from glmtune.inference import sampling  # constants only
 
 
 def add_official_spellings(command) -> None:
@@ -35,32 +37,42 @@ def add_official_spellings(command) -> None:
                     taken.add(snake)
 
 
-def config_options(command_function):
-    """Give a command one option per `glmtune train` setting, built from TrainConfig (glmtune.train.config),
-    where each setting's name, help, default and official spellings are written once; the command receives
-    them as `settings`, a dict in which None means "not given" (so a --config file can fill it)."""
+def config_options(*only: str):
+    """Give a command one option per `glmtune train` setting (or the settings named in `only`), built from
+    TrainConfig (glmtune.train.config), where each setting's name, help, default and official spellings are
+    written once; the command receives them as `settings`, a dict in which None means "not given" (so a
+    --config file, or the TrainConfig default, fills it)."""
     import functools
     import inspect
 
     from glmtune.train.config import setting_specs  # no torch import there
 
-    signature = inspect.signature(command_function)
-    params = [p for p in signature.parameters.values() if p.name != "settings"]
-    names = []
-    for name, kind, text, flags, switch, shown in setting_specs():
-        decls = [f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:]] if switch else list(flags)
-        option = typer.Option(None, *decls, help=f"{text} [default: {shown}]" if shown else text, show_default=False)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
-        names.append(name)
+    def decorate(command_function):
+        signature = inspect.signature(command_function)
+        params = [p for p in signature.parameters.values() if p.name != "settings"]
+        names = []
+        for name, kind, text, flags, switch, shown in setting_specs():
+            if only and name not in only:
+                continue
+            decls = [f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:]] if switch else list(flags)
+            option = typer.Option(None, *decls, help=f"{text} [default: {shown}]" if shown else text, show_default=False)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+            names.append(name)
 
-    @functools.wraps(command_function)
-    def command(**kwargs):
-        settings = {name: kwargs.pop(name) for name in names}
-        return command_function(settings=settings, **kwargs)
+        @functools.wraps(command_function)
+        def command(**kwargs):
+            settings = {name: kwargs.pop(name) for name in names}
+            return command_function(settings=settings, **kwargs)
 
-    command.__signature__ = signature.replace(parameters=params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    return command
+        command.__signature__ = signature.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def _given(settings: dict) -> dict:
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 class _Group(TyperGroup):
@@ -143,29 +155,28 @@ def init_model_command(
 # --- preprocess / train (data, train) ---
 
 
+# The data settings `preprocess` shares with `train` (TrainConfig holds their defaults and help); `eval` takes the
+# columns and lengths, and ignores them for a preprocessed --dataset.
+EVAL_DATA_SETTINGS = ("prompt_column", "response_column", "history_column", "source_prefix", "max_source_length",
+                      "max_target_length")
+PREPROCESS_SETTINGS = (*EVAL_DATA_SETTINGS, "max_seq_length", "chatglm3_rules", "data_format", "train_on", "family")
+
+
 @app.command()
+@config_options(*PREPROCESS_SETTINGS)
 def preprocess(
     model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Model folder holding tokenizer.model."),
-    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder for the tokenized dataset and its report."),
-    train_file: Optional[Path] = typer.Option(None, "--train-file", "--train_file", help="Raw data (.json/.jsonl/.csv) to tokenize for training."),
-    validation_file: Optional[Path] = typer.Option(None, "--validation-file", "--validation_file", help="Raw data to tokenize for eval."),
-    test_file: Optional[Path] = typer.Option(None, "--test-file", "--test_file", help="Raw data to tokenize for eval/predict."),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Folder for the tokenized dataset and its report."),
+    train_file: Optional[Path] = typer.Option(None, "--train-file", help="Raw data (.json/.jsonl/.csv) to tokenize for training."),
+    validation_file: Optional[Path] = typer.Option(None, "--validation-file", help="Raw data to tokenize for eval."),
+    test_file: Optional[Path] = typer.Option(None, "--test-file", help="Raw data to tokenize for eval/predict."),
     mode: Optional[str] = typer.Option(None, "--mode", help="train or eval (default: train for --train-file, else eval)."),
-    prompt_column: str = typer.Option("content", "--prompt-column", "--prompt_column"),
-    response_column: str = typer.Option("summary", "--response-column", "--response_column"),
-    history_column: Optional[str] = typer.Option(None, "--history-column", "--history_column", help="Column of [query, answer] pairs."),
-    source_prefix: str = typer.Option("", "--source-prefix", "--source_prefix"),
-    max_source_length: int = typer.Option(64, "--max-source-length", "--max_source_length"),
-    max_target_length: int = typer.Option(128, "--max-target-length", "--max_target_length"),
     max_samples: Optional[int] = typer.Option(
         None, "--max-samples", "--max_train_samples", "--max_eval_samples", "--max_predict_samples", help="Keep the first N rows."
     ),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
-    chatglm3_rules: str = typer.Option("2023", "--chatglm3-rules", help="ChatGLM3 data rules: 2023 (official demo of Nov 2023: loss flags, tools) or finetune-hf (the 2024 finetune_hf.py)."),
-    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", "--max_seq_length", min=3, help="ChatGLM3 conversations (2023 rules): tokens kept per conversation (default: source + target + 1)."),
-    data_format: str = typer.Option("auto", "--data-format", "--data_format", help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
-    train_on: str = typer.Option("each-turn", "--train-on", "--train_on", help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
+    *,
+    settings: dict,  # the PREPROCESS_SETTINGS (config_options)
 ) -> None:
     """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
     from glmtune.data import preprocess as data
@@ -179,14 +190,11 @@ def preprocess(
     mode = mode or ("train" if split == "train" else "eval")
     if mode not in data.TOKENIZE_MODES:
         raise GlmtuneError(f"--mode must be one of {', '.join(data.TOKENIZE_MODES)}, got {mode!r}")
-    config = data.DataConfig(
-        prompt_column=prompt_column, response_column=response_column, history_column=history_column,
-        source_prefix=source_prefix, max_source_length=max_source_length, max_target_length=max_target_length,
-        max_samples=max_samples, glm3_rules=chatglm3_rules, max_seq_length=max_seq_length,
-        data_format=data_format, train_on=train_on,
-    )
+    from glmtune.train.config import TrainConfig
+
+    config = dataclasses.replace(TrainConfig(**_given(settings)).data_config(), max_samples=max_samples)
     config.validate()
-    tokenizer = load_tokenizer(model_path, family=family)
+    tokenizer = load_tokenizer(model_path, family=settings["family"])
     report = dataset_store.preprocess(source, tokenizer, output_dir, config, mode, num_workers)
     typer.echo(data.format_report(report))
     from glmtune.data.formats import format_samples
@@ -196,7 +204,7 @@ def preprocess(
 
 
 @app.command()
-@config_options
+@config_options()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of settings (keys = flag names); flags given here override it."),
     *,
@@ -239,27 +247,22 @@ def train(
 
 
 @app.command("eval")
+@config_options(*EVAL_DATA_SETTINGS)
 def eval_command(
-    model_path: Path = typer.Option(..., "--model-path", "--model_path", "--model_name_or_path", help="Base model folder (official layout, or written by `glmtune merge`)."),
-    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder for generated_predictions.jsonl and predict_results.json."),
-    test_file: Optional[Path] = typer.Option(None, "--test-file", "--test_file", help="Raw eval data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder (official layout, or written by `glmtune merge`)."),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Folder for generated_predictions.jsonl and predict_results.json."),
+    test_file: Optional[Path] = typer.Option(None, "--test-file", help="Raw eval data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="A folder written by `glmtune preprocess --mode eval` (its settings apply)."),
-    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", "--ptuning_checkpoint", help="P-tuning checkpoint folder (e.g. OUT/checkpoint-3000)."),
-    pre_seq_len: Optional[int] = typer.Option(None, "--pre-seq-len", "--pre_seq_len", help="Checked against the checkpoint (it is read from there)."),
-    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", "--quantization_bit", help="Quantize the base weights to 4 or 8 bits while loading."),
-    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", "--prompt_column", help="[default: content]"),
-    response_column: Optional[str] = typer.Option(None, "--response-column", "--response_column", help="[default: summary]"),
-    history_column: Optional[str] = typer.Option(None, "--history-column", "--history_column", help="Column of [query, answer] pairs."),
-    source_prefix: Optional[str] = typer.Option(None, "--source-prefix", "--source_prefix"),
-    max_source_length: Optional[int] = typer.Option(None, "--max-source-length", "--max_source_length", help="[default: 64]"),
-    max_target_length: Optional[int] = typer.Option(None, "--max-target-length", "--max_target_length", help="Also the default --max-new-tokens. [default: 128]"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--max_samples", "--max_predict_samples", "--max_eval_samples", help="Evaluate the first N rows."),
-    batch_size: int = typer.Option(16, "--batch-size", "--per-device-eval-batch-size", "--per_device_eval_batch_size", help="Prompts generated together (left-padded)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--max_new_tokens", help="Answer tokens at most (default: --max-target-length)."),
+    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", help="P-tuning checkpoint folder (e.g. OUT/checkpoint-3000)."),
+    pre_seq_len: Optional[int] = typer.Option(None, "--pre-seq-len", help="Checked against the checkpoint (it is read from there)."),
+    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", help="Quantize the base weights to 4 or 8 bits while loading."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--max_predict_samples", "--max_eval_samples", help="Evaluate the first N rows."),
+    batch_size: int = typer.Option(16, "--batch-size", "--per-device-eval-batch-size", help="Prompts generated together (left-padded)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer tokens at most (default: --max-target-length)."),
     do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="Sample instead of greedy decoding (the official run samples)."),
-    top_p: float = typer.Option(0.7, "--top-p", "--top_p", help="Nucleus mass when sampling (official 0.7)."),
-    temperature: float = typer.Option(0.95, help="Temperature when sampling (official 0.95)."),
-    num_beams: int = typer.Option(1, "--num-beams", "--num_beams", help="Beam search width."),
+    top_p: float = typer.Option(sampling.OFFICIAL_TOP_P, "--top-p", help="Nucleus mass when sampling (the official evaluate.sh's)."),
+    temperature: float = typer.Option(sampling.OFFICIAL_TEMPERATURE, help="Temperature when sampling (the official evaluate.sh's)."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Beam search width."),
     seed: int = typer.Option(42, help="Random seed (sampling is reproducible with it)."),
     official_truncation: bool = typer.Option(False, "--official-truncation", help="Score against the official references: [gMASK] sop + target ids cut to max_target_length, decoded."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs that support it, else float16; float32 on CPU)."),
@@ -268,7 +271,9 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
     family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model (prefix off) on the same rows, side by side [default: off]."),
-    general_file: Optional[Path] = typer.Option(None, "--general-file", "--general_file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
+    general_file: Optional[Path] = typer.Option(None, "--general-file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
+    *,
+    settings: dict,  # the EVAL_DATA_SETTINGS (config_options)
 ) -> None:
     """Generate for an eval set (batched, greedy by default) and score BLEU-4 / ROUGE-1/2/L as the official scripts."""
     from glmtune.data import preprocess as data
@@ -277,19 +282,17 @@ def eval_command(
     if general_file is not None and not compare_base:
         raise GlmtuneError("--general-file needs --compare-base")
 
-    fields = {"prompt_column": prompt_column, "response_column": response_column, "history_column": history_column,
-              "source_prefix": source_prefix, "max_source_length": max_source_length, "max_target_length": max_target_length}
-    given = {k: v for k, v in fields.items() if v is not None}
+    given = _given(settings)
     if dataset is not None and given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         typer.echo(f"warning: {flags} ignored: the preprocessed --dataset keeps the settings it was made with", err=True)
     config = data.DataConfig(**given, max_samples=max_samples)
-    settings = evaluate.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
-                                           temperature=temperature, num_beams=num_beams, seed=seed)
+    generation = evaluate.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
+                                             temperature=temperature, num_beams=num_beams, seed=seed)
     if compare_base:
         comparison = evaluate.compare_base(
             model_path, output_dir, test_file=test_file, dataset_dir=dataset, general_file=general_file, config=config,
-            ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit, settings=settings,
+            ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit, settings=generation,
             batch_size=batch_size, official_truncation=official_truncation, dtype=dtype, device=device,
             num_workers=num_workers, progress=progress, family=family)
         typer.echo(evaluate.format_comparison(comparison))
@@ -298,7 +301,7 @@ def eval_command(
     out = evaluate.run_eval(
         model_path, output_dir, test_file=test_file, dataset_dir=dataset, config=config,
         ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len, quantization_bit=quantization_bit,
-        settings=settings, batch_size=batch_size, official_truncation=official_truncation, dtype=dtype,
+        settings=generation, batch_size=batch_size, official_truncation=official_truncation, dtype=dtype,
         device=device, num_workers=num_workers, progress=progress, family=family,
     )
     dropped = evaluate.dropped_rows_message(out.dropped, out.results["predict_samples"])
@@ -334,13 +337,13 @@ def score(
 @app.command()
 def chat(
     model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder, or one written by `glmtune merge`."),
-    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", "--ptuning_checkpoint", help="P-tuning checkpoint folder (pre_seq_len / prefix_projection are read from it)."),
-    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", "--quantization_bit", help="Quantize the base weights to 4 or 8 bits while loading."),
+    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", help="P-tuning checkpoint folder (pre_seq_len / prefix_projection are read from it)."),
+    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", help="Quantize the base weights to 4 or 8 bits while loading."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs that support it, else float16; float32 on CPU)."),
-    top_p: float = typer.Option(0.8, "--top-p", help="Nucleus sampling mass (official default 0.8)."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature (official default 0.8)."),
-    max_length: int = typer.Option(8192, "--max-length", min=2, help="Prompt + answer tokens at most (also capped by the model's seq_length); older rounds are dropped to fit."),
+    top_p: float = typer.Option(sampling.CHAT_TOP_P, "--top-p", help="Nucleus sampling mass (the official chat's)."),
+    temperature: float = typer.Option(sampling.CHAT_TEMPERATURE, help="Sampling temperature (the official chat's)."),
+    max_length: int = typer.Option(sampling.DEFAULT_MAX_LENGTH, "--max-length", min=2, help="Prompt + answer tokens at most (also capped by the model's seq_length); older rounds are dropped to fit."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Answer tokens at most (default: what the window leaves)."),
     do_sample: bool = typer.Option(True, "--do-sample/--greedy", help="Sample (official default) or decode greedily."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),

@@ -86,6 +86,8 @@ class DataConfig:
             raise GlmtuneError(f"max_target_length must be at least 1, got {self.max_target_length}")
         if self.max_samples is not None and self.max_samples < 1:
             raise GlmtuneError(f"max_samples must be at least 1, got {self.max_samples}")
+        if self.max_seq_length is not None and self.max_seq_length < 3:
+            raise GlmtuneError(f"max_seq_length must be at least 3 ([gMASK] sop + text), got {self.max_seq_length}")
         data_formats.resolve(self.data_format, self.train_on)
 
 
