@@ -49,6 +49,7 @@ import torch
 
 from glmtune.train.checkpoint import (
     LOSS_PLOT,
+    DiskFull,
     METRICS_FILE,
     RESULTS_FILE,
     capture_rng,
@@ -470,7 +471,13 @@ class _Run:
         rng = self.dist.gather(capture_rng())
         if self.dist.main:
             extra = {PREDICTIONS_FILE: "".join(line + "\n" for line in predictions)} if predictions else None
-            save_checkpoint(out, step, self.model, self.tokenizer, self.optimizer, self.scheduler, rng, state, extra)
+            try:
+                save_checkpoint(out, step, self.model, self.tokenizer, self.optimizer, self.scheduler, rng, state, extra)
+            except DiskFull as exc:
+                from glmtune.train.log import resume_command
+
+                resume = resume_command() if self.last_checkpoint else "the same command"
+                raise DiskFull(f"{exc}. Free some space, then continue with:\n  {resume}") from None
             self.last_checkpoint = out / f"checkpoint-{step}"
             for removed in prune_checkpoints(out, c.save_total_limit, {self.last_checkpoint, best}):
                 self.say(f"--save-total-limit {c.save_total_limit}: removed {removed.name}")
