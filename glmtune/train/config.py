@@ -218,6 +218,11 @@ class TrainConfig:
             raise GlmtuneError(f"train: --early-stopping-threshold must be a finite number >= 0, found {self.early_stopping_threshold}")
         if self.report_to not in ("auto", "tensorboard", "none"):
             raise GlmtuneError(f"train: --report-to must be tensorboard, none or auto, found {self.report_to!r}")
+        from glmtune.train.log import tensorboard_available  # (no torch import there either)
+
+        if self.report_to == "tensorboard" and not tensorboard_available():  # here, before any model loads
+            raise GlmtuneError("train: --report-to tensorboard: the tensorboard package is not installed "
+                               "(pip install tensorboard, or pass --report-to none)")
         if bool(self.mix_file) != (self.mix_ratio > 0):
             raise GlmtuneError("train: --mix-file and --mix-ratio > 0 go together")
         if not (math.isfinite(self.mix_ratio) and self.mix_ratio >= 0):

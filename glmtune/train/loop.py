@@ -255,8 +255,12 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     resume_dir = _resume_dir(config, out)
     leftovers = has_run_artifacts(out)
     if resume_dir is None and leftovers and not config.overwrite_output_dir:
-        raise GlmtuneError(f"{out}: holds a previous training run ({', '.join(leftovers[:3])}"
-                           f"{', ...' if len(leftovers) > 3 else ''}); pass --resume to continue it or --overwrite-output-dir to start over")
+        found = f"{', '.join(leftovers[:3])}{', ...' if len(leftovers) > 3 else ''}"
+        if latest_checkpoint(out) is None:
+            raise GlmtuneError(f"{out}: holds a previous training run ({found}) that saved no complete checkpoint, so "
+                               "it cannot be resumed; pass --overwrite-output-dir to start over (or choose another --output-dir)")
+        raise GlmtuneError(f"{out}: holds a previous training run ({found}); pass --resume to continue it or "
+                           "--overwrite-output-dir to start over")
     # A bar is for a person at a terminal; in a log file it becomes one endless `\r` line (log lines instead).
     show_bar = dist.main and not config.disable_tqdm and sys.stderr.isatty()
     if not show_bar:
@@ -286,8 +290,6 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     say(run.banner())
     from glmtune.train.log import RunLog, tensorboard_available
 
-    if config.report_to == "tensorboard" and not tensorboard_available():
-        raise GlmtuneError("--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     tensorboard = config.report_to == "tensorboard" or (config.report_to == "auto" and tensorboard_available())
     run.log = RunLog(out if dist.main else None, tensorboard, run.step, run.total_steps, show_bar, say)
     run.last_checkpoint = resume_dir
@@ -311,6 +313,11 @@ class _Run:
         batch, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
         self.global_batch = dist.world * batch * accum
         mix_count = round(config.mix_ratio * data.rows) if data.mix_rows else 0
+        if mix_count > data.mix_rows:
+            say(f"WARNING: --mix-ratio {config.mix_ratio:g} asks for {mix_count} --mix-file rows per epoch "
+                f"({config.mix_ratio:g} x {data.rows} training rows), but {config.mix_file} has {data.mix_rows}: each "
+                f"is drawn about {mix_count / data.mix_rows:.1f} times per epoch (the same rows over and over); "
+                f"a ratio of at most {data.mix_rows / data.rows:.3g} uses each at most once")
         lengths = [len(ids) for ids in data.train["input_ids"]] if config.group_by_length else None
         self.stream = DataStream(data.rows, config.seed, lengths, self.global_batch if lengths else 0,
                                  data.mix_rows, mix_count)
@@ -509,7 +516,10 @@ def _resume_dir(config: TrainConfig, out: Path) -> Path | None:
     if config.resume:
         latest = latest_checkpoint(out)
         if latest is None:
-            raise GlmtuneError(f"--resume: no complete checkpoint-N folder in {out} to resume from")
+            why = (" (the run there stopped before its first checkpoint was complete: e.g. a second Ctrl-C exits at "
+                   "once without saving); start over with --overwrite-output-dir instead of --resume"
+                   if has_run_artifacts(out) else "")
+            raise GlmtuneError(f"--resume: no complete checkpoint-N folder in {out} to resume from{why}")
         return latest
     return None
 
