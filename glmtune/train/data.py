@@ -139,4 +139,10 @@ def load_train_data(config: TrainConfig, tokenizer, dist, say) -> TrainData:
         mix, _ = load(config.mix_file, whole)
         mix_rows = len(mix)
         train = datasets.concatenate_datasets([train, mix])
+        wanted = round(config.mix_ratio * rows)  # what the trainer's DataStream draws per epoch
+        if wanted > mix_rows:
+            say(f"WARNING: --mix-ratio {config.mix_ratio:g} asks for {wanted} --mix-file rows per epoch "
+                f"({config.mix_ratio:g} x {rows} training rows), but {config.mix_file} has {mix_rows}: each is drawn "
+                f"about {wanted / mix_rows:.1f} times per epoch (the same rows over and over); a ratio of at most "
+                f"{mix_rows / rows:.3g} uses each at most once")
     return TrainData(train, rows, mix_rows, validation)

@@ -313,11 +313,6 @@ class _Run:
         batch, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
         self.global_batch = dist.world * batch * accum
         mix_count = round(config.mix_ratio * data.rows) if data.mix_rows else 0
-        if mix_count > data.mix_rows:
-            say(f"WARNING: --mix-ratio {config.mix_ratio:g} asks for {mix_count} --mix-file rows per epoch "
-                f"({config.mix_ratio:g} x {data.rows} training rows), but {config.mix_file} has {data.mix_rows}: each "
-                f"is drawn about {mix_count / data.mix_rows:.1f} times per epoch (the same rows over and over); "
-                f"a ratio of at most {data.mix_rows / data.rows:.3g} uses each at most once")
         lengths = [len(ids) for ids in data.train["input_ids"]] if config.group_by_length else None
         self.stream = DataStream(data.rows, config.seed, lengths, self.global_batch if lengths else 0,
                                  data.mix_rows, mix_count)
@@ -483,8 +478,9 @@ class _Run:
             except DiskFull as exc:
                 from glmtune.train.log import resume_command
 
-                resume = resume_command() if self.last_checkpoint else "the same command"
-                raise DiskFull(f"{exc}. Free some space, then continue with:\n  {resume}") from None
+                then = (f"continue with:\n  {resume_command()}" if self.last_checkpoint
+                        else "start over with --overwrite-output-dir")
+                raise DiskFull(f"{exc}. Free some space, then {then}") from None
             self.last_checkpoint = out / f"checkpoint-{step}"
             for removed in prune_checkpoints(out, c.save_total_limit, {self.last_checkpoint, best}):
                 self.say(f"--save-total-limit {c.save_total_limit}: removed {removed.name}")
