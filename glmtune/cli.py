@@ -365,8 +365,6 @@ def chat(
         raise GlmtuneError(f"sampling needs --temperature > 0 and 0 < --top-p <= 1 (found {temperature}, {top_p}); or pass --greedy")
     import json
 
-    import importlib
-
     from glmtune.inference import chat as chat_lib
     from glmtune.families.registry import family_of
 
