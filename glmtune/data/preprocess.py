@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.data import formats as data_formats
-from glmtune.data.formats import IGNORE_INDEX, length_percentiles  # defined once, in the module below this one
+from glmtune.data.formats import IGNORE_INDEX, answers_cut, length_percentiles  # defined once, in the module below this one
 from glmtune.errors import GlmtuneError
 from glmtune.families.registry import get_family
 from glmtune.fsutil import iter_records
@@ -87,6 +87,8 @@ class DataConfig:
             raise GlmtuneError(f"max_target_length must be at least 1, got {self.max_target_length}")
         if self.max_samples is not None and self.max_samples < 1:
             raise GlmtuneError(f"max_samples must be at least 1, got {self.max_samples}")
+        if self.max_seq_length is not None and self.max_seq_length < 3:
+            raise GlmtuneError(f"max_seq_length must be at least 3 ([gMASK] sop + text), got {self.max_seq_length}")
         data_formats.resolve(self.data_format, self.train_on)
 
 
@@ -194,6 +196,8 @@ def _encode_batch(batch: dict, tokenizer: Any, config: DataConfig, mode: str) ->
     out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_tokens": [], "target_tokens": []}
     if mode == "eval":
         out["reference"] = []
+    else:
+        out["labels_cut"] = []  # answer tokens the length limit took from the row (the report warns about them)
     prefix_ids = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
     # Read once: attribute access on a transformers tokenizer goes through a slow __getattr__.
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -209,6 +213,7 @@ def _encode_batch(batch: dict, tokenizer: Any, config: DataConfig, mode: str) ->
             answer_ids = full_answer[: config.max_target_length] + [eos_id]
             labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
             out["input_ids"].append(prompt_ids + answer_ids)
+            out["labels_cut"].append(max(0, len(full_answer) - config.max_target_length))
         else:
             labels = (prefix_ids + full_answer)[: config.max_target_length]
             out["input_ids"].append(prompt_ids)
@@ -347,7 +352,21 @@ def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, s
         "targets_truncated_pct": round(100 * targets_cut / kept, 2),
         "target_rule": "answer ids cut to max_target_length" if mode == "train"
         else "official labels ([gMASK] sop + ids) cut to max_target_length; the full reference text is kept",
+        **answers_cut(dataset, "--max-source-length + --max-target-length" if config.train_on == "all-turns"
+                      else "--max-target-length"),
     }
+
+
+def answers_cut_warning(report: dict) -> str | None:
+    """The warning for a report whose training rows lost answer tokens to the length limit (None: none did)."""
+    rows = report.get("answers_cut", 0)
+    if not rows:
+        return None
+    examples = report.get("examples", report["rows_kept"])
+    return (f"WARNING: {rows} of {examples} training rows ({100 * rows / max(1, examples):.1f}%) lost answer tokens to "
+            f"the length limit: {report['answer_tokens_cut']:,} trained tokens in all, up to "
+            f"{report['answer_tokens_cut_max']:,} in one row; the model never learns those parts of the answers "
+            f"(raise {report['answer_limit_option']} to keep them)")
 
 
 def format_report(report: dict) -> str:
@@ -366,4 +385,5 @@ def format_report(report: dict) -> str:
     summary = (f"{report['source']} ({report['mode']}): {report['rows_read']} rows read, {report['rows_kept']} kept, "
                f"{report['rows_skipped']['total']} skipped (empty prompt {report['rows_skipped']['empty_prompt']}, "
                f"empty response {report['rows_skipped']['empty_response']})")
-    return "\n".join([summary, *table])
+    warning = answers_cut_warning(report)
+    return "\n".join([summary, *table, *([warning] if warning else [])])

@@ -204,6 +204,14 @@ def load_preprocessed(
     return _first_samples(dataset, meta["skipped_rows"], max_samples), report, meta
 
 
+def _report_lacks_cut_answers(entry: Path, mode: str) -> bool:
+    # Entries cached before the report counted the answer tokens cut are built again, so the warning is never missed.
+    try:
+        return mode == "train" and "answers_cut" not in _read_json(entry / REPORT_FILE)
+    except GlmtuneError:
+        return True
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("GLMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmtune"
     return Path(root) / "datasets"
@@ -238,7 +246,7 @@ def load_or_build_dataset(
     key = digest([FORMAT_VERSION, mode, asdict(config), tokenizer_fingerprint(tokenizer), _file_sha256(source)])
     entry = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = entry / f"{source.stem}-{mode}-{key[:16]}"
-    if not is_preprocessed(entry):
+    if not is_preprocessed(entry) or _report_lacks_cut_answers(entry, mode):
         preprocess(source, tokenizer, entry, config, mode, num_workers)
     else:
         logger.info("using cached tokenized data %s", entry)

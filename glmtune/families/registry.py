@@ -25,6 +25,7 @@ folder with no tokenizer (e.g. a bare 32k weight folder) needs `--family chatglm
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +90,40 @@ def detect_family(folder: str | Path) -> Family:
 
 
 def resolve_family(folder: str | Path | None, override: str | Family | None = None) -> Family:
-    """`--family` when given, else what the folder says."""
-    if override is not None:
-        return get_family(override)
-    return detect_family(folder) if folder is not None else DEFAULT_FAMILY
+    """`--family` when given, else what the folder says. `--family` is meant for folders that say nothing (a bare
+    download); overriding a folder that names a family with other role tokens is allowed, but said loudly: the
+    tokenizer then gains or loses role tokens the model was not trained with."""
+    if override is None:
+        return detect_family(folder) if folder is not None else DEFAULT_FAMILY
+    family = get_family(override)
+    stated = _stated_family(Path(folder)) if folder is not None else None
+    if stated is not None and FAMILIES[stated[0]].role_tokens != family.role_tokens:
+        logging.getLogger(__name__).warning(
+            "--family %s overrides %s, which is a %s model (%s): its tokenizer and prompts become %s's, which that "
+            "model was not trained with; drop --family unless the folder is mislabelled", family.name, folder,
+            stated[0], stated[1], family.name)
+    return family
+
+
+def _stated_family(folder: Path) -> tuple[str, str] | None:
+    """(family, where the folder says so) when it names its family outright: a glmtune-written config.json or
+    tokenizer_config.json, or the official release name; None when only the default fallback would apply."""
+    folder = folder.parent if folder.is_file() else folder
+    recorded = recorded_family(folder)
+    if recorded:
+        return recorded, f"config.json {FAMILY_FIELD} {recorded!r}"
+    for name, keys in (("tokenizer_config.json", (FAMILY_FIELD, "name_or_path")), ("config.json", ("_name_or_path",))):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        for key in keys:
+            value = data.get(key) if isinstance(data, dict) else None
+            found = value if value in FAMILIES else next((f for f in FAMILIES if isinstance(value, str)
+                                                          and f in value.lower()), None)
+            if found:
+                return found, f"{name} {key} {value!r}"
+    return None
 
 
 def family_of(tokenizer: Any) -> Family:

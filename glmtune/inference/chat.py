@@ -50,9 +50,9 @@ from transformers.generation.streamers import BaseStreamer
 from glmtune.errors import GlmtuneError
 from glmtune.families.registry import DEFAULT_FAMILY, family_of, read_history
 from glmtune.fsutil import read_json_file
+from glmtune.inference.sampling import CHAT_TEMPERATURE, CHAT_TOP_P, DEFAULT_MAX_LENGTH, TOP_K
 from glmtune.model.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
 
-DEFAULT_MAX_LENGTH = 8192
 # Room kept for the answer when fitting the history, unless max_new_tokens says otherwise.
 DEFAULT_ANSWER_ROOM = 1024
 INVALID_SCORE_TOKEN = 5  # the official guard's token id
@@ -249,9 +249,9 @@ def chat(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_new_tokens: int | None = None,
     do_sample: bool = True,
-    top_p: float = 0.8,
-    temperature: float = 0.8,
-    top_k: int = 50,
+    top_p: float = CHAT_TOP_P,
+    temperature: float = CHAT_TEMPERATURE,
+    top_k: int = TOP_K,
     logits_processor=None,
     on_prompt: Callable[[ChatPrompt], None] | None = None,
     role: str = "user",
@@ -309,9 +309,9 @@ def stream_chat(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_new_tokens: int | None = None,
     do_sample: bool = True,
-    top_p: float = 0.8,
-    temperature: float = 0.8,
-    top_k: int = 50,
+    top_p: float = CHAT_TOP_P,
+    temperature: float = CHAT_TEMPERATURE,
+    top_k: int = TOP_K,
     logits_processor=None,
     on_prompt: Callable[[ChatPrompt], None] | None = None,
     role: str = "user",

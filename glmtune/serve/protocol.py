@@ -29,11 +29,11 @@ from glmtune.inference import chat as chat_lib
 from glmtune.errors import GlmtuneError
 from glmtune.families.family import RequestError
 from glmtune.families.registry import family_of
+from glmtune.inference.sampling import OFFICIAL_TEMPERATURE as DEFAULT_TEMPERATURE  # official openai_api.py
+from glmtune.inference.sampling import OFFICIAL_TOP_P as DEFAULT_TOP_P
+from glmtune.inference.sampling import TOP_K  # what `glmtune chat` samples with
 from glmtune.serve.scheduler import SamplingParams
 
-DEFAULT_TEMPERATURE = 0.95  # official openai_api.py
-DEFAULT_TOP_P = 0.7  # official openai_api.py
-TOP_K = 50  # what `glmtune chat` samples with (transformers 4.30's default)
 MAX_STOP = 4  # as OpenAI
 
 
