@@ -15,8 +15,10 @@ import typer
 from typer.core import TyperGroup
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.registry import DEFAULT_FAMILY  # light (no torch): the registry imports only errors and glm3
+from glmtune.families.registry import DEFAULT_FAMILY, FAMILIES  # light (no torch): family packages import their tokenizers lazily
 from glmtune.inference import sampling  # constants only
+
+FAMILY_HELP = f"Model family ({', '.join(FAMILIES)}); default: detected from the model folder."
 
 
 def add_official_spellings(command) -> None:
@@ -270,7 +272,7 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1, help="Processes for tokenizing and scoring."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model (prefix off) on the same rows, side by side [default: off]."),
     general_file: Optional[Path] = typer.Option(None, "--general-file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
     *,
@@ -352,7 +354,7 @@ def chat(
     history_file: Optional[Path] = typer.Option(None, "--history-file", help="One-shot: JSON list of [query, answer] pairs before --query."),
     json_out: bool = typer.Option(False, "--json", help="One-shot: print {\"response\", \"history\"} as JSON."),
     debug_prompt: bool = typer.Option(False, "--debug-prompt", help="Print each prompt sent to the model (JSON string) and its token count to stderr."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="ChatGLM3: system prompt."),
     tools: Optional[Path] = typer.Option(None, "--tools", help="ChatGLM3: JSON file with a list of tool descriptions (tool calls are shown, never executed)."),
     role: str = typer.Option("user", "--role", help="ChatGLM3 one-shot: role of --query (user, or observation to answer a tool call)."),
@@ -417,7 +419,7 @@ def merge(
     fold_prefix: bool = typer.Option(False, "--fold-prefix", help="Store the prefix after its projection MLP as plain embeddings (same outputs, smaller, faster)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output-dir."),
     dtype: str = typer.Option("auto", help="Weight dtype of the merged folder: float32, bfloat16, float16, or auto (as the base model's config)."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
 ) -> None:
     """Bake a P-tuning checkpoint into a self-contained model folder (weights, prefix, tokenizer)."""
     from glmtune.fsutil import check_output_dir

@@ -50,7 +50,7 @@ class TrainConfig:
     quantization_bit: int | None = setting(None, "Quantize the frozen weights to 4 or 8 bits.")
     dtype: str = setting("auto", "Frozen weights' dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16.")
     device: str = setting("auto", "auto, cpu, cuda.")
-    family: str | None = setting(None, "Model family (chatglm2, chatglm3, glm4); default: detected from the model folder.")
+    family: str | None = setting(None, f"Model family ({', '.join(FAMILIES)}); default: detected from the model folder.")
     # data (the official ADGEN columns and lengths)
     train_file: str | None = setting(None, "Raw training data (.json/.jsonl/.csv), tokenized on the fly (cached).")
     dataset: str | None = setting(None, "A folder written by `glmtune preprocess` (instead of --train-file).",
