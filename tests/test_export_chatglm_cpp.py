@@ -75,7 +75,8 @@ def test_q4_0_rounds_the_float32_sum_as_the_c_code_does():
     x[0] = -8.0  # d = -8 / -8 = 1
     x[1] = np.nextafter(np.float32(0.5), np.float32(0))
     assert np.float32(x[1] * (np.float32(1) / d)) + np.float32(8.5) == np.float32(9.0)
-    assert (ggml.quantize_q4_0(x)[0, 2] >> 4) == 0 and (ggml.quantize_q4_0(x)[0, 3] & 0x0F) == 9
+    block = ggml.quantize_q4_0(x)[0]
+    assert (block[2] & 0x0F) == 0 and (block[3] & 0x0F) == 9 and (block[2] >> 4) == 8
 
 
 def test_q8_0_rounds_halves_away_from_zero_and_zero_blocks_stay_zero():
@@ -90,11 +91,13 @@ def test_q8_0_rounds_halves_away_from_zero_and_zero_blocks_stay_zero():
 
 def test_quantized_values_are_within_half_a_step_of_the_input():
     x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
-    for kind, steps in ((ggml.Q8_0, 127), (ggml.Q4_0, 8)):
+    # q4_0 spans -8d..7d, so a value of the largest magnitude's opposite sign may be clamped a whole step off.
+    for kind, steps, bound in ((ggml.Q8_0, 127, 0.5), (ggml.Q4_0, 8, 1.0)):
         back = ggml.dequantize(ggml.encode(x, kind), kind, x.size).reshape(x.shape)
         step = np.abs(x.reshape(-1, 32)).max(axis=1) / steps
         err = np.abs(back - x).reshape(-1, 32).max(axis=1)
-        assert (err <= step * 0.5 + 1e-3 * step).all(), kind
+        assert (err <= step * (bound + 1e-3)).all(), kind
+        assert (err > step * 0.1).all()  # and it did quantize
 
 
 # --- the file ----------------------------------------------------------------------------------------------
@@ -160,7 +163,8 @@ def test_f32_file_holds_config_tokenizer_weights_and_the_prefix_cache(models, tm
             assert header["types"][name] == ggml.F32
     # The prefix: the projected encoder output, [layers*2, groups, pre, kv], keys of layer i at row 2i.
     model = load_model(folder, ptuning_checkpoint=checkpoint)
-    kv = model.prefix_encoder(1, torch.float32)
+    with torch.no_grad():
+        kv = model.prefix_encoder(1, torch.float32)
     cache = tensors[PREFIX_TENSOR]
     assert header["types"][PREFIX_TENSOR] == ggml.F16 and cache.shape == (4, 2, 6, 16)
     for i, (key, value) in enumerate(kv):
@@ -351,34 +355,40 @@ def _with_weights_of(export_file: Path, folder: Path, out: Path) -> Path:
     return out
 
 
-# Along chatglm.cpp's q4_0 answer, glmtune's int4 model (the official per-row int4 scheme, a different rounding
-# from ggml's 32-value blocks) must rank chatglm.cpp's token within this share of its logits' standard deviation
-# of its own best token. Measured on these models: at most 0.25.
-INT4_LOGIT_TOLERANCE = 0.5
+# Measured on these models: 2.1 (ChatGLM2) and 0.55 (ChatGLM3).
+Q4_0_VS_INT4 = 3.0
 
 
 @pytest.mark.parametrize("family", ["chatglm2", "chatglm3"])
-def test_q4_0_export_decodes_as_glmtune_on_the_same_rounding_and_near_glmtune_int4(models, family, cpp_python,
-                                                                                  tmp_path, single_thread_own_cache):
+def test_q4_0_export_decodes_as_glmtune_on_the_same_rounding_and_is_as_close_as_glmtune_int4(
+        models, family, cpp_python, tmp_path, single_thread_own_cache):
+    """ggml's q4_0 (32-value blocks, 16 levels) and glmtune's int4 (the official per-row scale, 15 levels) round
+    differently, so their greedy tokens may part. What is compared instead: (1) with the same rounding, i.e. glmtune
+    computing with exactly the q4_0 values of the file, the tokens are chatglm.cpp's; (2) the stated tolerance on
+    logits: along chatglm.cpp's answers, the q4_0 logits are within Q4_0_VS_INT4 times glmtune int4's own distance
+    from the fp32 model's logits (q4_0 also rounds the embedding and the output layer, which int4 keeps in fp16)."""
     from glmtune.inference.chat import load_chat_model
 
     folder, checkpoint = models[family]
     q4 = export_chatglm_cpp(folder, tmp_path / "q4.bin", "q4_0", ptuning_checkpoint=checkpoint).output
     cpp = run_cpp(cpp_python, q4)
-    # The same rounding: glmtune computing with exactly the q4_0 values of the file gives the same tokens
-    # (chatglm.cpp also rounds the activations to 8 bits inside its q4_0 products: not enough to change a token).
     same = _with_weights_of(q4, folder, tmp_path / "q4-values")
+    # (chatglm.cpp also rounds the activations to 8 bits inside its q4_0 products: not enough to change a token.)
     model, tokenizer = load_chat_model(same, checkpoint, device="cpu", dtype="float32")
     for row, mine in zip(cpp["rows"], glmtune_greedy(model, tokenizer)):
         assert row["prompt"] == mine["prompt"] and row["ids"] == mine["ids"]
-    # glmtune's own int4: a stated tolerance on its logits along chatglm.cpp's answer.
-    model, _ = load_chat_model(folder, checkpoint, device="cpu", dtype="float32", quantization_bit=4)
-    for row in cpp["rows"]:
-        sequence = torch.tensor([row["prompt"] + row["ids"]])
-        with torch.no_grad():
-            logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[0]
-        start = len(row["prompt"]) - 1
-        for step, token in enumerate(row["ids"]):
-            scores = logits[start + step]
-            gap = float(scores.max() - scores[token])
-            assert gap <= INT4_LOGIT_TOLERANCE * float(scores.std()), (step, gap, float(scores.std()))
+
+    def logits(m):
+        out = []
+        for row in cpp["rows"]:
+            sequence = torch.tensor([row["prompt"] + row["ids"]])
+            with torch.no_grad():
+                out.append(m(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[0, len(row["prompt"]) - 1:])
+        return torch.cat(out)
+
+    q4_logits = logits(model)
+    full = logits(load_chat_model(folder, checkpoint, device="cpu", dtype="float32")[0])
+    int4 = logits(load_chat_model(folder, checkpoint, device="cpu", dtype="float32", quantization_bit=4)[0])
+    q4_error, int4_error = float((q4_logits - full).abs().max()), float((int4 - full).abs().max())
+    print(f"{family}: max |logits - fp32|: q4_0 {q4_error:.4f}, int4 {int4_error:.4f}, ratio {q4_error / int4_error:.2f}")
+    assert 0 < q4_error <= Q4_0_VS_INT4 * int4_error, (q4_error, int4_error)
