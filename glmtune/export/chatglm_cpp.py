@@ -139,8 +139,9 @@ def prefix_cache(encoder: PrefixEncoder) -> torch.Tensor:
     return states.view(pre, encoder.num_layers * 2, encoder.groups, encoder.kv_channels).permute(1, 2, 0, 3).contiguous()
 
 
-def _prefix_encoder(cfg: dict, heads_groups_kv, prefix_cfg: PrefixConfig, state: dict, source: str) -> PrefixEncoder:
-    _, groups, kv = heads_groups_kv
+def _prefix_encoder(cfg: dict, prefix_cfg: PrefixConfig, state: dict, source: str) -> PrefixEncoder:
+    """The prefix encoder of `state`, its shapes checked against the model (an error names both)."""
+    _, groups, kv = attention_dims(cfg)
     encoder = PrefixEncoder(prefix_cfg, cfg["num_layers"], groups, kv, cfg["hidden_size"])
     load_prefix_state(encoder, state, source)
     return encoder.eval()
@@ -191,13 +192,12 @@ def export_chatglm_cpp(model_path: str | Path, output: str | Path, ggml_type: st
         raise GlmtuneError(f"{cfg_file}: padded_vocab_size {cfg['padded_vocab_size']} is smaller than the tokenizer's "
                            f"{tokenizer.n_pieces} pieces + {len(tokenizer.command_tokens)} command tokens")
     theta = rope_theta(model_family, cfg, cfg_file)
-    dims = attention_dims(cfg)
 
     prefix_cfg, prefix_state, prefix_source = None, None, ""
     if ptuning_checkpoint is not None:
         prefix_cfg, prefix_state, _ = read_prefix_checkpoint(ptuning_checkpoint)
         prefix_source = f"P-tuning checkpoint {ptuning_checkpoint}"
-        _prefix_encoder(cfg, dims, prefix_cfg, prefix_state, prefix_source)  # shapes checked before any writing
+        _prefix_encoder(cfg, prefix_cfg, prefix_state, prefix_source)  # shapes checked before any writing
     elif cfg.get("pre_seq_len"):
         prefix_cfg = PrefixConfig(int(cfg["pre_seq_len"]), bool(cfg.get("prefix_projection", False)))
         prefix_source = str(cfg_file)
@@ -262,7 +262,7 @@ def export_chatglm_cpp(model_path: str | Path, output: str | Path, ggml_type: st
             elif folder_prefix:
                 logger.warning("warning: %s holds its own prefix; --ptuning-checkpoint %s replaces it", folder,
                                ptuning_checkpoint)
-            encoder = _prefix_encoder(cfg, dims, prefix_cfg, prefix_state, prefix_source)
+            encoder = _prefix_encoder(cfg, prefix_cfg, prefix_state, prefix_source)
             ggml.write_tensor(handle, PREFIX_TENSOR, prefix_cache(encoder), PREFIX_TYPE)
         elif folder_prefix:
             raise GlmtuneError(f"{folder}: weights hold a prefix encoder but config.json has no pre_seq_len")
