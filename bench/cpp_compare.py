@@ -13,6 +13,10 @@ Threads: chatglm.cpp 0.4.2 does not let its caller choose; it takes the CPU coun
 half of it (`get_num_physical_cores`). The table shows that number beside `--threads` (glmtune's); on a 2-core
 machine both are 2.
 
+Run it on a quiet machine: ggml's worker threads wait for each other by spinning at every operation of the
+graph, so with more runnable processes than cores chatglm.cpp's step time collapses far more than glmtune's
+(measured here at load average ~14 on 2 cores: 11 s a step, against 0.29 s on the quiet machine).
+
     python bench/cpp_compare.py [--threads 2] [--repeats 3] [--cpp-only] [--keep-export]
 """
 

@@ -228,6 +228,13 @@ def test_bad_input_is_one_error_with_exit_code_2_and_no_file(models, tmp_path):
         assert not out.exists()
     result = _cli("--model-path", str(tmp_path / "nowhere"), "--output", str(out), "--format", "chatglm.cpp")
     assert result.returncode == 2 and "folder not found" in result.stderr and not out.exists()
+    # The same command, right: it writes what the library function writes, and says what it wrote.
+    result = _cli("--model-path", str(folder), "--ptuning-checkpoint", str(checkpoint), "--output", str(out),
+                  "--format", "chatglm.cpp", "--type", "q8_0")
+    assert result.returncode == 0, result.stderr
+    assert "ChatGLM2 model, q8_0 weights, prefix of 6 tokens" in result.stdout
+    export_chatglm_cpp(folder, tmp_path / "same.bin", "q8_0", ptuning_checkpoint=checkpoint)
+    assert out.read_bytes() == (tmp_path / "same.bin").read_bytes()
 
 
 def test_unsupported_models_are_refused_before_writing(models, tmp_path):
