@@ -339,6 +339,22 @@ def test_chatglm_cpp_decodes_the_f32_export_greedily_as_glmtune(models, family, 
     assert [r["ids"] for r in cpp_tuned["rows"]] != [r["ids"] for r in cpp_base["rows"]]
 
 
+def test_chatglm3_32k_rope_ratio_becomes_chatglm_cpps_rotary_base(models, cpp_python, tmp_path, single_thread_own_cache):
+    from glmtune.inference.chat import load_chat_model
+
+    folder, checkpoint = models["chatglm3"]
+    long = tmp_path / "long"
+    shutil.copytree(folder, long)
+    cfg = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps({**cfg, "rope_ratio": 50}))  # chatglm3-6b-32k's value
+    out = export_chatglm_cpp(long, tmp_path / "long.bin", "f32", ptuning_checkpoint=checkpoint).output
+    header, _ = _read(out)
+    assert header["fields"][9] == 500000.0
+    cpp = run_cpp(cpp_python, out, queries=QUERIES[:2])
+    model, tokenizer = load_chat_model(long, checkpoint, device="cpu", dtype="float32")
+    assert [r["ids"] for r in cpp["rows"]] == [r["ids"] for r in glmtune_greedy(model, tokenizer, QUERIES[:2])]
+
+
 def test_glmtune_chat_greedy_prints_what_chatglm_cpp_answers(models, cpp_python, tmp_path):
     folder, checkpoint = models["chatglm3"]
     tuned = export_chatglm_cpp(folder, tmp_path / "tuned.bin", "f32", ptuning_checkpoint=checkpoint).output
