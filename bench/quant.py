@@ -160,6 +160,42 @@ def bench_crossover() -> list[dict]:
     return rows
 
 
+def bench_native() -> list[dict]:
+    """int4 at each 6B shape, bf16 activations: glmtune's AVX2 kernel (`native`) against torch's int4 kernel
+    (`kernel`) and dequantize + matmul (`exact`), 1 to 128 rows, interleaved call by call so a shared
+    machine's load weighs on all three alike. GB/s: int4 weight bytes read per second."""
+    from glmtune.model import native
+
+    if not native.available():
+        print("native kernel not built or not usable here (python -m glmtune.model.native build): skipped")
+        return []
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        layer = _layer(k, n, 4)
+        for tokens in (1, 16, 64, 128):
+            x = torch.randn(tokens, k).to(torch.bfloat16)
+            times: dict[str, list[float]] = {m: [] for m in ("native", "kernel", "exact")}
+            for rep in range(5 if tokens == 1 else 2):
+                for mode in times:
+                    layer.mode = mode
+                    with torch.no_grad():
+                        if rep == 0:
+                            layer(x)  # warm-up, and the kernel path's one-time repacking
+                        start = time.perf_counter()
+                        layer(x)
+                        times[mode].append(time.perf_counter() - start)
+            ms = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+            row = {"layer": name, "in→out": f"{k}→{n}", "tokens": tokens,
+                   **{f"{m}_ms": round(v, 2) for m, v in ms.items()},
+                   "native_GB_s": round(n * k / 2 / ms["native"] / 1e6, 1),
+                   "kernel_GB_s": round(n * k / 2 / ms["kernel"] / 1e6, 1),
+                   "native_vs_kernel": round(ms["kernel"] / ms["native"], 2),
+                   "load_avg": float(open("/proc/loadavg").read().split()[0])}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 FULL_CHILD = r"""
 import json, sys, time, torch
 import glmtune.model.loading as L
@@ -370,7 +406,7 @@ def main() -> None:
     payload |= {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
     payload.pop("threads", None)
     threads = payload.setdefault("threads_by_section", {})
-    sections = [("model", bench_model), ("layers", bench_layers), ("crossover", bench_crossover)]
+    sections = [("model", bench_model), ("layers", bench_layers), ("crossover", bench_crossover), ("native", bench_native)]
     for name, fn in sections:
         if name in parts:
             print(f"\n== {name} ==", flush=True)

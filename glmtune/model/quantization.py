@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmtune.model import qkernels
+from glmtune.model import native, qkernels
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
 
-MODES = ("auto", "exact", "kernel", "bf16")
+MODES = ("auto", "exact", "kernel", "bf16", "native")
 # auto mode: the kernels run when a call has at most this many rows (tokens), per (bits, dtype);
 # crossovers measured at the 6B shapes by bench/quant.py (section "crossover", AVX512 CPU, 1 and 2
 # threads). The bf16 kernels are vectorised: int4 beats dequantize + BLAS up to ~128 rows, int8 up to
@@ -58,6 +58,11 @@ AUTO_KERNEL_MAX_ROWS = {
     (8, torch.float32): 0, (4, torch.float32): 0,
     (8, torch.float16): 0, (4, torch.float16): 0,
 }
+# auto mode with bf16 activations, int4, where glmtune's AVX2 kernel is built (glmtune.model.native): it
+# runs up to this many rows, the exact path above (torch's int4 kernel is then never used, so the
+# weight keeps the official layout). Measured by bench/quant.py (section "native") on the 2-core AVX2
+# EPYC: see bench/README.md.
+NATIVE_MAX_ROWS = 64
 # Dequantized blocks stay under this many elements (16 MB in fp32) in the exact path and backward.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -178,6 +183,7 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
         self._kernel_scale: tuple[torch.dtype, torch.Tensor] | None = None
         self._kernel_supported: bool | None = None
+        self._native_supported: bool | None = None
         self._kernel_pad = qkernels.int4_kernel_width(in_features) - in_features if bits == 4 else 0
 
     @classmethod
@@ -278,7 +284,13 @@ class QuantizedLinear(nn.Module):
         if mode not in MODES:
             raise GlmtuneError(f"QuantizedLinear.mode: expected one of {MODES}, found {mode!r}")
         if (mode == "exact" or x.device.type != "cpu" or weight.device.type != "cpu"
-                or x.dtype not in qkernels.KERNEL_DTYPES or not self._kernel_ok()):
+                or x.dtype not in qkernels.KERNEL_DTYPES):
+            return "exact"
+        if mode == "native" or (mode == "auto" and x.dtype == torch.bfloat16):
+            if self._native_ok():
+                return "native" if mode == "native" or x.shape[0] <= NATIVE_MAX_ROWS else "exact"
+            mode = "auto"  # not built or not supported here: what auto picks without it
+        if not self._kernel_ok():
             return "exact"
         if mode != "auto":
             return mode
@@ -290,6 +302,11 @@ class QuantizedLinear(nn.Module):
         if self._kernel_supported is None:
             self._kernel_supported = qkernels.kernel_supported(self.bits, self.out_features, self.in_features)
         return self._kernel_supported
+
+    def _native_ok(self) -> bool:
+        if self._native_supported is None:
+            self._native_supported = self.bits == 4 and native.supports(self.out_features, self.in_features)
+        return self._native_supported
 
     def _scale_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self._kernel_scale is None or self._kernel_scale[0] != dtype:
@@ -317,6 +334,11 @@ class QuantizedLinear(nn.Module):
         b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
         if path == "kernel":
             y = self._kernel(x)
+            return y if b is None else y.add_(b)
+        if path == "native":
+            if self._cpu_layout:  # torch's kernel ran before (mode "kernel"): the native one reads the official layout
+                self._to_official_layout()
+            y = native.int4_mm(x.contiguous(), self.weight, self.weight_scale)
             return y if b is None else y.add_(b)
         if path == "bf16":
             y = self._kernel(x.to(torch.bfloat16)).to(x.dtype)
