@@ -56,7 +56,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, RESULTS, print_table, run_isolated, write_random_checkpoint, write_results  # noqa: E402
+from common import (CACHE, RESULTS, instruction_set, print_table, run_isolated, write_random_checkpoint,  # noqa: E402
+                    write_results)
 
 from glmtune.model.quantization import QuantizedLinear, quantize_model, quantize_weight  # noqa: E402
 
@@ -330,15 +331,19 @@ def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
         quantized = CACHE / f"chatglm2-6b-random-int{bits}"
         if not (quantized / "config.json").is_file():
             quantize_checkpoint(folder, quantized, bits, force=True)
-        for run in range(1, repeats + 1):
-            r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()))
+        # int4: glmtune's AVX2 kernel and torch's (GLMTUNE_NATIVE=0) in alternating fresh processes.
+        kernels = ("native", "torch") if bits == 4 and native_kernel_built() else ("torch",)
+        for run, kernel in [(run, kernel) for run in range(1, repeats + 1) for kernel in kernels]:
+            env = {"GLMTUNE_NATIVE": "1" if kernel == "native" else "0"}
+            r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()), env=env)
             bw = r["bw_median"]
             bound = bw / r["step_bytes"]
             kernel_bound = 1 / (r["int4_bytes"] / r["kernel_bw"] + (r["step_bytes"] - r["int4_bytes"]) / bw)
             decode = r["decode_steps"] / r["decode_s"]
-            rows.append({"bits": bits, "threads": torch.get_num_threads(), "run": run,
+            rows.append({"bits": bits, "kernel": kernel, "threads": torch.get_num_threads(), "run": run,
                          "load_avg": f"{r['load_before']:.1f}/{r['load_after']:.1f}",
                          "prefill_s": round(r["prefill_s"], 2), "decode_tok_s": round(decode, 2),
+                         "median_step_ms": round(r["median_step_s"] * 1e3),
                          "median_step_tok_s": round(1 / r["median_step_s"], 2),
                          "GB_per_token": _gb(r["step_bytes"]), "bw_GB_s": round(bw / 1e9, 1),
                          "bw_range": f"{r['bw_min'] / 1e9:.0f}-{r['bw_max'] / 1e9:.0f}",
@@ -351,6 +356,12 @@ def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
                          "overall_tok_s": round(r["new_tokens"] / r["total_s"], 2)})
             print(rows[-1], flush=True)
     return rows
+
+
+def native_kernel_built() -> bool:
+    from glmtune.model import native
+
+    return native.library_path().is_file() and native.cpu_has_avx2()
 
 
 def _gb(nbytes: int) -> float:
@@ -403,7 +414,9 @@ def main() -> None:
     # Parts not run this time keep their previous figures.
     previous = RESULTS / "quant.json"
     payload = json.loads(previous.read_text()) if previous.is_file() else {}
-    payload |= {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    payload |= {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                "instruction_set": instruction_set()}
+    print(f"instruction set: {payload['instruction_set']}; torch dispatch {payload['cpu_capability']}", flush=True)
     payload.pop("threads", None)
     threads = payload.setdefault("threads_by_section", {})
     sections = [("model", bench_model), ("layers", bench_layers), ("crossover", bench_crossover), ("native", bench_native)]

@@ -50,32 +50,33 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Dot products of weight rows r and r+1 with one quantized activation row (two rows share each load of
-// the activation block).
-inline void dot2(const uint8_t* w0, const uint8_t* w1, const int8_t* q, const float* scale, int64_t blocks,
-                 float* out0, float* out1) {
-  const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m256i flip = _mm256_set1_epi8(0x08);
+// 16 weight bytes (32 columns) -> 32 unsigned values nibble ^ 8 = v + 8: the bytes are loaded into both
+// 128-bit lanes, the low lane shifted right by 4 (high nibbles: even columns), then masked.
+inline __m256i unpack_block(const uint8_t* w, __m256i shifts, __m256i mask) {
+  const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm256_xor_si256(_mm256_and_si256(_mm256_srlv_epi32(both, shifts), mask), _mm256_set1_epi8(0x08));
+}
+
+// Dot products of ROWS consecutive weight rows (stride k/2 bytes) with one quantized activation row; the
+// rows share each load of the activation block and its scale.
+template <int ROWS>
+inline void dot_rows(const uint8_t* w, int64_t stride, const int8_t* q, const float* scale, int64_t blocks,
+                     float* out) {
+  const __m256i shifts = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
-    const __m256 d = _mm256_set1_ps(scale[b]);
-    const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w0 + b * (kBlock / 2)));
-    const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w1 + b * (kBlock / 2)));
-    // high nibbles (even columns) in the low half, low nibbles (odd columns) in the high half; xor 8
-    // turns a 4-bit two's complement value v into v + 8.
-    const __m256i u0 = _mm256_xor_si256(
-        _mm256_set_m128i(_mm_and_si128(b0, low_mask), _mm_and_si128(_mm_srli_epi16(b0, 4), low_mask)), flip);
-    const __m256i u1 = _mm256_xor_si256(
-        _mm256_set_m128i(_mm_and_si128(b1, low_mask), _mm_and_si128(_mm_srli_epi16(b1, 4), low_mask)), flip);
-    const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, xq), ones);
-    const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, xq), ones);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d, acc1);
+    const __m256 d = _mm256_broadcast_ss(scale + b);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256i u = unpack_block(w + r * stride + b * (kBlock / 2), shifts, mask);
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+    }
   }
-  *out0 = hsum(acc0);
-  *out1 = hsum(acc1);
+  for (int r = 0; r < ROWS; ++r) out[r] = hsum(acc[r]);
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
@@ -108,17 +109,23 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const float* rs = s.data_ptr<float>();
   float* yp = out.data_ptr<float>();
-  // Pairs of weight rows per task; 64 rows (64 KB at K = 4096) is enough work to amortize a task.
+  // Four weight rows at a time (N % 4 == 0; otherwise the last rows go two at a time); 64 rows (128 KB at
+  // K = 4096) per task is enough work to amortize a task.
+  const int64_t stride = k / 2;
   at::parallel_for(0, n / 2, 32, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
+    float d[4];
+    for (int64_t p = p0; p < p1;) {
       const int64_t r = 2 * p;
-      const uint8_t* w0 = wp + r * (k / 2);
+      const bool four = p + 1 < p1;
       for (int64_t i = 0; i < m; ++i) {
-        float d0, d1;
-        dot2(w0, w0 + k / 2, qp + i * k, sp + i * blocks, blocks, &d0, &d1);
-        yp[i * n + r] = (d0 - offsets[i]) * rs[r];
-        yp[i * n + r + 1] = (d1 - offsets[i]) * rs[r + 1];
+        if (four) {
+          dot_rows<4>(wp + r * stride, stride, qp + i * k, sp + i * blocks, blocks, d);
+        } else {
+          dot_rows<2>(wp + r * stride, stride, qp + i * k, sp + i * blocks, blocks, d);
+        }
+        for (int j = 0; j < (four ? 4 : 2); ++j) yp[i * n + r + j] = (d[j] - offsets[i]) * rs[r + j];
       }
+      p += four ? 2 : 1;
     }
   });
   return out.to(x.scalar_type());
