@@ -381,6 +381,14 @@ def bench_full_6b(tokens: int, dtypes: list[str], checkpointing: bool, bits_list
     if not (folder / "pytorch_model.bin.index.json").is_file() and free < 14e9:
         raise SystemExit(f"--full-6b needs ~12.5 GB free for the checkpoint cache; {free / 1e9:.1f} GB free")
     write_random_checkpoint(folder, chatglm_cfg(SIX_B), n_shards=7, dtype="float16")
+    if dtypes == ["auto"]:  # what the CPU calls for (glmtune.model.cpu_linear.cpu_compute_dtype), said with the reason
+        from glmtune.model.cpu_linear import cpu_compute_dtype
+
+        chosen, reason = cpu_compute_dtype()
+        dtypes = [str(chosen).removeprefix("torch.")]
+        print(f"compute dtype {reason}", flush=True)
+    else:
+        print(f"compute dtype as given: {', '.join(dtypes)}", flush=True)
     rows = []
     for bits, dtype in [(b, d) for b in bits_list for d in dtypes]:
         r = run_isolated(FULL_CHILD, str(folder), dtype, str(tokens), str(torch.get_num_threads()),
@@ -398,7 +406,8 @@ def main() -> None:
     ap.add_argument("--only", default="model,layers,crossover", help="comma-separated parts to run")
     ap.add_argument("--full-6b", action="store_true", help="also load a random 6B checkpoint and train one step")
     ap.add_argument("--tokens", type=int, default=192, help="sequence length of the --full-6b training step")
-    ap.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes of the --full-6b runs")
+    ap.add_argument("--dtypes", "--dtype", default="auto",
+                    help="compute dtypes of the --full-6b runs (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
     ap.add_argument("--bits", default="4,8", help="comma-separated bits of the --full-6b runs")
     ap.add_argument("--grad-ckpt", action="store_true", help="--full-6b training step with gradient checkpointing")
     ap.add_argument("--decode-6b", action="store_true", help="greedy decode speed of the random 6B model (bf16)")
