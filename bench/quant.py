@@ -11,7 +11,7 @@
     cache), loaded with `glmtune.model.loading.load_model(..., quantization_bit=4)`, then one P-tuning
     training step (pre_seq_len 128, --tokens tokens); absolute peak RSS (VmHWM) of each, in a fresh
     interpreter.
-(e) --decode-6b: greedy decoding of that model quantized (64 new tokens after 64 prompt tokens, bf16),
+(e) --decode-6b: greedy decoding of that model quantized (--new-tokens after --prompt-tokens, 64 and 64 by default, bf16),
     --repeats fresh processes; each prints its decode speed next to the bound memory allows in the
     same run (read bandwidth measured before and after decoding / bytes a decoding step reads), the
     share of that bound, and the load average (the machine may be shared: compare shares, not speeds).
@@ -278,7 +278,7 @@ load_s = time.perf_counter() - t0
 # the KV cache at the mean length. Quantized layers count their packed weight and scales.
 weights = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
 cfg = model.config
-prompt_len, new = 64, 64
+prompt_len, new = int(sys.argv[4]), int(sys.argv[5])
 kv_per_pos = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
 step_bytes = weights + kv_per_pos * (prompt_len + new // 2)
 prompt = torch.randint(5, 60000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -315,8 +315,8 @@ print(json.dumps({"new_tokens": out.shape[1] - prompt_len, "load_s": load_s, "pr
 """
 
 
-def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
-    """Greedy decoding of the random 6B model on CPU: 64 new tokens after a 64-token prompt, bf16 compute.
+def bench_decode_6b(bits_list: list[int], repeats: int, prompt_len: int = 64, new_tokens: int = 64) -> list[dict]:
+    """Greedy decoding of the random 6B model on CPU: `new_tokens` after a `prompt_len`-token prompt, bf16 compute.
 
     Each run is a fresh process. Its decode speed is compared with the bound the memory allows in the
     same run: read bandwidth (median of samples before, during and after decoding, same threads) /
@@ -335,12 +335,14 @@ def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
         kernels = ("native", "torch") if bits == 4 and native_kernel_built() else ("torch",)
         for run, kernel in [(run, kernel) for run in range(1, repeats + 1) for kernel in kernels]:
             env = {"GLMTUNE_NATIVE": "1" if kernel == "native" else "0"}
-            r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()), env=env)
+            r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()), str(prompt_len),
+                             str(new_tokens), env=env)
             bw = r["bw_median"]
             bound = bw / r["step_bytes"]
             kernel_bound = 1 / (r["int4_bytes"] / r["kernel_bw"] + (r["step_bytes"] - r["int4_bytes"]) / bw)
             decode = r["decode_steps"] / r["decode_s"]
             rows.append({"bits": bits, "kernel": kernel, "threads": torch.get_num_threads(), "run": run,
+                         "prompt": prompt_len, "new": new_tokens,
                          "load_avg": f"{r['load_before']:.1f}/{r['load_after']:.1f}",
                          "prefill_s": round(r["prefill_s"], 2), "decode_tok_s": round(decode, 2),
                          "median_step_ms": round(r["median_step_s"] * 1e3),
@@ -412,6 +414,8 @@ def main() -> None:
     ap.add_argument("--grad-ckpt", action="store_true", help="--full-6b training step with gradient checkpointing")
     ap.add_argument("--decode-6b", action="store_true", help="greedy decode speed of the random 6B model (bf16)")
     ap.add_argument("--decode-bits", default="4", help="comma-separated bits for --decode-6b")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="--decode-6b prompt length")
+    ap.add_argument("--new-tokens", type=int, default=64, help="--decode-6b tokens generated")
     ap.add_argument("--repeats", type=int, default=3, help="--decode-6b runs (fresh processes) per bits")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared machine 1 gives stable figures: with "
@@ -447,7 +451,8 @@ def main() -> None:
         print("\n== decode-6b ==", flush=True)
         key = f"decode_6b_threads{torch.get_num_threads()}"  # runs at other thread counts are kept
         payload.pop("decode_6b", None)  # the single-run figure of earlier versions
-        payload[key] = bench_decode_6b([int(b) for b in args.decode_bits.split(",")], args.repeats)
+        payload[key] = bench_decode_6b([int(b) for b in args.decode_bits.split(",")], args.repeats,
+                                       args.prompt_tokens, args.new_tokens)
         threads[key] = torch.get_num_threads()
         print_table(payload[key], list(payload[key][0]))
     print("results:", write_results("quant", payload))

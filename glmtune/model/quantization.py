@@ -16,11 +16,17 @@ even column in the high nibble. State-dict names are the official `*.weight` (in
   with bf16 activations they are vectorised, 5-20x faster than dequantizing for a few tokens (the
   scale is then rounded to bf16).
 
+* native (int4 only, x86 with AVX2, once built): glmtune's int4 x int8 kernel (`glmtune.model.native`) on
+  the official layout as it is; activations rounded to int8 per block of 32, ~5e-3 relative error,
+  the same order as bf16's. On AVX2-only CPUs torch's int4 kernel is compute-bound (bench/README.md).
+
 `mode="auto"` (default) picks per call from bits, activation dtype and row count (`AUTO_KERNEL_MAX_ROWS`,
 measured by bench/quant.py): fp32 and fp16 always run exact, bf16 runs the kernels up to 32 (int8) /
-128 (int4) rows, i.e. decoding and short prompts. "exact", "kernel" and "bf16" (fp32/fp16 activations
-cast to bf16 for the kernels: fastest, least exact) force a path. CUDA always uses the exact path (no
-cpm_kernels).
+128 (int4) rows, i.e. decoding and short prompts; for int4 with bf16 activations the native kernel
+takes the place of torch's where it is built (up to `NATIVE_MAX_ROWS`, exact above). "exact",
+"kernel", "native" and "bf16" (fp32/fp16 activations cast to bf16 for torch's kernels: fastest, least
+exact) force a path ("native" where it cannot run: what auto would pick). CUDA always uses the exact
+path (no cpm_kernels).
 
 The backward pass gives the input gradient (a P-tuning prefix trains through the frozen model) from
 column blocks of the integer weight, so no full dequantized or transposed weight is ever kept.
