@@ -3,9 +3,10 @@
 Why our own: on an AVX2-only CPU (2-core AMD EPYC, no AVX-512) torch 2.13's `_weight_int4pack_mm_for_cpu`
 is compute-bound on one row (it dequantizes every nibble to float and does fp32 FMAs); it read its 6B
 weights at ~6.6 GB/s against ~27 GB/s the memory gives, so decoding ran at 0.57x chatglm.cpp's q4_0.
-Nothing well-kept offers an AVX2 int4 path to torch: inductor's fused dequantize-and-dot also ends in
-fp32 FMAs, torchao's int8-activation x int4-weight CPU kernel needs AVX-512, and `_dyn_quant_matmul_4bit`
-is ARM (KleidiAI) only. The integer dot product ggml uses on AVX2 (`maddubs`: 32 multiply-adds in one
+What was measured instead (bench/README.md): inductor's fused dequantize-and-dot (`torch.compile`) read
+the weight 10x slower than torch's kernel after a 167 s compile, and `aten._dyn_quant_matmul_4bit` (int8
+activations x int4, built on ARM's KleidiAI) rejected every call on x86; torchao is not installed here and
+was not evaluated. The integer dot product ggml uses on AVX2 (`maddubs`: 32 multiply-adds in one
 instruction) is what this kernel does, on the official int4 layout as it is (no repacking, no copy).
 
 Its arithmetic (bench/README.md and tests/test_native_kernel.py): each activation row is quantized per
