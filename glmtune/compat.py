@@ -157,8 +157,3 @@ ONEDNN_LINEAR_OP = "_linear_pointwise"
 def onednn_linear(x, weight, bias):
     """F.linear(x, weight, bias) by oneDNN (fp32, CPU, no autograd; any leading dims)."""
     return _aten(ONEDNN_LINEAR_OP, "mkldnn")(x, weight, bias, "none", [], "")
-
-
-def onednn_linear_op():
-    """The overload `onednn_linear` dispatches to, as checkpoint policies see it."""
-    return _aten(ONEDNN_LINEAR_OP, "mkldnn").default

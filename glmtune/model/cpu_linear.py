@@ -111,22 +111,3 @@ def cpu_compute_dtype(flags: set[str] | None = None) -> tuple[torch.dtype, str]:
         return torch.bfloat16, f"bfloat16: the CPU has bf16 instructions ({', '.join(native)})"
     return torch.float32, "float32: the CPU has no bf16 instructions (avx512_bf16 / amx_bf16), bf16 products would be emulated"
 
-
-def keep_frozen_products_context():
-    """`context_fn` for torch's non-reentrant checkpointing: keep the oneDNN frozen-linear outputs of a
-    checkpointed layer, recompute the rest (norms, attention, activations) in the backward pass.
-
-    Profile of a P-tuning step on the 2-core AVX2 EPYC (mid config, 1 thread, checkpointing on): 85% of
-    the time is these fp32 products, and full checkpointing runs every one of them a second time to
-    rebuild the layer. On AVX-512 oneDNN made them 2-3x cheaper than MKL; on AVX2 the two are within
-    0.7-1.2x of each other, so the recompute is what is left to take away (bench/README.md). The cost is
-    memory: the layer's linear outputs (6B: 40192 floats = 157 KB a token a layer) stay until the backward
-    pass. Only this operator is kept, so CUDA (F.linear) and int4/int8 layers checkpoint as before."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    keep = compat.onednn_linear_op()
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op is keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return create_selective_checkpoint_contexts(policy)

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from glmtune.compat import allow_checkpointing_with_cache
-from glmtune.model.cpu_linear import keep_frozen_products_context, onednn_linear_ok, use_onednn_linears
+from glmtune.model.cpu_linear import use_onednn_linears
 from glmtune.data.preprocess import IGNORE_INDEX  # noqa: F401 (one definition; importable from here as before)
 from glmtune.families.registry import FAMILY_FIELD, get_family
 from glmtune.model.prefix import PrefixConfig, PrefixEncoder, PrefixKV
@@ -118,15 +118,11 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
     def enable_gradient_checkpointing(self) -> None:
         """Checkpoint every decoder layer; the prefix reaches them through a read-only `PrefixKV`.
 
-        On CPU the frozen fp32 products are kept rather than recomputed (`keep_frozen_products_context`).
         Non-reentrant checkpointing, because the prefix enters each layer through the cache object
         rather than as an argument, and reentrant checkpointing only propagates gradients to arguments.
         transformers drops caches under checkpointing unless the layer declares it only reads them.
         """
-        kwargs = {"use_reentrant": False}
-        if onednn_linear_ok():  # CPU: keep the frozen fp32 products, recompute the cheap rest (see cpu_linear)
-            kwargs["context_fn"] = keep_frozen_products_context
-        self.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for layer in self.model.layers:
             allow_checkpointing_with_cache(layer)
 
