@@ -7,6 +7,8 @@
     4096→27392, down 13696→4096), 1 and 64 tokens: dense vs the exact path vs the kernel path.
 (c) crossover: kernel vs exact path over the number of rows at the down shape, which is what
     `AUTO_KERNEL_MAX_ROWS` in glmtune/model/quantization.py is set from.
+(c2) native: int4 at each 6B shape with bf16 rows, glmtune's AVX2 kernel (glmtune.model.native) against
+    torch's int4 kernel and the exact path, interleaved call by call (skipped where it is not built).
 (d) --full-6b: a random 7-shard fp16 checkpoint of the real 6B shape (~12.5 GB, written once to the
     cache), loaded with `glmtune.model.loading.load_model(..., quantization_bit=4)`, then one P-tuning
     training step (pre_seq_len 128, --tokens tokens); absolute peak RSS (VmHWM) of each, in a fresh
@@ -40,7 +42,7 @@
     * not it: page cache (the int4 weights are repacked into anonymous memory at the first step),
       the KV cache (28 KB a position).
 
-    python bench/quant.py [--only model,layers,crossover] [--full-6b] [--decode-6b] [--threads 1]
+    python bench/quant.py [--only model,layers,crossover,native] [--full-6b] [--decode-6b] [--threads 1]
 """
 
 from __future__ import annotations
