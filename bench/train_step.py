@@ -57,6 +57,13 @@ ADGEN = dict(max_source_length=64, max_target_length=128, seed=0)
 PAD_ID, IGNORE = 0, -100
 
 
+def _instruction_set() -> str:
+    sys.path.insert(0, str(HERE.parent))
+    from common import instruction_set
+
+    return instruction_set()
+
+
 # --- shared by both workers (plain torch, no glmtune import) ------------------------------------
 
 
@@ -391,6 +398,7 @@ def main() -> None:
         if args.official_code.resolve().is_relative_to(HERE.parents[1]):
             sys.exit("--official-code must be outside the glmtune repository (upstream code is not part of it)")
         (args.official_code / "__init__.py").touch()
+    print(f"instruction set: {_instruction_set()}", flush=True)
     impls = ["glmtune"] + (["official"] if args.official_code else [])
     versions: dict[str, dict] = {}
     scenarios: dict[str, dict] = {}
@@ -414,7 +422,7 @@ def main() -> None:
     payload = {
         "benchmark": "train_step", "config": CONFIG, "dtype": "float32", "device": "cpu",
         "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "instruction_set": _instruction_set()},
         "versions": versions, "official_code": str(args.official_code) if args.official_code else None,
         "scenarios": scenarios,
     }
