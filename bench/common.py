@@ -79,9 +79,23 @@ def write_random_checkpoint(out: Path, cfg: dict, n_shards: int = 7, dtype: str 
     return out
 
 
-def run_isolated(code: str, *args: str) -> dict:
+def instruction_set() -> str:
+    """The x86 vector extensions this CPU has that matter to the CPU kernels, e.g. "avx2 fma (no avx512)"."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.machine()
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    have = [f for f in wanted if f in flags]
+    return " ".join(have) + ("" if "avx512f" in flags else " (no avx512)")
+
+
+def run_isolated(code: str, *args: str, env: dict | None = None) -> dict:
     """Run `code` in a fresh interpreter (so peak RSS is its own) and parse the JSON it prints last."""
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False,
+                          env=None if env is None else dict(os.environ, **env))
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

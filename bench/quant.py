@@ -7,11 +7,13 @@
     4096→27392, down 13696→4096), 1 and 64 tokens: dense vs the exact path vs the kernel path.
 (c) crossover: kernel vs exact path over the number of rows at the down shape, which is what
     `AUTO_KERNEL_MAX_ROWS` in glmtune/model/quantization.py is set from.
+(c2) native: int4 at each 6B shape with bf16 rows, glmtune's AVX2 kernel (glmtune.model.native) against
+    torch's int4 kernel and the exact path, interleaved call by call (skipped where it is not built).
 (d) --full-6b: a random 7-shard fp16 checkpoint of the real 6B shape (~12.5 GB, written once to the
     cache), loaded with `glmtune.model.loading.load_model(..., quantization_bit=4)`, then one P-tuning
     training step (pre_seq_len 128, --tokens tokens); absolute peak RSS (VmHWM) of each, in a fresh
     interpreter.
-(e) --decode-6b: greedy decoding of that model quantized (64 new tokens after 64 prompt tokens, bf16),
+(e) --decode-6b: greedy decoding of that model quantized (--new-tokens after --prompt-tokens, 64 and 64 by default, bf16),
     --repeats fresh processes; each prints its decode speed next to the bound memory allows in the
     same run (read bandwidth measured before and after decoding / bytes a decoding step reads), the
     share of that bound, and the load average (the machine may be shared: compare shares, not speeds).
@@ -40,7 +42,7 @@
     * not it: page cache (the int4 weights are repacked into anonymous memory at the first step),
       the KV cache (28 KB a position).
 
-    python bench/quant.py [--only model,layers,crossover] [--full-6b] [--decode-6b] [--threads 1]
+    python bench/quant.py [--only model,layers,crossover,native] [--full-6b] [--decode-6b] [--threads 1]
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, RESULTS, print_table, run_isolated, write_random_checkpoint, write_results  # noqa: E402
+from common import (CACHE, RESULTS, instruction_set, print_table, run_isolated, write_random_checkpoint,  # noqa: E402
+                    write_results)
 
 from glmtune.model.quantization import QuantizedLinear, quantize_model, quantize_weight  # noqa: E402
 
@@ -160,6 +163,42 @@ def bench_crossover() -> list[dict]:
     return rows
 
 
+def bench_native() -> list[dict]:
+    """int4 at each 6B shape, bf16 activations: glmtune's AVX2 kernel (`native`) against torch's int4 kernel
+    (`kernel`) and dequantize + matmul (`exact`), 1 to 128 rows, interleaved call by call so a shared
+    machine's load weighs on all three alike. GB/s: int4 weight bytes read per second."""
+    from glmtune.model import native
+
+    if not native.available():
+        print("native kernel not built or not usable here (python -m glmtune.model.native build): skipped")
+        return []
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        layer = _layer(k, n, 4)
+        for tokens in (1, 16, 64, 128):
+            x = torch.randn(tokens, k).to(torch.bfloat16)
+            times: dict[str, list[float]] = {m: [] for m in ("native", "kernel", "exact")}
+            for rep in range(5 if tokens == 1 else 2):
+                for mode in times:
+                    layer.mode = mode
+                    with torch.no_grad():
+                        if rep == 0:
+                            layer(x)  # warm-up, and the kernel path's one-time repacking
+                        start = time.perf_counter()
+                        layer(x)
+                        times[mode].append(time.perf_counter() - start)
+            ms = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+            row = {"layer": name, "in→out": f"{k}→{n}", "tokens": tokens,
+                   **{f"{m}_ms": round(v, 2) for m, v in ms.items()},
+                   "native_GB_s": round(n * k / 2 / ms["native"] / 1e6, 1),
+                   "kernel_GB_s": round(n * k / 2 / ms["kernel"] / 1e6, 1),
+                   "native_vs_kernel": round(ms["kernel"] / ms["native"], 2),
+                   "load_avg": float(open("/proc/loadavg").read().split()[0])}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 FULL_CHILD = r"""
 import json, sys, time, torch
 import glmtune.model.loading as L
@@ -241,7 +280,7 @@ load_s = time.perf_counter() - t0
 # the KV cache at the mean length. Quantized layers count their packed weight and scales.
 weights = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
 cfg = model.config
-prompt_len, new = 64, 64
+prompt_len, new = int(sys.argv[4]), int(sys.argv[5])
 kv_per_pos = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
 step_bytes = weights + kv_per_pos * (prompt_len + new // 2)
 prompt = torch.randint(5, 60000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -278,8 +317,8 @@ print(json.dumps({"new_tokens": out.shape[1] - prompt_len, "load_s": load_s, "pr
 """
 
 
-def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
-    """Greedy decoding of the random 6B model on CPU: 64 new tokens after a 64-token prompt, bf16 compute.
+def bench_decode_6b(bits_list: list[int], repeats: int, prompt_len: int = 64, new_tokens: int = 64) -> list[dict]:
+    """Greedy decoding of the random 6B model on CPU: `new_tokens` after a `prompt_len`-token prompt, bf16 compute.
 
     Each run is a fresh process. Its decode speed is compared with the bound the memory allows in the
     same run: read bandwidth (median of samples before, during and after decoding, same threads) /
@@ -294,15 +333,21 @@ def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
         quantized = CACHE / f"chatglm2-6b-random-int{bits}"
         if not (quantized / "config.json").is_file():
             quantize_checkpoint(folder, quantized, bits, force=True)
-        for run in range(1, repeats + 1):
-            r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()))
+        # int4: glmtune's AVX2 kernel and torch's (GLMTUNE_NATIVE=0) in alternating fresh processes.
+        kernels = ("native", "torch") if bits == 4 and native_kernel_built() else ("torch",)
+        for run, kernel in [(run, kernel) for run in range(1, repeats + 1) for kernel in kernels]:
+            env = {"GLMTUNE_NATIVE": "1" if kernel == "native" else "0"}
+            r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()), str(prompt_len),
+                             str(new_tokens), env=env)
             bw = r["bw_median"]
             bound = bw / r["step_bytes"]
             kernel_bound = 1 / (r["int4_bytes"] / r["kernel_bw"] + (r["step_bytes"] - r["int4_bytes"]) / bw)
             decode = r["decode_steps"] / r["decode_s"]
-            rows.append({"bits": bits, "threads": torch.get_num_threads(), "run": run,
+            rows.append({"bits": bits, "kernel": kernel, "threads": torch.get_num_threads(), "run": run,
+                         "prompt": prompt_len, "new": new_tokens,
                          "load_avg": f"{r['load_before']:.1f}/{r['load_after']:.1f}",
                          "prefill_s": round(r["prefill_s"], 2), "decode_tok_s": round(decode, 2),
+                         "median_step_ms": round(r["median_step_s"] * 1e3),
                          "median_step_tok_s": round(1 / r["median_step_s"], 2),
                          "GB_per_token": _gb(r["step_bytes"]), "bw_GB_s": round(bw / 1e9, 1),
                          "bw_range": f"{r['bw_min'] / 1e9:.0f}-{r['bw_max'] / 1e9:.0f}",
@@ -315,6 +360,12 @@ def bench_decode_6b(bits_list: list[int], repeats: int) -> list[dict]:
                          "overall_tok_s": round(r["new_tokens"] / r["total_s"], 2)})
             print(rows[-1], flush=True)
     return rows
+
+
+def native_kernel_built() -> bool:
+    from glmtune.model import native
+
+    return native.library_path().is_file() and native.cpu_has_avx2()
 
 
 def _gb(nbytes: int) -> float:
@@ -334,6 +385,14 @@ def bench_full_6b(tokens: int, dtypes: list[str], checkpointing: bool, bits_list
     if not (folder / "pytorch_model.bin.index.json").is_file() and free < 14e9:
         raise SystemExit(f"--full-6b needs ~12.5 GB free for the checkpoint cache; {free / 1e9:.1f} GB free")
     write_random_checkpoint(folder, chatglm_cfg(SIX_B), n_shards=7, dtype="float16")
+    if dtypes == ["auto"]:  # what the CPU calls for (glmtune.model.cpu_linear.cpu_compute_dtype), said with the reason
+        from glmtune.model.cpu_linear import cpu_compute_dtype
+
+        chosen, reason = cpu_compute_dtype()
+        dtypes = [str(chosen).removeprefix("torch.")]
+        print(f"compute dtype {reason}", flush=True)
+    else:
+        print(f"compute dtype as given: {', '.join(dtypes)}", flush=True)
     rows = []
     for bits, dtype in [(b, d) for b in bits_list for d in dtypes]:
         r = run_isolated(FULL_CHILD, str(folder), dtype, str(tokens), str(torch.get_num_threads()),
@@ -351,11 +410,14 @@ def main() -> None:
     ap.add_argument("--only", default="model,layers,crossover", help="comma-separated parts to run")
     ap.add_argument("--full-6b", action="store_true", help="also load a random 6B checkpoint and train one step")
     ap.add_argument("--tokens", type=int, default=192, help="sequence length of the --full-6b training step")
-    ap.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes of the --full-6b runs")
+    ap.add_argument("--dtypes", "--dtype", default="auto",
+                    help="compute dtypes of the --full-6b runs (auto: bfloat16 where the CPU has bf16 instructions, else float32)")
     ap.add_argument("--bits", default="4,8", help="comma-separated bits of the --full-6b runs")
     ap.add_argument("--grad-ckpt", action="store_true", help="--full-6b training step with gradient checkpointing")
     ap.add_argument("--decode-6b", action="store_true", help="greedy decode speed of the random 6B model (bf16)")
     ap.add_argument("--decode-bits", default="4", help="comma-separated bits for --decode-6b")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="--decode-6b prompt length")
+    ap.add_argument("--new-tokens", type=int, default=64, help="--decode-6b tokens generated")
     ap.add_argument("--repeats", type=int, default=3, help="--decode-6b runs (fresh processes) per bits")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared machine 1 gives stable figures: with "
@@ -367,10 +429,12 @@ def main() -> None:
     # Parts not run this time keep their previous figures.
     previous = RESULTS / "quant.json"
     payload = json.loads(previous.read_text()) if previous.is_file() else {}
-    payload |= {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    payload |= {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                "instruction_set": instruction_set()}
+    print(f"instruction set: {payload['instruction_set']}; torch dispatch {payload['cpu_capability']}", flush=True)
     payload.pop("threads", None)
     threads = payload.setdefault("threads_by_section", {})
-    sections = [("model", bench_model), ("layers", bench_layers), ("crossover", bench_crossover)]
+    sections = [("model", bench_model), ("layers", bench_layers), ("crossover", bench_crossover), ("native", bench_native)]
     for name, fn in sections:
         if name in parts:
             print(f"\n== {name} ==", flush=True)
@@ -389,7 +453,8 @@ def main() -> None:
         print("\n== decode-6b ==", flush=True)
         key = f"decode_6b_threads{torch.get_num_threads()}"  # runs at other thread counts are kept
         payload.pop("decode_6b", None)  # the single-run figure of earlier versions
-        payload[key] = bench_decode_6b([int(b) for b in args.decode_bits.split(",")], args.repeats)
+        payload[key] = bench_decode_6b([int(b) for b in args.decode_bits.split(",")], args.repeats,
+                                       args.prompt_tokens, args.new_tokens)
         threads[key] = torch.get_num_threads()
         print_table(payload[key], list(payload[key][0]))
     print("results:", write_results("quant", payload))

@@ -57,6 +57,13 @@ ADGEN = dict(max_source_length=64, max_target_length=128, seed=0)
 PAD_ID, IGNORE = 0, -100
 
 
+def _instruction_set() -> str:
+    sys.path.insert(0, str(HERE.parent))
+    from common import instruction_set
+
+    return instruction_set()
+
+
 # --- shared by both workers (plain torch, no glmtune import) ------------------------------------
 
 
@@ -120,7 +127,7 @@ def worker_glmtune(gc: bool, steps: int, warmup: int, spec: dict | None) -> dict
     from glmtune.model.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
     from glmtune.model.prefix import PrefixConfig
     from glmtune.model.tiny import TinyConfig, official_config
-    from glmtune.train.loop import Dist, SampleKeyedDropout, train_step
+    from glmtune.train.loop import Dist, train_step
 
     c = CONFIG
     cfg = official_config(TinyConfig(c["num_layers"], c["hidden_size"], c["num_attention_heads"], c["kv_channels"],
@@ -134,8 +141,6 @@ def worker_glmtune(gc: bool, steps: int, warmup: int, spec: dict | None) -> dict
     model.train()
     if gc:
         model.enable_gradient_checkpointing()
-    dropout = SampleKeyedDropout(0.1, seed=42)
-    model.prefix_encoder.dropout = dropout
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 1000)
@@ -152,7 +157,7 @@ def worker_glmtune(gc: bool, steps: int, warmup: int, spec: dict | None) -> dict
     def step(batch):
         first = next(counter) * batch["input_ids"].shape[0]
         train_step(model, params, optimizer, scheduler, [(batch, list(range(first, first + batch["input_ids"].shape[0])))],
-                   Dist(), 1.0, dropout)
+                   Dist(), 1.0, seed=42)
 
     return {"times": _time_steps(step, batches, warmup), "widths": [int(b["input_ids"].shape[1]) for b in batches],
             "torch": torch.__version__}
@@ -393,6 +398,7 @@ def main() -> None:
         if args.official_code.resolve().is_relative_to(HERE.parents[1]):
             sys.exit("--official-code must be outside the glmtune repository (upstream code is not part of it)")
         (args.official_code / "__init__.py").touch()
+    print(f"instruction set: {_instruction_set()}", flush=True)
     impls = ["glmtune"] + (["official"] if args.official_code else [])
     versions: dict[str, dict] = {}
     scenarios: dict[str, dict] = {}
@@ -416,7 +422,7 @@ def main() -> None:
     payload = {
         "benchmark": "train_step", "config": CONFIG, "dtype": "float32", "device": "cpu",
         "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "instruction_set": _instruction_set()},
         "versions": versions, "official_code": str(args.official_code) if args.official_code else None,
         "scenarios": scenarios,
     }

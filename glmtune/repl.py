@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.registry import normalize_history, normalize_messages
+from glmtune.families.registry import read_history
 from glmtune.fsutil import read_json_file
 from glmtune.inference import chat as chat_api
 from glmtune.inference.chat import ChatPrompt, truncation_message
@@ -27,9 +27,7 @@ def read_history_file(path: str | Path) -> list:
     data = read_json_file(path, "history file")
     if isinstance(data, dict) and "history" in data:  # accept `--json` output as is
         data = data["history"]
-    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
-        return normalize_messages(data, source=str(path))
-    return normalize_history(data, source=str(path))
+    return read_history(data, str(path))
 
 
 def read_tools_file(path: str | Path) -> list:

@@ -13,3 +13,6 @@ else
   "$PY" -m pip install -q -r requirements.txt
 fi
 "$PY" -m pip install -q --no-deps -e .
+# int4 on x86 CPUs with AVX2: glmtune's own kernel (glmtune/model/native.py), compiled once into
+# ~/.cache/glmtune/kernels. Without a C++ compiler this prints why and int4 uses torch's kernels.
+"$PY" -m glmtune.model.native build || true

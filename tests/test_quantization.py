@@ -376,7 +376,10 @@ def test_private_quantized_cpu_kernels_are_reached_through_compat_and_exist():
 
 
 @needs_kernels
-def test_auto_mode_runs_fp32_exact_and_single_bf16_tokens_on_the_kernel():
+def test_auto_mode_runs_fp32_exact_and_single_bf16_tokens_on_the_kernel(monkeypatch):
+    from glmtune.model import native
+
+    monkeypatch.setattr(native, "supports", lambda n, k: False)  # torch's kernel (the native one: test_native_kernel.py)
     layer = QuantizedLinear.from_float(_linear(256, 112), 4)
     layer(torch.randn(1, 256))  # fp32: exact path, the official layout is untouched
     assert layer.weight.dtype == torch.int8

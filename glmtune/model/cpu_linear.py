@@ -87,3 +87,27 @@ def use_onednn_linears(model: nn.Module) -> nn.Module:
         if type(module) is nn.Linear:
             module.__class__ = OneDNNLinear
     return model
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is not there)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return set()
+
+
+def cpu_compute_dtype(flags: set[str] | None = None) -> tuple[torch.dtype, str]:
+    """The compute dtype a CPU run should use when none is given, and why.
+
+    bf16 halves the bytes of every activation, but its products are fast only where the CPU has bf16
+    instructions (AVX512_BF16 or AMX); elsewhere oneDNN emulates them through fp32 conversions, and the
+    6B int4 P-tuning step did not finish in 20 minutes on a 2-core AVX2 EPYC that does the same step's
+    ~6e12 fp32 FLOPs at ~190 GFLOP/s peak. So: bf16 with bf16 instructions, fp32 without."""
+    flags = cpu_flags() if flags is None else flags
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return torch.bfloat16, f"bfloat16: the CPU has bf16 instructions ({', '.join(native)})"
+    return torch.float32, "float32: the CPU has no bf16 instructions (avx512_bf16 / amx_bf16), bf16 products would be emulated"
+

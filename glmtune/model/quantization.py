@@ -16,11 +16,17 @@ even column in the high nibble. State-dict names are the official `*.weight` (in
   with bf16 activations they are vectorised, 5-20x faster than dequantizing for a few tokens (the
   scale is then rounded to bf16).
 
+* native (int4 only, x86 with AVX2, once built): glmtune's int4 x int8 kernel (`glmtune.model.native`) on
+  the official layout as it is; activations rounded to int8 per block of 32, ~5e-3 relative error,
+  the same order as bf16's. On AVX2-only CPUs torch's int4 kernel is compute-bound (bench/README.md).
+
 `mode="auto"` (default) picks per call from bits, activation dtype and row count (`AUTO_KERNEL_MAX_ROWS`,
 measured by bench/quant.py): fp32 and fp16 always run exact, bf16 runs the kernels up to 32 (int8) /
-128 (int4) rows, i.e. decoding and short prompts. "exact", "kernel" and "bf16" (fp32/fp16 activations
-cast to bf16 for the kernels: fastest, least exact) force a path. CUDA always uses the exact path (no
-cpm_kernels).
+128 (int4) rows, i.e. decoding and short prompts; for int4 with bf16 activations the native kernel
+takes the place of torch's where it is built (up to `NATIVE_MAX_ROWS`, exact above). "exact",
+"kernel", "native" and "bf16" (fp32/fp16 activations cast to bf16 for torch's kernels: fastest, least
+exact) force a path ("native" where it cannot run: what auto would pick). CUDA always uses the exact
+path (no cpm_kernels).
 
 The backward pass gives the input gradient (a P-tuning prefix trains through the frozen model) from
 column blocks of the integer weight, so no full dequantized or transposed weight is ever kept.
@@ -39,11 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmtune import compat
-from glmtune.model import qkernels
+from glmtune.model import native, qkernels
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
 
-MODES = ("auto", "exact", "kernel", "bf16")
+MODES = ("auto", "exact", "kernel", "bf16", "native")
 # auto mode: the kernels run when a call has at most this many rows (tokens), per (bits, dtype);
 # crossovers measured at the 6B shapes by bench/quant.py (section "crossover", AVX512 CPU, 1 and 2
 # threads). The bf16 kernels are vectorised: int4 beats dequantize + BLAS up to ~128 rows, int8 up to
@@ -59,6 +65,11 @@ AUTO_KERNEL_MAX_ROWS = {
     (8, torch.float32): 0, (4, torch.float32): 0,
     (8, torch.float16): 0, (4, torch.float16): 0,
 }
+# auto mode with bf16 activations, int4, where glmtune's AVX2 kernel is built (glmtune.model.native): it
+# runs up to this many rows, the exact path above (torch's int4 kernel is then never used, so the
+# weight keeps the official layout). Measured by bench/quant.py (section "native") on the 2-core AVX2
+# EPYC: at 64 and 128 rows it took 0.31-0.57x the exact path's time at the gate/up and down shapes.
+NATIVE_MAX_ROWS = 128
 # Dequantized blocks stay under this many elements (16 MB in fp32) in the exact path and backward.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -179,6 +190,7 @@ class QuantizedLinear(compat.ModuleStateHooks, nn.Module):
             self.register_parameter("bias", None)
         self._kernel_scale: tuple[torch.dtype, torch.Tensor] | None = None
         self._kernel_supported: bool | None = None
+        self._native_supported: bool | None = None
         self._kernel_pad = qkernels.int4_kernel_width(in_features) - in_features if bits == 4 else 0
 
     @classmethod
@@ -280,7 +292,13 @@ class QuantizedLinear(compat.ModuleStateHooks, nn.Module):
         if mode not in MODES:
             raise GlmtuneError(f"QuantizedLinear.mode: expected one of {MODES}, found {mode!r}")
         if (mode == "exact" or x.device.type != "cpu" or weight.device.type != "cpu"
-                or x.dtype not in qkernels.KERNEL_DTYPES or not self._kernel_ok()):
+                or x.dtype not in qkernels.KERNEL_DTYPES):
+            return "exact"
+        if mode == "native" or (mode == "auto" and x.dtype == torch.bfloat16):
+            if self._native_ok():
+                return "native" if mode == "native" or x.shape[0] <= NATIVE_MAX_ROWS else "exact"
+            mode = "auto"  # not built or not supported here: what auto picks without it
+        if not self._kernel_ok():
             return "exact"
         if mode != "auto":
             return mode
@@ -292,6 +310,11 @@ class QuantizedLinear(compat.ModuleStateHooks, nn.Module):
         if self._kernel_supported is None:
             self._kernel_supported = qkernels.kernel_supported(self.bits, self.out_features, self.in_features)
         return self._kernel_supported
+
+    def _native_ok(self) -> bool:
+        if self._native_supported is None:
+            self._native_supported = self.bits == 4 and native.supports(self.out_features, self.in_features)
+        return self._native_supported
 
     def _scale_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self._kernel_scale is None or self._kernel_scale[0] != dtype:
@@ -319,6 +342,11 @@ class QuantizedLinear(compat.ModuleStateHooks, nn.Module):
         b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
         if path == "kernel":
             y = self._kernel(x)
+            return y if b is None else y.add_(b)
+        if path == "native":
+            if self._cpu_layout:  # torch's kernel ran before (mode "kernel"): the native one reads the official layout
+                self._to_official_layout()
+            y = native.int4_mm(x.contiguous(), self.weight, self.weight_scale)
             return y if b is None else y.add_(b)
         if path == "bf16":
             y = self._kernel(x.to(torch.bfloat16)).to(x.dtype)
