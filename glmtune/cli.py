@@ -519,7 +519,7 @@ def serve(
     from glmtune.serve.models import parse_adapter_specs
 
     adapters = parse_adapter_specs(adapter)
-    from glmtune.serve.api import run_server
+    from glmtune.serve.server import run_server
 
     run_server(model_path, adapters=adapters, ptuning_checkpoint=ptuning_checkpoint, served_name=served_name,
                quantization_bit=quantization_bit, dtype=dtype, device=device, host=host, port=port, api_key=api_key,

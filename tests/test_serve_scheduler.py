@@ -16,7 +16,8 @@ from glmtune.inference import chat as chat_lib
 from glmtune.errors import GlmtuneError
 from glmtune.model.loading import load_model, save_prefix_checkpoint
 from glmtune.serve.models import load_served_models, parse_adapter_specs
-from glmtune.serve.scheduler import Request, SamplingParams, Scheduler, run_to_completion
+from glmtune.serve.engine import Engine, Request, SamplingParams, run_to_completion
+from glmtune.serve.output import CHAT_RULES
 from glmtune.model.tiny import init_model
 
 QUERIES = ["你好", "这款连衣裙适合什么场合", "写一句广告词", "裤子"]
@@ -49,7 +50,7 @@ def served(tiny):
 
 @pytest.fixture()
 def scheduler(served):
-    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size=8).start()
+    sched = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size=8).start()
     yield sched
     sched.close()
 
@@ -62,7 +63,7 @@ def prompt_ids(served, query, history=()):
 def greedy(served, query, adapter, max_tokens=10, **kw):
     return dict(prompt_ids=prompt_ids(served, query), adapter=adapter,
                 params=SamplingParams(max_tokens=max_tokens, temperature=0, **kw),
-                postprocess=chat_lib.process_response)
+                postprocess=CHAT_RULES)
 
 
 class Collector:
@@ -90,7 +91,7 @@ def test_greedy_answer_equals_chat_token_for_token(tiny, served, scheduler, adap
     reference = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
     text, final, _ = run_to_completion(scheduler, dict(
         prompt_ids=ids, adapter=adapter, params=SamplingParams(max_tokens=12, temperature=0),
-        postprocess=chat_lib.process_response))
+        postprocess=CHAT_RULES))
     assert final.token_ids == reference.tolist()
     assert text == expected
     assert final.finish_reason == "length" and final.completion_tokens == 12
@@ -227,12 +228,12 @@ def test_a_merged_folder_serves_its_prefix_under_the_base_name(tiny, served, tmp
     merge_checkpoint(model_dir, a, merged)
     alone = load_served_models(merged, device="cpu", dtype="float32")
     assert list(alone.adapters) == ["merged"] and alone.adapters["merged"].pre_seq_len == 4
-    sched = Scheduler(alone.model, alone.tokenizer, alone.adapters, alone.stop_ids).start()
+    sched = Engine(alone.model, alone.tokenizer, alone.adapters, alone.stop_ids).start()
     try:
         merged_ids = run_to_completion(sched, greedy(alone, QUERIES[0], "merged"))[1].token_ids
     finally:
         sched.close()
-    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
+    sched = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
     try:
         assert run_to_completion(sched, greedy(served, QUERIES[0], "a"))[1].token_ids == merged_ids
     finally:
@@ -252,27 +253,8 @@ def test_int8_base_greedy_answer_equals_chat_with_the_same_quantization(tiny):
     served = load_served_models(model_dir, adapters={"b": b}, quantization_bit=8, device="cpu", dtype="float32")
     model, tokenizer = chat_lib.load_chat_model(model_dir, b, quantization_bit=8, device="cpu", dtype="float32")
     expected, _ = chat_lib.chat(model, tokenizer, QUERIES[1], do_sample=False, max_new_tokens=10)
-    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
+    sched = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
     try:
         assert run_to_completion(sched, greedy(served, QUERIES[1], "b"))[0] == expected
     finally:
         sched.close()
-
-
-def test_a_row_with_non_finite_logits_gets_the_official_guard_token_and_its_neighbours_do_not(served):
-    """The batched pick: a row with inf or NaN logits answers INVALID_SCORE_TOKEN (as chat's
-    InvalidScoreLogitsProcessor), finite rows their own argmax, a finite row with an overflowing
-    sum its argmax too (its sum is not finite, so the exact per-element test decides)."""
-    from glmtune.serve.scheduler import _Row
-
-    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids)
-    rows = [_Row(Request(**greedy(served, "你好", "a"), notify=lambda e: None), None) for _ in range(4)]
-    logits = torch.zeros(4, served.model.config.vocab_size)
-    logits[0, 7] = 1.0
-    logits[1, 3] = float("inf")
-    logits[2, 5] = float("nan")
-    logits[3, :] = 3e38  # finite values whose sum overflows
-    logits[3, 11] = 3.3e38
-    sched._take_all(rows, logits)
-    guard = chat_lib.INVALID_SCORE_TOKEN
-    assert [r.ids for r in rows] == [[7], [guard], [guard], [11]]

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from glmtune.serve import protocol  # noqa: E402
 from glmtune.serve.api import create_app  # noqa: E402
 from glmtune.serve.protocol import ApiError, ChatRequest, chat_prompt_ids, reply_tool_call  # noqa: E402
-from glmtune.serve.scheduler import Event  # noqa: E402
+from glmtune.serve.request import Event  # noqa: E402
 from glmtune.families.tokenizer import load_tokenizer  # noqa: E402
 
 WEATHER = {"name": "get_weather", "description": "查询指定城市的实时天气",
