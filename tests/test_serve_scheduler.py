@@ -258,3 +258,132 @@ def test_int8_base_greedy_answer_equals_chat_with_the_same_quantization(tiny):
         assert run_to_completion(sched, greedy(served, QUERIES[1], "b"))[0] == expected
     finally:
         sched.close()
+
+
+# --- chunked prefill and the prefix cache ---------------------------------------------------------
+
+
+def long_prompt(served):
+    history = [("你好", "你好，我是助手"), ("这款连衣裙适合什么场合", "适合夏天的聚会和约会")]
+    return prompt_ids(served, "写一句广告词", history)
+
+
+def test_a_prompt_prefilled_in_chunks_between_decode_steps_answers_as_alone(served, scheduler):
+    ids = long_prompt(served)
+    alone = run_to_completion(scheduler, dict(prompt_ids=ids, adapter="b", params=SamplingParams(12, temperature=0)))
+    engine = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, prefill_chunk=8).start()
+    try:
+        running = Collector()
+        engine.submit(Request(notify=running, **greedy(served, QUERIES[0], "a", max_tokens=80)))
+        while engine.active_rows < 1:
+            time.sleep(0.005)
+        chunked = run_to_completion(engine, dict(prompt_ids=ids, adapter="b", params=SamplingParams(12, temperature=0)))
+        assert running.done.wait(60) and running.final.finish_reason == "length"
+    finally:
+        engine.close()
+    assert len(ids) > 3 * 8 and engine.stats["prefill_chunks"] >= len(ids) // 8
+    assert chunked[1].token_ids == alone[1].token_ids and chunked[0] == alone[0]
+
+
+def test_a_prompt_that_starts_like_a_cached_one_reuses_its_keys_and_answers_the_same(served, scheduler):
+    window = chat_lib.context_window(served.model)
+    system = [("你是一个广告文案助手，回答要简短，有创意。", "好的")]
+    prompts = [chat_lib.build_chat_prompt(served.tokenizer, q, system, window=window, answer_room=16).input_ids
+               for q in QUERIES[:3]]
+    expected = {(i, a): run_to_completion(scheduler, dict(prompt_ids=p, adapter=a, params=SamplingParams(10, temperature=0)))[1].token_ids
+                for i, p in enumerate(prompts) for a in ("a", "b")}
+    engine = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, prefix_cache_min=8).start()
+    try:
+        got = {(i, a): run_to_completion(engine, dict(prompt_ids=p, adapter=a, params=SamplingParams(10, temperature=0)))[1].token_ids
+               for i, p in enumerate(prompts) for a in ("a", "b")}
+    finally:
+        engine.close()
+    assert got == expected
+    # The first prompt of each adapter fills the cache; the two others of each reuse the shared start.
+    assert engine.stats["prefix_cache_hits"] == 4 and engine.stats["prefix_cache_tokens"] >= 4 * 20
+
+
+# --- failure semantics ---------------------------------------------------------------------------
+
+
+class Counting(Collector):
+    def __init__(self, fail_at=None):
+        super().__init__()
+        self.finals, self.calls, self.fail_at = 0, 0, fail_at
+
+    def __call__(self, event):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("consumer broke")
+        if event.finish_reason is not None:
+            self.finals += 1
+        super().__call__(event)
+
+
+def once(fn):
+    """`fn` that raises the first time it is called, then behaves."""
+    state = {"raised": False}
+
+    def wrapper(*args, **kwargs):
+        if not state["raised"]:
+            state["raised"] = True
+            raise RuntimeError("injected fault")
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("where", ["prefill", "merge", "forward", "sampling", "detokenize", "notify"])
+def test_a_fault_anywhere_gives_every_request_one_final_event_and_fails_only_those_concerned(served, where):
+    engine = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size=16).start()
+    try:
+        eight = []
+        for i in range(8):
+            c = Counting(fail_at=3 if (where == "notify" and i == 0) else None)
+            params = SamplingParams(max_tokens=40, temperature=0.8 if i == 0 else 0, seed=i)
+            handle = engine.submit(Request(prompt_ids=prompt_ids(served, QUERIES[i % 4]), adapter=("model", "a", "b")[i % 3],
+                                           params=params, notify=c))
+            state = engine._live[handle.request.id]
+            if i == 0 and where == "detokenize":
+                state.output.detokenizer.add = once(state.output.detokenizer.add)
+            eight.append((c, state))
+        if where == "sampling":  # the sampled row's sampler breaks once it exists
+            deadline = time.time() + 30
+            while eight[0][1].sampler is None and time.time() < deadline:
+                time.sleep(0.001)
+            eight[0][1].sampler.pick = once(eight[0][1].sampler.pick)
+        while len(engine.runner.rows) < 8 and not any(c.done.is_set() for c, _ in eight):
+            time.sleep(0.002)
+        late = []
+        if where in ("prefill", "merge", "forward"):
+            target = {"prefill": "prefill", "merge": "merge", "forward": "decode"}[where]
+            setattr(engine.runner, target, once(getattr(engine.runner, target)))
+            if where != "forward":
+                for q in QUERIES[:2]:
+                    c = Counting()
+                    engine.submit(Request(notify=c, **greedy(served, q, "a", max_tokens=5)))
+                    late.append(c)
+        everyone = [c for c, _ in eight] + late
+        for c in everyone:
+            assert c.done.wait(60), where  # every client gets its final event
+        assert all(c.finals == 1 for c in everyone)
+        failed = [c for c in everyone if c.final.finish_reason == "error"]
+        concerned = {"prefill": late, "merge": late, "forward": [c for c, _ in eight]}.get(where, [eight[0][0]])
+        assert failed == concerned, (where, [c.final.finish_reason for c in everyone])
+        assert all(where in c.final.error_kind or c.final.error_kind == where for c in failed)
+        assert all(c.final.finish_reason == "length" for c in everyone if c not in concerned)
+        # Still serving.
+        _, final, _ = run_to_completion(engine, greedy(served, QUERIES[1], "b", max_tokens=4))
+        assert final.finish_reason == "length" and engine.live == 0 and engine.active_rows == 0
+    finally:
+        engine.close()
+
+
+def test_closing_the_engine_ends_waiting_and_running_requests_with_a_final_event(served):
+    engine = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size=2).start()
+    collectors = [Counting() for _ in range(4)]
+    for c in collectors:
+        engine.submit(Request(notify=c, **greedy(served, QUERIES[0], "a", max_tokens=500)))
+    while engine.active_rows < 2:
+        time.sleep(0.002)
+    engine.close()
+    assert all(c.done.is_set() and c.finals == 1 and c.final.error_kind == "shutdown" for c in collectors)
