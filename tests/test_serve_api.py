@@ -206,11 +206,49 @@ def test_malformed_json_is_a_400(server):
     ({"messages": [{"role": "tool", "content": "a"}]}, "messages.0", "need a ChatGLM3 model"),  # ChatGLM2
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "need a ChatGLM3 model"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences"),
+    ({"stream": "yes"}, "stream", "valid boolean"),
+    ({"max_tokens": True}, "max_tokens", "valid integer"),
+    ({"max_tokens": 1.5}, "max_tokens", "valid integer"),
+    ({"seed": 2**70}, "seed", "less than or equal to 9223372036854775807"),
+    ({"temperature": float("nan")}, "temperature", "expected a finite number, found nan"),
+    ({"top_p": float("inf")}, "top_p", "expected a finite number, found inf"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -float("inf")}, "temperature", "finite number"),
 ])
 def test_bad_fields_are_a_400_naming_the_field(server, change, param, words):
     body = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
-    err = error_of(post(server[0], body), 400)
+    err = error_of(post(server[0], raw=json.dumps(body).encode()), 400)  # json.dumps writes NaN / Infinity as JS does
     assert err["param"] == param and words in err["message"]
+
+
+@pytest.mark.parametrize("raw, param, words", [
+    (b'{"model": "a", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content", "unpaired surrogate"),
+    (b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "stop": ["\\udfff"]}', "stop.0", "unpaired surrogate"),
+    (b'{"model": "a", "messages": ' + b"[" * 100 + b"]" * 100 + b"}", "messages", "nested too deeply"),
+    (b'{"model": "a", "messages": ' + b"[" * 9000 + b"]" * 9000 + b"}", None, "nested too deeply"),
+])
+def test_bodies_json_allows_but_a_request_must_not_carry_are_a_400_and_the_connection_keeps_serving(server, raw, param,
+                                                                                                     words):
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        err = error_of(http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+        assert err["param"] == param and words in err["message"]
+        assert http.post("/v1/chat/completions", json={**GOOD, "temperature": 0}).status_code == 200  # same connection
+
+
+def test_metrics_count_requests_tokens_and_latencies_in_the_prometheus_format(server):
+    url = server[0]
+    assert post(url, {**GOOD, "temperature": 0}).status_code == 200
+    assert post(url, {**GOOD, "model": "nope"}).status_code == 404
+    text = httpx.get(url + "/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("glmtune_requests_total", (("model", "a"), ("status", "200")))] >= 1
+    assert samples[("glmtune_requests_total", (("model", ""), ("status", "404")))] >= 1
+    assert samples[("glmtune_generation_tokens_total", (("model", "a"),))] >= 2
+    assert samples[("glmtune_time_to_first_token_seconds_count", ())] >= 1
+    assert ("glmtune_inter_token_latency_seconds_count", ()) in samples
+    assert ("glmtune_queue_depth", ()) in samples and ("glmtune_running_rows", ()) in samples
 
 
 def test_unknown_model_is_a_404(server):
