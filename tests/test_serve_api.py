@@ -423,24 +423,120 @@ def test_a_port_in_use_is_one_clear_error_with_exit_code_2(tiny):
     assert "address already in use" in done.stderr.lower() and "Traceback" not in done.stderr
 
 
+def sse_events(response):
+    """The JSON payloads of an SSE response, then "[DONE]"."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield "[DONE]" if line == "data: [DONE]" else json.loads(line[6:])
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_sigterm_or_ctrl_c_stops_the_server_cleanly_mid_answer(tiny, tmp_path, sig):
-    """The model runs on the main thread and HTTP on another: both signals must still end the process (exit 0)."""
+def test_a_signal_drains_refuses_new_work_ends_every_stream_with_a_final_event_and_exits_0(tiny, tmp_path, sig):
+    """Draining: /health and new requests 503, a short answer finishes, a long one is ended at --drain-timeout
+    with an SSE error and [DONE], the waiting one too; exit 0 with no traceback. Before that: a full queue is a 429."""
     import signal
 
     model_dir, _, _ = tiny
     proc, url = start_server(["--model-path", str(model_dir), "--device", "cpu", "--dtype", "float32",
-                              "--max-new-tokens", "100000", "--max-length", "100000"], tmp_path / "server.log")
-    try:
-        body = {"model": "model", "prompt": "你好", "max_tokens": 100000, "stream": True}
+                              "--max-new-tokens", "100000", "--max-length", "100000", "--max-batch-size", "2",
+                              "--max-queue", "1", "--drain-timeout", "8"], tmp_path / "server.log")
+    results = {}
+
+    def run(name, max_tokens):
+        body = {"model": "model", "prompt": "你好", "max_tokens": max_tokens, "stream": True, "temperature": 0}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            next(r.iter_lines())  # a row is decoding
-            proc.send_signal(getattr(signal, sig))
-            assert proc.wait(timeout=30) == 0
+            results[name] = list(sse_events(r))
+
+    try:
+        long = threading.Thread(target=run, args=("long", 100000))
+        long.start()
+        while active_rows(url) < 1:
+            time.sleep(0.01)
+        short = threading.Thread(target=run, args=("short", 30))
+        short.start()
+        while active_rows(url) < 2:
+            time.sleep(0.01)
+        waiting = threading.Thread(target=run, args=("waiting", 5))
+        waiting.start()
+        while httpx.get(url + "/health").json()["waiting"] < 1:
+            time.sleep(0.01)
+        full = post(url, {"model": "model", "prompt": "x", "max_tokens": 2}, key=None, path="/v1/completions")
+        err = error_of(full, 429)
+        assert full.headers["retry-after"] == "1" and err["code"] == "rate_limit_exceeded"
+        proc.send_signal(getattr(signal, sig))
+        time.sleep(0.3)
+        assert httpx.get(url + "/health").status_code == 503
+        assert error_of(post(url, {"model": "model", "prompt": "x"}, key=None, path="/v1/completions"), 503)
+        for t in (long, short, waiting):
+            t.join(30)
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert "choices" in results["short"][-2] and results["short"][-2]["choices"][0]["finish_reason"] == "length", results["short"][-3:]
+    assert results["short"][-1] == "[DONE]"
+    assert results["long"][-1] == "[DONE]" and results["long"][-2]["error"]["code"] == "shutdown"
+    # Accepted before the signal: it may still get a row during the drain, or be ended; either way a final event.
+    last = results["waiting"][-2]
+    assert results["waiting"][-1] == "[DONE]" and ("error" in last or last["choices"][0]["finish_reason"] == "length")
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_a_second_signal_exits_at_once(tiny, tmp_path):
+    import signal
+
+    model_dir, _, _ = tiny
+    proc, url = start_server(["--model-path", str(model_dir), "--device", "cpu", "--dtype", "float32",
+                              "--max-new-tokens", "100000", "--max-length", "100000", "--drain-timeout", "600"],
+                             tmp_path / "server.log")
+    try:
+        body = {"model": "model", "prompt": "你好", "max_tokens": 100000, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # draining: the stream may run up to 600 s
+            started = time.time()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 128 + signal.SIGTERM and time.time() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_health_is_503_while_the_model_loads():
+    from fastapi.testclient import TestClient
+
+    from glmtune.serve.server import Gate
+
+    with TestClient(Gate()) as http:
+        reply = http.get("/health")
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "loading"
+        assert http.post("/v1/completions", json={}).status_code == 503
+
+
+def test_two_replicas_behind_a_round_robin_client_give_identical_greedy_answers(tiny, tmp_path):
+    """No state between requests: any replica answers any request the same (what a load balancer needs)."""
+    model_dir, a, _ = tiny
+    args = ["--model-path", str(model_dir), "--adapter", f"a={a}", "--device", "cpu", "--dtype", "float32",
+            "--max-length", "512"]
+    replicas = [start_server(args, tmp_path / f"replica{i}.log") for i in range(2)]
+    try:
+        urls = [url for _, url in replicas]
+        answers: dict[tuple, set] = {}
+        for i in range(8):  # round robin: each question goes to both replicas over the run
+            url = urls[i % 2]
+            model, query = ("model", "a")[i // 2 % 2], ("你好", "写一句广告词")[i // 4]
+            reply = post(url, {"model": model, "messages": [{"role": "user", "content": query}], "temperature": 0,
+                               "max_tokens": 12}, key=None)
+            assert reply.status_code == 200 and httpx.get(url + "/health").status_code == 200
+            answers.setdefault((model, query), set()).add((url, reply.json()["choices"][0]["message"]["content"]))
+        for key, got in answers.items():
+            assert {u for u, _ in got} == set(urls) and len({text for _, text in got}) == 1, (key, got)
+    finally:
+        for proc, _ in replicas:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 # --- the page in a real browser ------------------------------------------------------------------
