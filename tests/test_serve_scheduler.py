@@ -387,3 +387,12 @@ def test_closing_the_engine_ends_waiting_and_running_requests_with_a_final_event
         time.sleep(0.002)
     engine.close()
     assert all(c.done.is_set() and c.finals == 1 and c.final.error_kind == "shutdown" for c in collectors)
+
+
+def test_a_request_past_its_deadline_ends_with_a_timeout_error_and_frees_its_row(served, scheduler):
+    c = Counting()
+    args = greedy(served, QUERIES[0], "a", max_tokens=100000)
+    scheduler.submit(Request(notify=c, deadline=time.monotonic() + 0.5, window=0, **args))
+    assert c.done.wait(30) and c.finals == 1
+    assert c.final.finish_reason == "error" and c.final.error_kind == "timeout" and c.final.completion_tokens > 0
+    assert scheduler.stats["timeouts"] == 1 and scheduler.active_rows == 0
