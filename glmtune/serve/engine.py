@@ -54,7 +54,7 @@ class Engine:
     """Owns the model on one thread. `adapters` maps a served id to its prefix (`glmtune.serve.models`).
 
     `observer`, if given, is told about tokens and finished requests (the server's metrics): it gets
-    `first_token(request, seconds)`, `token_gap(seconds)` and `finished(request, event)`."""
+    `first_token(request, seconds)`, `token_gap(request, seconds)` and `finished(request, event)`."""
 
     def __init__(self, model, tokenizer, adapters: dict, stop_ids, max_batch_size: int = 8, *,
                  max_queue: int = 256, prefill_chunk: int = 512, prefix_cache_tokens: int = 16384,
@@ -279,7 +279,7 @@ class Engine:
                 state.first_token = now
                 self.observer.first_token(state.request, now - state.arrived)
             else:
-                self.observer.token_gap(now - state.last_token)
+                self.observer.token_gap(state.request, now - state.last_token)
         except Exception:  # noqa: BLE001 - metrics never fail a request
             pass
         state.last_token = now

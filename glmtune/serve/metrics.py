@@ -54,7 +54,7 @@ class EngineObserver:
     def first_token(self, request, seconds: float) -> None:
         self.metrics.ttft.observe(seconds)
 
-    def token_gap(self, seconds: float) -> None:
+    def token_gap(self, request, seconds: float) -> None:
         self.metrics.inter_token.observe(seconds)
 
     def finished(self, request, event) -> None:
