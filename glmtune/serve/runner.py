@@ -43,6 +43,12 @@ class Batch:
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     prefix_mask: torch.Tensor  # [rows, slots] bool
     real_mask: torch.Tensor  # [rows, real] long
+    # The cache object holding `layers`, kept between steps: building one copies every tensor (transformers'
+    # DynamicLayer concatenates onto an empty tensor), so it is rebuilt only when `layers` is replaced.
+    cache: object = None
+
+    def set_layers(self, layers) -> None:
+        self.layers, self.cache = layers, None
 
 
 class PrefixCache:
@@ -138,10 +144,13 @@ class Runner:
 
     def _forward(self, batch: Batch, ids: torch.Tensor, real_mask: torch.Tensor):
         """Run `ids` [rows, q] after what `batch` holds; the batch takes the grown cache and mask."""
-        cache = new_dynamic_cache(layers=batch.layers) if batch.layers[0][0].shape[2] else new_dynamic_cache(self.model.config)
+        cache = batch.cache
+        if cache is None:
+            cache = new_dynamic_cache(layers=batch.layers) if batch.layers[0][0].shape[2] else new_dynamic_cache(self.model.config)
+        batch.cache = None  # a failed forward may have grown some layers of it
         out = self.model(input_ids=ids, attention_mask=real_mask, cache=cache, use_cache=True,
                          prefix_mask=batch.prefix_mask, logits_to_keep=1)
-        batch.layers, batch.real_mask = cache_tensors(out.cache), real_mask
+        batch.layers, batch.real_mask, batch.cache = cache_tensors(out.cache), real_mask, out.cache
         return out.logits[:, -1]
 
     def prefill(self, items: list[tuple[int, str, list[int]]]) -> tuple[Batch, torch.Tensor]:
@@ -159,8 +168,6 @@ class Runner:
         for j, (_, _, prompt) in enumerate(items):
             real_mask[j, width - len(prompt):] = 1
             ids[j, width - len(prompt):] = torch.tensor(prompt, device=self.device)
-        if not batch.layers[0][0].shape[2]:  # no row has a prefix: the cache starts empty
-            batch.layers = [(k[:, :, :0], v[:, :, :0]) for k, v in batch.layers]
         logits = self._forward(batch, ids, real_mask)
         slots = batch.prefix_mask.shape[1]
         for j, (_, name, prompt) in enumerate(items):
@@ -177,7 +184,7 @@ class Runner:
             batch, _ = self._empty([rid], [self.adapters[adapter]], 0)
             reused, kv = self.prefix_cache.lookup(adapter, prompt)
             if kv is not None:
-                batch.layers = [(torch.cat([k, ck], 2), torch.cat([v, cv], 2)) for (k, v), (ck, cv) in zip(batch.layers, kv)]
+                batch.set_layers([(torch.cat([k, ck], 2), torch.cat([v, cv], 2)) for (k, v), (ck, cv) in zip(batch.layers, kv)])
                 batch.real_mask = torch.ones(1, reused, dtype=torch.long, device=self.device)
                 self.prefix_cache.hits += 1
                 self.prefix_cache.reused_tokens += reused
@@ -185,8 +192,6 @@ class Runner:
         end = max(end, state.done + 1)
         ids = torch.tensor([prompt[state.done:end]], dtype=torch.long, device=self.device)
         real_mask = torch.ones(1, end, dtype=torch.long, device=self.device)
-        if not state.batch.layers[0][0].shape[2] and state.done == 0:
-            state.batch.layers = [(k[:, :, :0], v[:, :, :0]) for k, v in state.batch.layers]
         logits = self._forward(state.batch, ids, real_mask)
         state.done = end
         if end < len(prompt):
