@@ -90,7 +90,8 @@ def make_engine(served, clock, **kw):
 
 
 def gaps_between(times: list[float], start: float, end: float) -> list[float]:
-    return [b - a for a, b in zip(times, times[1:]) if start <= b <= end]
+    """Gaps between consecutive tokens that overlap [start, end] (the one spanning a whole prefill included)."""
+    return [b - a for a, b in zip(times, times[1:]) if b >= start and a <= end]
 
 
 def chunked(served, vocab: int, prefill_chunk: int, decode_tokens: int = 160) -> dict:
@@ -121,8 +122,8 @@ def chunked(served, vocab: int, prefill_chunk: int, decode_tokens: int = 160) ->
         quiet, busy = [], []
         for rid in window["streams"]:
             times = clock.times[rid]
-            quiet += gaps_between(times, times[5], window["quiet_end"])
-            busy += gaps_between(times, window["arrived"], window["first"] + 0.001)
+            quiet += [b - a for a, b in zip(times[5:], times[6:]) if b <= window["quiet_end"]]
+            busy += gaps_between(times, window["arrived"], window["first"])
         out[label] = {"undisturbed_p95_ms": round(1000 * percentile(quiet, 0.95), 1),
                       "during_prefill_p95_ms": round(1000 * percentile(busy, 0.95), 1),
                       "during_prefill_max_ms": round(1000 * max(busy), 1),
