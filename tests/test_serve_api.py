@@ -490,9 +490,11 @@ def test_a_second_signal_exits_at_once(tiny, tmp_path):
                               "--max-new-tokens", "100000", "--max-length", "100000", "--drain-timeout", "600"],
                              tmp_path / "server.log")
     try:
-        body = {"model": "model", "prompt": "你好", "max_tokens": 100000, "stream": True}
+        body = {"model": "model", "prompt": "你好", "max_tokens": 100000, "stream": True, "temperature": 0}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()
+            first = next(lines)
+            assert active_rows(url) == 1, (first, list(lines)[-3:])
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
             assert proc.poll() is None  # draining: the stream may run up to 600 s

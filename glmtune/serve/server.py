@@ -135,7 +135,7 @@ def run_server(
             while engine.live and time.monotonic() < deadline:
                 time.sleep(0.05)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         server.should_exit = True
         http.join(timeout=15)
+        for s, handler in previous.items():  # only now: a second signal while HTTP closes still exits at once
+            signal.signal(s, handler)
