@@ -475,7 +475,11 @@ def test_a_signal_drains_refuses_new_work_ends_every_stream_with_a_final_event_a
             proc.kill()
     assert "choices" in results["short"][-2] and results["short"][-2]["choices"][0]["finish_reason"] == "length", results["short"][-3:]
     assert results["short"][-1] == "[DONE]"
-    assert results["long"][-1] == "[DONE]" and results["long"][-2]["error"]["code"] == "shutdown"
+    # The long answer is ended at --drain-timeout (a shutdown error), unless the tiny model's greedy answer reached
+    # its 2,048-token window first on a fast machine; either way one final event, then [DONE].
+    last = results["long"][-2]
+    assert results["long"][-1] == "[DONE]"
+    assert last["error"]["code"] == "shutdown" if "error" in last else last["choices"][0]["finish_reason"] in ("length", "stop")
     # Accepted before the signal: it may still get a row during the drain, or be ended; either way a final event.
     last = results["waiting"][-2]
     assert results["waiting"][-1] == "[DONE]" and ("error" in last or last["choices"][0]["finish_reason"] == "length")
