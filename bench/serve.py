@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval as eval_bench  # noqa: E402  (the mid model builder)
+import serve_engine  # noqa: E402  (the in-process engine figures)
 
 from glmtune.model.prefix import PrefixConfig, PrefixEncoder, official_prefix_state  # noqa: E402
 from glmtune.model.tiny import DATA_DIR  # noqa: E402
@@ -161,6 +163,88 @@ def run_setting(url: str, jobs: list[tuple[str, str]], max_tokens: int, concurre
             client.close()
 
 
+def soak(url: str, requests: int, clients: int, seed: int = 0) -> dict:
+    """`requests` streamed chats from `clients` threads: adapters mixed, random lengths, 10% cancelled after the
+    first chunk, 5% malformed. Stranded: a request with no final event (no [DONE], no error, no 4xx)."""
+    rng = random.Random(seed)
+    kinds = rng.choices(["ok", "cancel", "bad"], weights=[85, 10, 5], k=requests)
+    jobs = [(kind, rng.choice(["A", "B", "C", "base"]), rng.randint(1, 48), rng.randint(1, 40)) for kind in kinds]
+    outcome = {"ok": 0, "cancelled": 0, "bad_4xx": 0, "stranded": 0, "5xx_well_formed": 0, "other": []}
+    lock = threading.Lock()
+    todo = iter(range(requests))
+
+    def one(kind, model, prompt_len, max_tokens):
+        body = {"model": model, "messages": [{"role": "user", "content": "字" * prompt_len}], "temperature": 0.7,
+                "seed": prompt_len, "max_tokens": max_tokens, "stream": True}
+        if kind == "bad":
+            body = rng.choice([{**body, "max_tokens": "many"}, {**body, "messages": []}, {**body, "stream": "yes"},
+                               {"model": model}])
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            if r.status_code >= 400:
+                return "bad_4xx" if kind == "bad" and r.status_code < 500 else f"HTTP {r.status_code}"
+            for line in r.iter_lines():
+                if kind == "cancel" and line.startswith("data: "):
+                    return "cancelled"
+                if line == "data: [DONE]":
+                    return "ok"
+                if line.startswith("data: ") and '"error"' in line:
+                    return "5xx_well_formed"
+        return "stranded"
+
+    def worker():
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                result = one(*jobs[i])
+            except httpx.HTTPError as exc:
+                result = f"{type(exc).__name__}"
+            with lock:
+                if result in outcome and result != "other":
+                    outcome[result] += 1
+                else:
+                    outcome["other"].append(result)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcome
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def engine_parts(model: Path, adapters: dict, args, parts: list[str]) -> dict:
+    """The in-process figures (bench/serve_engine.py) on the same model and adapters."""
+    import serve_engine
+
+    from glmtune.serve.models import load_served_models
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    served = load_served_models(model, adapters=adapters, device="cpu", dtype=args.dtype)
+    vocab = served.model.config.vocab_size
+    out = {}
+    if "chunked" in parts:
+        out["chunked_prefill"] = serve_engine.chunked(served, vocab, args.prefill_chunk)
+        print(f"  chunked prefill: {out['chunked_prefill']}", flush=True)
+    if "prefix" in parts:
+        out["prefix_cache"] = serve_engine.prefix(served, vocab, served.tokenizer)
+        print(f"  prefix cache: {out['prefix_cache']}", flush=True)
+    if "long" in parts:
+        out["long_answer"] = serve_engine.long_answer(served, vocab)
+        print(f"  long answer: {out['long_answer']}", flush=True)
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -176,7 +260,15 @@ def main() -> None:
                              "OpenMP threads spinning against other processes' load.")
     parser.add_argument("--dtype", default="float32", help="Server --dtype (bfloat16: faster CPU matmuls where supported).")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--parts", default="throughput,chunked,prefix,long,soak",
+                        help="Comma-separated: throughput (HTTP, the settings above), chunked, prefix, long (in-process), "
+                             "soak (HTTP).")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="Engine --prefill-chunk for the chunked part.")
+    parser.add_argument("--soak-requests", type=int, default=2000)
     args = parser.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    isa = serve_engine.cpu_isa()
+    print(f"CPU: {platform.processor() or platform.machine()}, {isa}, {os.cpu_count()} cpus", flush=True)
 
     rows = [json.loads(line) for line in (DATA_DIR / "adgen_sample" / "dev.json").read_text(encoding="utf-8").splitlines() if line.strip()]
     prompts = [r["content"] for r in rows[: args.clients]]
@@ -193,45 +285,60 @@ def main() -> None:
         model = eval_bench.build_model("mid", tmp)
         adapters = {"A": write_adapter(tmp / "A", 128, 1), "B": write_adapter(tmp / "B", 128, 2),
                     "C": write_adapter(tmp / "C", 64, 3)}
-        proc, url = start_server(model, adapters, args, tmp / "server.log")
-        try:
-            one_request(url, "A", prompts[0], 2)  # warm-up: first-use allocations and kernel choices
-            run_setting(url, settings["mixed-len"][0], args.max_tokens, True)
-            # Reference answers: every (model, prompt) pair used anywhere, served alone.
-            alone = {job: one_request(url, *job, args.max_tokens)["text"]
-                     for job in {j for jobs, _ in settings.values() for j in jobs}}
-            runs = []
-            for repeat in range(args.repeats):
-                for name, (jobs, concurrent) in settings.items():
-                    before = httpx.get(url + "/health").json()["stats"]
-                    seconds, results = run_setting(url, jobs, args.max_tokens, concurrent)
-                    after = httpx.get(url + "/health").json()["stats"]
-                    steps = after["steps"] - before["steps"]
-                    tokens = sum(r["tokens"] for r in results)
-                    ttfts = [r["ttft"] for r in results]
-                    mismatched = sum(r["text"] != alone[(r["model"], r["prompt"])] for r in results)
-                    runs.append({"setting": name, "repeat": repeat, "requests": n, "seconds": round(seconds, 3),
-                                 "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 2),
-                                 "ttft_p50_s": round(statistics.median(ttfts), 3),
-                                 "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
-                                 "errors": sum(r["error"] is not None for r in results),
-                                 # Server-side decode time per batch step: the cost of a mixed batch without
-                                 # the client and HTTP side of the wall clock.
-                                 "decode_steps": steps,
-                                 "ms_per_step": round(1000 * (after["step_seconds"] - before["step_seconds"]) / max(steps, 1), 1),
-                                 "prefill_s": round(after["prefill_seconds"] - before["prefill_seconds"], 3),
-                                 "outputs_differ_from_alone": mismatched})
-                    print(f"  {name:<11} run {repeat}: {runs[-1]['tokens_per_s']} tok/s", flush=True)
-            stats = httpx.get(url + "/health").json()["stats"]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        runs, stats, extra = [], {}, {}
+        if "throughput" in parts or "soak" in parts:
+            proc, url = start_server(model, adapters, args, tmp / "server.log")
+            try:
+                if "throughput" in parts:
+                    one_request(url, "A", prompts[0], 2)  # warm-up: first-use allocations and kernel choices
+                    run_setting(url, settings["mixed-len"][0], args.max_tokens, True)
+                    # Reference answers: every (model, prompt) pair used anywhere, served alone.
+                    alone = {job: one_request(url, *job, args.max_tokens)["text"]
+                             for job in {j for jobs, _ in settings.values() for j in jobs}}
+                    runs = []
+                    for repeat in range(args.repeats):
+                        for name, (jobs, concurrent) in settings.items():
+                            before = httpx.get(url + "/health").json()["stats"]
+                            seconds, results = run_setting(url, jobs, args.max_tokens, concurrent)
+                            after = httpx.get(url + "/health").json()["stats"]
+                            steps = after["steps"] - before["steps"]
+                            tokens = sum(r["tokens"] for r in results)
+                            ttfts = [r["ttft"] for r in results]
+                            mismatched = sum(r["text"] != alone[(r["model"], r["prompt"])] for r in results)
+                            runs.append({"setting": name, "repeat": repeat, "requests": n, "seconds": round(seconds, 3),
+                                         "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 2),
+                                         "ttft_p50_s": round(statistics.median(ttfts), 3),
+                                         "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
+                                         "errors": sum(r["error"] is not None for r in results),
+                                         # Server-side decode time per batch step: the cost of a mixed batch without
+                                         # the client and HTTP side of the wall clock.
+                                         "decode_steps": steps,
+                                         "ms_per_step": round(1000 * (after["step_seconds"] - before["step_seconds"]) / max(steps, 1), 1),
+                                         "prefill_s": round(after["prefill_seconds"] - before["prefill_seconds"], 3),
+                                         "outputs_differ_from_alone": mismatched})
+                            print(f"  {name:<11} run {repeat}: {runs[-1]['tokens_per_s']} tok/s", flush=True)
+                if "soak" in parts:
+                    soak(url, 40, args.clients, seed=1)  # warm-up: allocator pools reach their working size
+                    before = rss_kb(proc.pid)
+                    started = time.perf_counter()
+                    outcome = soak(url, args.soak_requests, args.clients)
+                    after = rss_kb(proc.pid)
+                    extra["soak"] = {"requests": args.soak_requests, **outcome, "seconds": round(time.perf_counter() - started, 1),
+                                     "rss_kb_before": before, "rss_kb_after": after,
+                                     "rss_growth": round(after / before - 1, 4),
+                                     "live_after": httpx.get(url + "/health").json()["active_rows"]}
+                    print(f"  soak: {extra['soak']}", flush=True)
+                stats = httpx.get(url + "/health").json()["stats"]
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        extra.update(engine_parts(model, adapters, args, parts))
 
     def mean_of(setting: str) -> float:
         return statistics.mean(r["tokens_per_s"] for r in runs if r["setting"] == setting)
 
     ratios = []
-    for repeat in range(args.repeats):  # ratios inside one repeat: the load is most alike there
+    for repeat in range(args.repeats if runs else 0):  # ratios inside one repeat: the load is most alike there
         of = {r["setting"]: r["tokens_per_s"] for r in runs if r["repeat"] == repeat}
         ratios.append({"repeat": repeat, "concurrent_vs_sequential": round(of["concurrent"] / of["sequential"], 2),
                        "mixed_vs_concurrent": round(of["mixed"] / of["concurrent"], 3),
@@ -254,16 +361,20 @@ def main() -> None:
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "python": sys.version.split()[0], "machine": platform.machine(),
         "runs": runs, "ratios": ratios,
-        "mean_tokens_per_s": {s: round(mean_of(s), 2) for s in settings},
-        "server_stats": stats,
+        "mean_tokens_per_s": {s: round(mean_of(s), 2) for s in settings} if runs else {},
+        "server_stats": stats, "cpu_isa": isa, **extra,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.output.with_name(f".{args.output.name}.tmp")
     tmp_out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp_out, args.output)
     print(f"wrote {args.output}")
+    print(f"CPU instruction set: {isa}")
     if any(r["outputs_differ_from_alone"] or r["errors"] for r in runs):
         raise SystemExit("some answers differed from the same request served alone, or failed")
+    soaked = extra.get("soak")
+    if soaked and (soaked["stranded"] or soaked["5xx_well_formed"] or soaked["other"]):
+        raise SystemExit(f"soak: stranded or failed requests: {soaked}")
 
 
 if __name__ == "__main__":

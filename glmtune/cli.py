@@ -488,18 +488,26 @@ def serve(
     max_length: int = typer.Option(8192, "--max-length", min=2, help="Prompt + answer tokens at most (also capped by the model's seq_length)."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Cap on a request's max_tokens."),
     max_request_bytes: int = typer.Option(1_000_000, "--max-request-bytes", min=1024, help="Request bodies over this size get 413."),
+    max_queue: int = typer.Option(256, "--max-queue", min=0, help="Requests waiting for a row at most; beyond, 429 with Retry-After."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", min=0, help="Seconds a request may take (0: no limit); past it, a timeout error."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0, help="On SIGTERM/SIGINT: seconds running requests get to finish before they are ended."),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=1, help="Prompt tokens prefilled per step while others decode (long prompts go in chunks)."),
+    prefix_cache_tokens: int = typer.Option(16384, "--prefix-cache-tokens", min=0, help="Prompt tokens whose keys/values are kept for prompts that start the same (0: off)."),
+    log_prompts: bool = typer.Option(False, "--log-prompts", help="Put the prompt text in the access log (off: model, tokens, status, latency only)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve the base model and P-tuning adapters over an OpenAI-compatible API, with a chat page at /."""
     from glmtune.serve.models import parse_adapter_specs
 
     adapters = parse_adapter_specs(adapter)
-    from glmtune.serve.api import run_server
+    from glmtune.serve.server import run_server
 
     run_server(model_path, adapters=adapters, ptuning_checkpoint=ptuning_checkpoint, served_name=served_name,
                quantization_bit=quantization_bit, dtype=dtype, device=device, host=host, port=port, api_key=api_key,
                max_batch_size=max_batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
-               max_body_bytes=max_request_bytes, log_level=log_level)
+               max_body_bytes=max_request_bytes, max_queue=max_queue, request_timeout=request_timeout,
+               drain_timeout=drain_timeout, prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens,
+               log_prompts=log_prompts, log_level=log_level)
 
 
 

@@ -298,3 +298,24 @@ def ready_mask_passes_through() -> bool:
     mask = ready_attention_mask(allowed, torch.float32)
     got = create_causal_mask(config=config, inputs_embeds=torch.zeros(1, 2, 8), attention_mask=mask, cache=None)
     return got is mask
+
+
+# --- serving: a KV cache built from and read as plain tensors (glmtune.serve.runner) ----------------------
+# The serving runner places each row's P-tuning prefix in the cache itself, widens, joins and trims the
+# batch's cache between steps, and keeps prompt prefixes for reuse. transformers' `DynamicCache` has no
+# public accessor for a layer's tensors: `.layers[i].keys` / `.values` are its (5.x) internal layout, and
+# building one from tensors uses its `ddp_cache_data` argument. Both go through here.
+
+
+def new_dynamic_cache(config=None, layers=None):
+    """An empty `DynamicCache` for `config`, or one holding `layers` [(keys, values), ...]."""
+    from transformers import DynamicCache
+
+    if layers is not None:
+        return DynamicCache(list(layers))
+    return DynamicCache(config=config)
+
+
+def cache_tensors(cache) -> list[tuple]:
+    """A `DynamicCache`'s [(keys, values), ...] per layer, each [batch, heads, positions, head_dim] (not copies)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]

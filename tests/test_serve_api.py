@@ -206,11 +206,49 @@ def test_malformed_json_is_a_400(server):
     ({"messages": [{"role": "tool", "content": "a"}]}, "messages.0", "need a ChatGLM3 model"),  # ChatGLM2
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "need a ChatGLM3 model"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences"),
+    ({"stream": "yes"}, "stream", "valid boolean"),
+    ({"max_tokens": True}, "max_tokens", "valid integer"),
+    ({"max_tokens": 1.5}, "max_tokens", "valid integer"),
+    ({"seed": 2**70}, "seed", "less than or equal to 9223372036854775807"),
+    ({"temperature": float("nan")}, "temperature", "expected a finite number, found nan"),
+    ({"top_p": float("inf")}, "top_p", "expected a finite number, found inf"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -float("inf")}, "temperature", "finite number"),
 ])
 def test_bad_fields_are_a_400_naming_the_field(server, change, param, words):
     body = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
-    err = error_of(post(server[0], body), 400)
+    err = error_of(post(server[0], raw=json.dumps(body).encode()), 400)  # json.dumps writes NaN / Infinity as JS does
     assert err["param"] == param and words in err["message"]
+
+
+@pytest.mark.parametrize("raw, param, words", [
+    (b'{"model": "a", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content", "unpaired surrogate"),
+    (b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "stop": ["\\udfff"]}', "stop.0", "unpaired surrogate"),
+    (b'{"model": "a", "messages": ' + b"[" * 100 + b"]" * 100 + b"}", "messages", "nested too deeply"),
+    (b'{"model": "a", "messages": ' + b"[" * 9000 + b"]" * 9000 + b"}", None, "nested too deeply"),
+])
+def test_bodies_json_allows_but_a_request_must_not_carry_are_a_400_and_the_connection_keeps_serving(server, raw, param,
+                                                                                                     words):
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        err = error_of(http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}), 400)
+        assert err["param"] == param and words in err["message"]
+        assert http.post("/v1/chat/completions", json={**GOOD, "temperature": 0}).status_code == 200  # same connection
+
+
+def test_metrics_count_requests_tokens_and_latencies_in_the_prometheus_format(server):
+    url = server[0]
+    assert post(url, {**GOOD, "temperature": 0}).status_code == 200
+    assert post(url, {**GOOD, "model": "nope"}).status_code == 404
+    text = httpx.get(url + "/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("glmtune_requests_total", (("model", "a"), ("status", "200")))] >= 1
+    assert samples[("glmtune_requests_total", (("model", ""), ("status", "404")))] >= 1
+    assert samples[("glmtune_generation_tokens_total", (("model", "a"),))] >= 2
+    assert samples[("glmtune_time_to_first_token_seconds_count", ())] >= 1
+    assert ("glmtune_inter_token_latency_seconds_count", ()) in samples
+    assert ("glmtune_queue_depth", ()) in samples and ("glmtune_running_rows", ()) in samples
 
 
 def test_unknown_model_is_a_404(server):
@@ -385,24 +423,126 @@ def test_a_port_in_use_is_one_clear_error_with_exit_code_2(tiny):
     assert "address already in use" in done.stderr.lower() and "Traceback" not in done.stderr
 
 
+def sse_events(response):
+    """The JSON payloads of an SSE response, then "[DONE]"."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield "[DONE]" if line == "data: [DONE]" else json.loads(line[6:])
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_sigterm_or_ctrl_c_stops_the_server_cleanly_mid_answer(tiny, tmp_path, sig):
-    """The model runs on the main thread and HTTP on another: both signals must still end the process (exit 0)."""
+def test_a_signal_drains_refuses_new_work_ends_every_stream_with_a_final_event_and_exits_0(tiny, tmp_path, sig):
+    """Draining: /health and new requests 503, a short answer finishes, a long one is ended at --drain-timeout
+    with an SSE error and [DONE], the waiting one too; exit 0 with no traceback. Before that: a full queue is a 429."""
     import signal
 
     model_dir, _, _ = tiny
     proc, url = start_server(["--model-path", str(model_dir), "--device", "cpu", "--dtype", "float32",
-                              "--max-new-tokens", "100000", "--max-length", "100000"], tmp_path / "server.log")
-    try:
-        body = {"model": "model", "prompt": "你好", "max_tokens": 100000, "stream": True}
+                              "--max-new-tokens", "100000", "--max-length", "100000", "--max-batch-size", "2",
+                              "--max-queue", "1", "--drain-timeout", "8"], tmp_path / "server.log")
+    results = {}
+
+    def run(name, max_tokens):
+        body = {"model": "model", "prompt": "你好", "max_tokens": max_tokens, "stream": True, "temperature": 0}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            next(r.iter_lines())  # a row is decoding
-            proc.send_signal(getattr(signal, sig))
-            assert proc.wait(timeout=30) == 0
+            results[name] = list(sse_events(r))
+
+    try:
+        long = threading.Thread(target=run, args=("long", 100000))
+        long.start()
+        while active_rows(url) < 1:
+            time.sleep(0.01)
+        short = threading.Thread(target=run, args=("short", 30))
+        short.start()
+        while active_rows(url) < 2:
+            time.sleep(0.01)
+        waiting = threading.Thread(target=run, args=("waiting", 5))
+        waiting.start()
+        while httpx.get(url + "/health").json()["waiting"] < 1:
+            time.sleep(0.01)
+        full = post(url, {"model": "model", "prompt": "x", "max_tokens": 2}, key=None, path="/v1/completions")
+        err = error_of(full, 429)
+        assert full.headers["retry-after"] == "1" and err["code"] == "rate_limit_exceeded"
+        proc.send_signal(getattr(signal, sig))
+        time.sleep(0.3)
+        assert httpx.get(url + "/health").status_code == 503
+        assert error_of(post(url, {"model": "model", "prompt": "x"}, key=None, path="/v1/completions"), 503)
+        for t in (long, short, waiting):
+            t.join(30)
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert "choices" in results["short"][-2] and results["short"][-2]["choices"][0]["finish_reason"] == "length", results["short"][-3:]
+    assert results["short"][-1] == "[DONE]"
+    # The long answer is ended at --drain-timeout (a shutdown error), unless the tiny model's greedy answer reached
+    # its 2,048-token window first on a fast machine; either way one final event, then [DONE].
+    last = results["long"][-2]
+    assert results["long"][-1] == "[DONE]"
+    assert last["error"]["code"] == "shutdown" if "error" in last else last["choices"][0]["finish_reason"] in ("length", "stop")
+    # Accepted before the signal: it may still get a row during the drain, or be ended; either way a final event.
+    last = results["waiting"][-2]
+    assert results["waiting"][-1] == "[DONE]" and ("error" in last or last["choices"][0]["finish_reason"] == "length")
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_a_second_signal_exits_at_once(tiny, tmp_path):
+    import signal
+
+    model_dir, _, _ = tiny
+    proc, url = start_server(["--model-path", str(model_dir), "--device", "cpu", "--dtype", "float32",
+                              "--max-new-tokens", "100000", "--max-length", "100000", "--drain-timeout", "600"],
+                             tmp_path / "server.log")
+    try:
+        body = {"model": "model", "prompt": "你好", "max_tokens": 100000, "stream": True, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            assert active_rows(url) == 1, (first, list(lines)[-3:])
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # draining: the stream may run up to 600 s
+            started = time.time()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 128 + signal.SIGTERM and time.time() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_health_is_503_while_the_model_loads():
+    from fastapi.testclient import TestClient
+
+    from glmtune.serve.server import Gate
+
+    with TestClient(Gate()) as http:
+        reply = http.get("/health")
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "loading"
+        assert http.post("/v1/completions", json={}).status_code == 503
+
+
+def test_two_replicas_behind_a_round_robin_client_give_identical_greedy_answers(tiny, tmp_path):
+    """No state between requests: any replica answers any request the same (what a load balancer needs)."""
+    model_dir, a, _ = tiny
+    args = ["--model-path", str(model_dir), "--adapter", f"a={a}", "--device", "cpu", "--dtype", "float32",
+            "--max-length", "512"]
+    replicas = [start_server(args, tmp_path / f"replica{i}.log") for i in range(2)]
+    try:
+        urls = [url for _, url in replicas]
+        answers: dict[tuple, set] = {}
+        for i in range(8):  # round robin: each question goes to both replicas over the run
+            url = urls[i % 2]
+            model, query = ("model", "a")[i // 2 % 2], ("你好", "写一句广告词")[i // 4]
+            reply = post(url, {"model": model, "messages": [{"role": "user", "content": query}], "temperature": 0,
+                               "max_tokens": 12}, key=None)
+            assert reply.status_code == 200 and httpx.get(url + "/health").status_code == 200
+            answers.setdefault((model, query), set()).add((url, reply.json()["choices"][0]["message"]["content"]))
+        for key, got in answers.items():
+            assert {u for u, _ in got} == set(urls) and len({text for _, text in got}) == 1, (key, got)
+    finally:
+        for proc, _ in replicas:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 # --- the page in a real browser ------------------------------------------------------------------

@@ -16,7 +16,9 @@ from glmtune.inference import chat as chat_lib
 from glmtune.errors import GlmtuneError
 from glmtune.model.loading import load_model, save_prefix_checkpoint
 from glmtune.serve.models import load_served_models, parse_adapter_specs
-from glmtune.serve.scheduler import Request, SamplingParams, Scheduler, run_to_completion
+from glmtune.serve.engine import Engine, run_to_completion
+from glmtune.serve.request import Request, SamplingParams
+from glmtune.serve.output import CHAT_RULES
 from glmtune.model.tiny import init_model
 
 QUERIES = ["你好", "这款连衣裙适合什么场合", "写一句广告词", "裤子"]
@@ -49,7 +51,7 @@ def served(tiny):
 
 @pytest.fixture()
 def scheduler(served):
-    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size=8).start()
+    sched = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size=8).start()
     yield sched
     sched.close()
 
@@ -62,7 +64,7 @@ def prompt_ids(served, query, history=()):
 def greedy(served, query, adapter, max_tokens=10, **kw):
     return dict(prompt_ids=prompt_ids(served, query), adapter=adapter,
                 params=SamplingParams(max_tokens=max_tokens, temperature=0, **kw),
-                postprocess=chat_lib.process_response)
+                postprocess=CHAT_RULES)
 
 
 class Collector:
@@ -90,7 +92,7 @@ def test_greedy_answer_equals_chat_token_for_token(tiny, served, scheduler, adap
     reference = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
     text, final, _ = run_to_completion(scheduler, dict(
         prompt_ids=ids, adapter=adapter, params=SamplingParams(max_tokens=12, temperature=0),
-        postprocess=chat_lib.process_response))
+        postprocess=CHAT_RULES))
     assert final.token_ids == reference.tolist()
     assert text == expected
     assert final.finish_reason == "length" and final.completion_tokens == 12
@@ -227,12 +229,12 @@ def test_a_merged_folder_serves_its_prefix_under_the_base_name(tiny, served, tmp
     merge_checkpoint(model_dir, a, merged)
     alone = load_served_models(merged, device="cpu", dtype="float32")
     assert list(alone.adapters) == ["merged"] and alone.adapters["merged"].pre_seq_len == 4
-    sched = Scheduler(alone.model, alone.tokenizer, alone.adapters, alone.stop_ids).start()
+    sched = Engine(alone.model, alone.tokenizer, alone.adapters, alone.stop_ids).start()
     try:
         merged_ids = run_to_completion(sched, greedy(alone, QUERIES[0], "merged"))[1].token_ids
     finally:
         sched.close()
-    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
+    sched = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
     try:
         assert run_to_completion(sched, greedy(served, QUERIES[0], "a"))[1].token_ids == merged_ids
     finally:
@@ -252,27 +254,146 @@ def test_int8_base_greedy_answer_equals_chat_with_the_same_quantization(tiny):
     served = load_served_models(model_dir, adapters={"b": b}, quantization_bit=8, device="cpu", dtype="float32")
     model, tokenizer = chat_lib.load_chat_model(model_dir, b, quantization_bit=8, device="cpu", dtype="float32")
     expected, _ = chat_lib.chat(model, tokenizer, QUERIES[1], do_sample=False, max_new_tokens=10)
-    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
+    sched = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids).start()
     try:
         assert run_to_completion(sched, greedy(served, QUERIES[1], "b"))[0] == expected
     finally:
         sched.close()
 
 
-def test_a_row_with_non_finite_logits_gets_the_official_guard_token_and_its_neighbours_do_not(served):
-    """The batched pick: a row with inf or NaN logits answers INVALID_SCORE_TOKEN (as chat's
-    InvalidScoreLogitsProcessor), finite rows their own argmax, a finite row with an overflowing
-    sum its argmax too (its sum is not finite, so the exact per-element test decides)."""
-    from glmtune.serve.scheduler import _Row
+# --- chunked prefill and the prefix cache ---------------------------------------------------------
 
-    sched = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids)
-    rows = [_Row(Request(**greedy(served, "你好", "a"), notify=lambda e: None), None) for _ in range(4)]
-    logits = torch.zeros(4, served.model.config.vocab_size)
-    logits[0, 7] = 1.0
-    logits[1, 3] = float("inf")
-    logits[2, 5] = float("nan")
-    logits[3, :] = 3e38  # finite values whose sum overflows
-    logits[3, 11] = 3.3e38
-    sched._take_all(rows, logits)
-    guard = chat_lib.INVALID_SCORE_TOKEN
-    assert [r.ids for r in rows] == [[7], [guard], [guard], [11]]
+
+def long_prompt(served):
+    history = [("你好", "你好，我是助手"), ("这款连衣裙适合什么场合", "适合夏天的聚会和约会")]
+    return prompt_ids(served, "写一句广告词", history)
+
+
+def test_a_prompt_prefilled_in_chunks_between_decode_steps_answers_as_alone(served, scheduler):
+    ids = long_prompt(served)
+    alone = run_to_completion(scheduler, dict(prompt_ids=ids, adapter="b", params=SamplingParams(12, temperature=0)))
+    engine = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, prefill_chunk=8).start()
+    try:
+        running = Collector()
+        engine.submit(Request(notify=running, **greedy(served, QUERIES[0], "a", max_tokens=80)))
+        while engine.active_rows < 1:
+            time.sleep(0.005)
+        chunked = run_to_completion(engine, dict(prompt_ids=ids, adapter="b", params=SamplingParams(12, temperature=0)))
+        assert running.done.wait(60) and running.final.finish_reason == "length"
+    finally:
+        engine.close()
+    assert len(ids) > 3 * 8 and engine.stats["prefill_chunks"] >= len(ids) // 8
+    assert chunked[1].token_ids == alone[1].token_ids and chunked[0] == alone[0]
+
+
+def test_a_prompt_that_starts_like_a_cached_one_reuses_its_keys_and_answers_the_same(served, scheduler):
+    window = chat_lib.context_window(served.model)
+    system = [("你是一个广告文案助手，回答要简短，有创意。", "好的")]
+    prompts = [chat_lib.build_chat_prompt(served.tokenizer, q, system, window=window, answer_room=16).input_ids
+               for q in QUERIES[:3]]
+    expected = {(i, a): run_to_completion(scheduler, dict(prompt_ids=p, adapter=a, params=SamplingParams(10, temperature=0)))[1].token_ids
+                for i, p in enumerate(prompts) for a in ("a", "b")}
+    engine = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, prefix_cache_min=8).start()
+    try:
+        got = {(i, a): run_to_completion(engine, dict(prompt_ids=p, adapter=a, params=SamplingParams(10, temperature=0)))[1].token_ids
+               for i, p in enumerate(prompts) for a in ("a", "b")}
+    finally:
+        engine.close()
+    assert got == expected
+    # The first prompt of each adapter fills the cache; the two others of each reuse the shared start.
+    assert engine.stats["prefix_cache_hits"] == 4 and engine.stats["prefix_cache_tokens"] >= 4 * 20
+
+
+# --- failure semantics ---------------------------------------------------------------------------
+
+
+class Counting(Collector):
+    def __init__(self, fail_at=None):
+        super().__init__()
+        self.finals, self.calls, self.fail_at = 0, 0, fail_at
+
+    def __call__(self, event):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("consumer broke")
+        if event.finish_reason is not None:
+            self.finals += 1
+        super().__call__(event)
+
+
+def once(fn):
+    """`fn` that raises the first time it is called, then behaves."""
+    state = {"raised": False}
+
+    def wrapper(*args, **kwargs):
+        if not state["raised"]:
+            state["raised"] = True
+            raise RuntimeError("injected fault")
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("where", ["prefill", "merge", "forward", "sampling", "detokenize", "notify"])
+def test_a_fault_anywhere_gives_every_request_one_final_event_and_fails_only_those_concerned(served, where):
+    engine = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size=16).start()
+    try:
+        eight = []
+        for i in range(8):
+            c = Counting(fail_at=3 if (where == "notify" and i == 0) else None)
+            params = SamplingParams(max_tokens=40, temperature=0.8 if i == 0 else 0, seed=i)
+            handle = engine.submit(Request(prompt_ids=prompt_ids(served, QUERIES[i % 4]), adapter=("model", "a", "b")[i % 3],
+                                           params=params, notify=c))
+            state = engine._live[handle.request.id]
+            if i == 0 and where == "detokenize":
+                state.output.detokenizer.add = once(state.output.detokenizer.add)
+            eight.append((c, state))
+        if where == "sampling":  # the sampled row's sampler breaks once it exists
+            deadline = time.time() + 30
+            while eight[0][1].sampler is None and time.time() < deadline:
+                time.sleep(0.001)
+            eight[0][1].sampler.pick = once(eight[0][1].sampler.pick)
+        while len(engine.runner.rows) < 8 and not any(c.done.is_set() for c, _ in eight):
+            time.sleep(0.002)
+        late = []
+        if where in ("prefill", "merge", "forward"):
+            target = {"prefill": "prefill", "merge": "merge", "forward": "decode"}[where]
+            setattr(engine.runner, target, once(getattr(engine.runner, target)))
+            if where != "forward":
+                for q in QUERIES[:2]:
+                    c = Counting()
+                    engine.submit(Request(notify=c, **greedy(served, q, "a", max_tokens=5)))
+                    late.append(c)
+        everyone = [c for c, _ in eight] + late
+        for c in everyone:
+            assert c.done.wait(60), where  # every client gets its final event
+        assert all(c.finals == 1 for c in everyone)
+        failed = [c for c in everyone if c.final.finish_reason == "error"]
+        concerned = {"prefill": late, "merge": late, "forward": [c for c, _ in eight]}.get(where, [eight[0][0]])
+        assert failed == concerned, (where, [c.final.finish_reason for c in everyone])
+        assert all(where in c.final.error_kind or c.final.error_kind == where for c in failed)
+        assert all(c.final.finish_reason == "length" for c in everyone if c not in concerned)
+        # Still serving.
+        _, final, _ = run_to_completion(engine, greedy(served, QUERIES[1], "b", max_tokens=4))
+        assert final.finish_reason == "length" and engine.live == 0 and engine.active_rows == 0
+    finally:
+        engine.close()
+
+
+def test_closing_the_engine_ends_waiting_and_running_requests_with_a_final_event(served):
+    engine = Engine(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size=2).start()
+    collectors = [Counting() for _ in range(4)]
+    for c in collectors:
+        engine.submit(Request(notify=c, **greedy(served, QUERIES[0], "a", max_tokens=500)))
+    while engine.active_rows < 2:
+        time.sleep(0.002)
+    engine.close()
+    assert all(c.done.is_set() and c.finals == 1 and c.final.error_kind == "shutdown" for c in collectors)
+
+
+def test_a_request_past_its_deadline_ends_with_a_timeout_error_and_frees_its_row(served, scheduler):
+    c = Counting()
+    args = greedy(served, QUERIES[0], "a", max_tokens=100000)
+    scheduler.submit(Request(notify=c, deadline=time.monotonic() + 0.5, window=0, **args))
+    assert c.done.wait(30) and c.finals == 1
+    assert c.final.finish_reason == "error" and c.final.error_kind == "timeout" and c.final.completion_tokens > 0
+    assert scheduler.stats["timeouts"] == 1 and scheduler.active_rows == 0

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from glmtune.serve import protocol  # noqa: E402
 from glmtune.serve.api import create_app  # noqa: E402
 from glmtune.serve.protocol import ApiError, ChatRequest, chat_prompt_ids, reply_tool_call  # noqa: E402
-from glmtune.serve.scheduler import Event  # noqa: E402
+from glmtune.serve.request import Event  # noqa: E402
 from glmtune.families.chatglm3.chat import DEFAULT_TOOLS_SYSTEM  # noqa: E402
 from glmtune.families.tokenizer import load_tokenizer  # noqa: E402
 
@@ -287,3 +287,63 @@ def test_real_chatglm3_server_takes_tools_and_tool_results_from_the_openai_clien
         proc.terminate()
         proc.wait(timeout=20)
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_too_many_tools_are_a_400_that_says_the_tools_are_too_long(glm3_tok):
+    many = [{"type": "function", "function": {**WEATHER, "name": f"tool_{i}"}} for i in range(500)]
+    req = protocol.parse(ChatRequest, {"model": "m", "messages": ASK, "tools": many})
+    with pytest.raises(ApiError) as err:
+        chat_prompt_ids(glm3_tok, req, window=8192, max_tokens_cap=64)
+    assert err.value.status == 400 and err.value.param == "tools" and "the tools are too long" in err.value.message
+
+
+class FailingEngine(ReplayScheduler):
+    """Sends one delta, then a final error event (what the engine sends when a fault hits a request)."""
+
+    def submit(self, request):
+        self.prompts.append(request.prompt_ids)
+
+        def run():
+            request.notify(Event(text="北京"))
+            request.notify(Event(finish_reason="error", error="RuntimeError: injected", error_kind="forward"))
+
+        threading.Thread(target=run, daemon=True).start()
+        return type("H", (), {"cancel": lambda self: None})()
+
+
+def test_a_failed_request_is_a_500_in_openai_shape_or_an_sse_error_then_done(glm3_tok):
+    import types
+
+    app = create_app(_Served(glm3_tok, types.SimpleNamespace(chatglm_config={"seq_length": 1024})),
+                     FailingEngine(glm3_tok, []), max_new_tokens=64, max_length=1024)
+    http = TestClient(app, base_url="http://testserver")
+    body = {"model": "glm3", "messages": ASK}
+    reply = http.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+    assert reply.json()["error"]["code"] == "forward" and "injected" in reply.json()["error"]["message"]
+    lines = [line for line in http.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines() if line]
+    assert json.loads(lines[-2][6:])["error"]["code"] == "forward" and lines[-1] == "data: [DONE]"
+
+
+def test_the_access_log_has_one_line_per_request_without_the_prompt_unless_asked(glm3_tok, caplog):
+    import logging
+    import types
+
+    def app(log_prompts):
+        return TestClient(create_app(_Served(glm3_tok, types.SimpleNamespace(chatglm_config={"seq_length": 1024})),
+                                     ReplayScheduler(glm3_tok, glm3_tok("北京今天晴。")["input_ids"][2:]),
+                                     max_new_tokens=64, max_length=1024, log_prompts=log_prompts),
+                          base_url="http://testserver")
+
+    body = {"model": "glm3", "messages": [{"role": "user", "content": "秘密问题"}]}
+    with caplog.at_level(logging.INFO, logger="glmtune.serve.access"):
+        quiet = app(False)
+        assert quiet.post("/v1/chat/completions", json=body).status_code == 200
+        assert quiet.post("/v1/chat/completions", json={**body, "stream": True}).status_code == 200
+        assert quiet.post("/v1/chat/completions", json={**body, "model": "nope"}).status_code == 404
+        lines = [r.getMessage() for r in caplog.records if r.name == "glmtune.serve.access"]
+        assert len(lines) == 3 and not any("秘密" in line for line in lines)
+        assert "model=glm3 status=200" in lines[0] and "completion_tokens=" in lines[1] and "status=404" in lines[2]
+        caplog.clear()
+        assert app(True).post("/v1/chat/completions", json=body).status_code == 200
+        assert "秘密问题" in caplog.records[-1].getMessage()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from glmtune.families.family import TOKENIZER_FILE  # noqa: F401 (the file name model folders are searched for)
+
 from glmtune.families.registry import resolve_family
 
 

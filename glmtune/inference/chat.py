@@ -88,7 +88,8 @@ def load_chat_model(
 ):
     """(model, tokenizer) ready to chat; pre_seq_len / prefix_projection come from the checkpoint, the
     family (`glmtune.families.registry`) from `family` or the model folder."""
-    from glmtune.model.loading import load_model, read_chatglm_config
+    from glmtune.model.loading import load_model
+    from glmtune.model.weights import read_chatglm_config
 
     read_chatglm_config(model_path)  # "not a model folder" says more than "no tokenizer"
     tokenizer = find_tokenizer(model_path, ptuning_checkpoint, family=family)

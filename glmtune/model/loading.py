@@ -29,8 +29,8 @@ from glmtune.model.prefix import (
     read_prefix_checkpoint,
     resolve_prefix_config,
 )
-# Folder reading lives one layer down (shared with glmtune.model.quantization); the names stay importable from here.
-from glmtune.model.weights import DTYPES, iter_shard, parse_dtype, read_chatglm_config, weight_files  # noqa: F401
+# Folder reading lives one layer down (shared with glmtune.model.quantization).
+from glmtune.model.weights import iter_shard, parse_dtype, read_chatglm_config, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +360,8 @@ def find_tokenizer(*folders: str | Path | None, family: str | None = None):
     """The tokenizer of the first folder holding `tokenizer.model` (model folder, then checkpoint);
     its family is `family`, else detected from the first folder (the model's)."""
     from glmtune.families.registry import resolve_family
-    from glmtune.families.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from glmtune.families.family import TOKENIZER_FILE
+    from glmtune.families.tokenizer import load_tokenizer
 
     candidates = [Path(f) for f in folders if f is not None]
     for folder in candidates:

@@ -68,7 +68,8 @@ def fold_prefix(model) -> bool:
 
 def _source_dtype(model_path: Path) -> str:
     """The base folder's weight dtype (config torch_dtype), so merging neither loses nor inflates precision."""
-    from glmtune.model.loading import DTYPES, read_chatglm_config
+    from glmtune.model.weights import read_chatglm_config
+    from glmtune.model.weights import DTYPES
 
     name = read_chatglm_config(model_path).get("torch_dtype") or "float32"
     return name if name in DTYPES else "float32"

@@ -1,13 +1,18 @@
-"""The HTTP layer: FastAPI routes in OpenAI's shapes over the scheduler, SSE streaming, the chat page.
+"""The HTTP layer: FastAPI routes in OpenAI's shapes over the engine, SSE streaming, the chat page.
 
-Endpoints: `GET /` (the page), `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`,
+Endpoints: `GET /` (the page), `GET /health`, `GET /metrics`, `GET /v1/models`, `POST /v1/chat/completions`,
 `POST /v1/completions`. Errors use OpenAI's JSON shape `{"error": {"message", "type", "param",
 "code"}}`: malformed JSON or a bad field 400, wrong/missing bearer token 401, unknown model or route
-404, body over the limit 413. A client that disconnects (mid-stream or while waiting for a
-non-streamed answer) cancels its request, which frees its batch row at the next step.
+404, body over the limit 413, queue full 429 (with `Retry-After`), draining 503. A request the engine
+could not finish is a 500 (a 504 past the request timeout, a 503 when the server stopped first); when
+streaming, the error comes as one SSE event, then `[DONE]`. A client that disconnects (mid-stream or
+while waiting for a non-streamed answer) cancels its request, which frees its batch row at the next step.
 
 The request body is read here rather than by FastAPI's parameter binding so that the size limit is
 enforced while reading, and so that every validation error comes out in OpenAI's shape.
+
+Threads: the routes run on the HTTP thread, which alone uses `served.tokenizer` (prompts in, tool calls
+out); the engine decodes text with its own copy.
 """
 
 from __future__ import annotations
@@ -15,41 +20,63 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import threading
 import time
 import uuid
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glmtune.inference import chat as chat_lib
-from glmtune.errors import GlmtuneError
 from glmtune.serve import protocol
+from glmtune.serve.metrics import CONTENT_TYPE, AccessLog, Metrics
+from glmtune.serve.output import CHAT_RULES, RAW
 from glmtune.serve.protocol import ApiError
-from glmtune.serve.scheduler import Event, Request as GenRequest, Scheduler
+from glmtune.serve.request import Event, Request as GenRequest
+from glmtune.serve.scheduler import QueueFull
 
 DEFAULT_MAX_BODY_BYTES = 1_000_000
+RETRY_AFTER_SECONDS = 1
 # The page loads nothing from elsewhere; the policy makes the browser enforce it.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                                "img-src 'self' data:; connect-src 'self'",
     "X-Content-Type-Options": "nosniff",
 }
+# A final error event -> (HTTP status, OpenAI error type) for a non-streamed answer.
+ERROR_STATUS = {"timeout": (504, "timeout"), "shutdown": (503, "server_error")}
+
+
+def final_error(event: Event) -> ApiError:
+    status, kind = ERROR_STATUS.get(event.error_kind or "", (500, "server_error"))
+    if event.finish_reason == "cancelled":
+        return ApiError(500, "generation cancelled", kind="server_error", code="cancelled")
+    return ApiError(status, f"generation failed: {event.error}", kind=kind, code=event.error_kind)
 
 
 def create_app(
     served,
-    scheduler: Scheduler,
+    engine,
     *,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_new_tokens: int = 1024,
     max_length: int = chat_lib.DEFAULT_MAX_LENGTH,
+    request_timeout: float | None = None,
+    metrics: Metrics | None = None,
+    log_prompts: bool = False,
 ) -> FastAPI:
-    """The app for `served` (`glmtune.serve.models.ServedModels`) decoded by a started `scheduler`."""
+    """The app for `served` (`glmtune.serve.models.ServedModels`) decoded by a running `engine`.
+
+    `app.state.draining = True` makes it refuse new generations (503) and answer 503 on /health."""
     app = FastAPI(title="glmtune serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.draining = False
+    metrics = metrics or Metrics()
+    app.state.metrics = metrics
+    if hasattr(engine, "stats"):
+        metrics.watch(engine)
+    app.add_middleware(AccessLog, metrics=metrics, log_prompts=log_prompts)
     window = chat_lib.context_window(served.model, max_length)
     created = int(time.time())
     page = resources.files("glmtune.serve").joinpath("page.html").read_text(encoding="utf-8")
@@ -57,12 +84,19 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status in (429, 503):
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(ApiError(exc.status_code, str(exc.detail), kind=kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception):  # a bug must still answer in OpenAI's shape
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").body(),
+                            status_code=500)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -82,16 +116,18 @@ def create_app(
             body += chunk
             if len(body) > max_body_bytes:
                 raise ApiError(413, f"request body over the {max_body_bytes}-byte limit")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"malformed JSON body: {exc}") from None
+        return protocol.decode_json(bytes(body))
 
     def adapter_for(name: str) -> str:
         if name not in served.adapters:
             raise ApiError(404, f"model {name!r} does not exist; available: {', '.join(served.adapters)}",
                            param="model", code="model_not_found")
         return name
+
+    def accepting() -> None:
+        if app.state.draining:
+            raise ApiError(503, "the server is shutting down; retry on another replica", kind="server_error",
+                           code="draining")
 
     # --- plain routes ---
 
@@ -101,8 +137,14 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(served.adapters), "active_rows": scheduler.active_rows,
-                "stats": dict(scheduler.stats)}
+        body = {"status": "draining" if app.state.draining else "ok", "models": list(served.adapters),
+                "active_rows": engine.active_rows, "waiting": getattr(engine, "waiting", 0),
+                "stats": dict(engine.stats)}
+        return JSONResponse(body, status_code=503 if app.state.draining else 200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -110,7 +152,7 @@ def create_app(
         data = []
         for name, adapter in served.adapters.items():
             card = {"id": name, "object": "model", "created": created, "owned_by": "glmtune",
-                    "pre_seq_len": adapter.pre_seq_len}
+                    "pre_seq_len": adapter.pre_seq_len if adapter is not None else 0}
             if name != served.base_name:
                 card["parent"] = served.base_name
             data.append(card)
@@ -118,22 +160,34 @@ def create_app(
 
     # --- generation ---
 
-    async def generate(request: Request, req, prompt_ids: list[int], postprocess, shape) -> object:
+    async def generate(request: Request, req, prompt_ids: list[int], rules, shape) -> object:
         params = protocol.sampling(req, len(prompt_ids), window, max_new_tokens)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+        access = request.scope["state"].get("access", {})
+        access.update(model=req.model, prompt_tokens=len(prompt_ids))
+        if log_prompts:
+            access["prompt"] = served.tokenizer.decode(prompt_ids)
 
-        def notify(event: Event) -> None:  # called on the scheduler thread
+        def notify(event: Event) -> None:  # called on the engine thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        handle = scheduler.submit(GenRequest(prompt_ids=prompt_ids, adapter=req.model, params=params,
-                                             notify=notify, postprocess=postprocess, window=window))
+        deadline = time.monotonic() + request_timeout if request_timeout else None
+        try:
+            handle = engine.submit(GenRequest(prompt_ids=prompt_ids, adapter=req.model, params=params, notify=notify,
+                                              postprocess=rules, window=window, deadline=deadline))
+        except QueueFull as exc:
+            raise ApiError(429, f"the server is busy: {exc}; retry in a moment", kind="rate_limit_error",
+                           code="rate_limit_exceeded") from None
         if req.stream:
-            return StreamingResponse(stream(events, handle, req, shape), media_type="text/event-stream",
+            return StreamingResponse(stream(events, handle, req, shape, access), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(request, events, handle, req, shape)
+        return await complete(request, events, handle, req, shape, access)
 
-    async def complete(request, events, handle, req, shape):
+    def record(access: dict, event: Event) -> None:
+        access.update(completion_tokens=event.completion_tokens, finish=event.finish_reason)
+
+    async def complete(request, events, handle, req, shape, access):
         parts: list[str] = []
         try:
             while True:
@@ -150,8 +204,9 @@ def create_app(
         except asyncio.CancelledError:
             handle.cancel()
             raise
+        record(access, event)
         if event.finish_reason in ("error", "cancelled"):
-            raise ApiError(500, f"generation failed: {event.error or 'server shutting down'}", kind="server_error")
+            raise final_error(event)
         return shape.full("".join(parts), event, tool_call(req, event))
 
     def tool_call(req, event: Event) -> dict | None:
@@ -159,10 +214,10 @@ def create_app(
         names = getattr(req, "tool_names", list)()
         if not names or event.finish_reason not in ("stop", "length"):
             return None
-        ids = event.token_ids[:-1] if event.token_ids and event.token_ids[-1] in scheduler.stop_ids else event.token_ids
+        ids = event.token_ids[:-1] if event.token_ids and event.token_ids[-1] in engine.stop_ids else event.token_ids
         return protocol.reply_tool_call(served.tokenizer.decode(ids), names, served.tokenizer)
 
-    async def stream(events, handle, req, shape):
+    async def stream(events, handle, req, shape, access):
         names = getattr(req, "tool_names", list)()
         held: list[str] | None = [] if names else None  # text held back while the reply may become a tool call
         try:
@@ -180,9 +235,9 @@ def create_app(
                     yield sse(shape.chunk(text=event.text))
                 if event.finish_reason is None:
                     continue
+                record(access, event)
                 if event.finish_reason in ("error", "cancelled"):
-                    err = ApiError(500, f"generation failed: {event.error or 'server shutting down'}", kind="server_error")
-                    yield sse(err.body())
+                    yield sse(final_error(event).body())
                 else:
                     call = tool_call(req, event)
                     if call is not None:
@@ -200,18 +255,20 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
+        accepting()
         req = protocol.parse(protocol.ChatRequest, await read_json(request))
         adapter_for(req.model)
         ids = protocol.chat_prompt_ids(served.tokenizer, req, window, max_new_tokens)
-        return await generate(request, req, ids, chat_lib.process_response, _ChatShape(req.model))
+        return await generate(request, req, ids, CHAT_RULES, _ChatShape(req.model))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
+        accepting()
         req = protocol.parse(protocol.CompletionRequest, await read_json(request))
         adapter_for(req.model)
         ids = protocol.completion_prompt_ids(served.tokenizer, req, window)
-        return await generate(request, req, ids, lambda text: text, _CompletionShape(req.model))
+        return await generate(request, req, ids, RAW, _CompletionShape(req.model))
 
     return app
 
@@ -274,63 +331,3 @@ class _CompletionShape(_ChatShape):
 
     def usage_chunk(self, event: Event) -> dict:
         return {**self._base("text_completion"), "choices": [], "usage": _usage(event)}
-
-
-def run_server(
-    model_path,
-    *,
-    adapters=None,
-    ptuning_checkpoint=None,
-    served_name: str | None = None,
-    quantization_bit: int | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_batch_size: int = 8,
-    max_length: int = chat_lib.DEFAULT_MAX_LENGTH,
-    max_new_tokens: int = 1024,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    log_level: str = "info",
-) -> None:
-    """Load the models and serve until interrupted: the model on this (main) thread, HTTP on another.
-
-    See `Scheduler.run` for why the model stays on the thread that loaded it. uvicorn installs no signal
-    handlers off the main thread, so SIGINT and SIGTERM are handled here: both stop the decode loop and
-    then the HTTP server (which gets `timeout_graceful_shutdown` seconds for open streams).
-    """
-    import signal
-
-    import uvicorn
-
-    from glmtune.serve.models import load_served_models
-
-    served = load_served_models(model_path, adapters=adapters, ptuning_checkpoint=ptuning_checkpoint,
-                                served_name=served_name, quantization_bit=quantization_bit, dtype=dtype, device=device)
-    scheduler = Scheduler(served.model, served.tokenizer, served.adapters, served.stop_ids, max_batch_size)
-    app = create_app(served, scheduler, api_key=api_key, max_body_bytes=max_body_bytes,
-                     max_new_tokens=max_new_tokens, max_length=max_length)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
-    http = threading.Thread(target=server.run, name="glmtune-http", daemon=True)
-
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupted)
-    http.start()
-    try:
-        while not server.started and http.is_alive():
-            time.sleep(0.05)
-        if not server.started:  # uvicorn has logged why (e.g. the port is in use)
-            raise GlmtuneError(f"the HTTP server did not start on {host}:{port}; see the message above")
-        names = ", ".join(f"{n} (prefix {a.pre_seq_len})" if a.pre_seq_len else n for n, a in served.adapters.items())
-        print(f"glmtune serve: models {names}; http://{host}:{port}/ (page), http://{host}:{port}/v1 (API)", flush=True)
-        scheduler.run(keep_running=http.is_alive)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        scheduler.close()
-        server.should_exit = True
-        http.join(timeout=15)

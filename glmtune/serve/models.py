@@ -131,7 +131,8 @@ def load_served_models(
 ) -> ServedModels:
     """Load the base once and every adapter onto it; names must be unique."""
     from glmtune.inference.chat import find_tokenizer
-    from glmtune.model.loading import load_model, read_chatglm_config, resolve_device
+    from glmtune.model.loading import load_model, resolve_device
+    from glmtune.model.weights import read_chatglm_config
 
     model_path = Path(model_path)
     read_chatglm_config(model_path)  # "not a model folder" first

@@ -21,9 +21,11 @@ executed. `tool_choice` is accepted only as "auto". ChatGLM2 has no tool format:
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from glmtune.inference import chat as chat_lib
 from glmtune.errors import GlmtuneError
@@ -32,9 +34,11 @@ from glmtune.families.registry import family_of
 from glmtune.inference.sampling import OFFICIAL_TEMPERATURE as DEFAULT_TEMPERATURE  # official openai_api.py
 from glmtune.inference.sampling import OFFICIAL_TOP_P as DEFAULT_TOP_P
 from glmtune.inference.sampling import TOP_K  # what `glmtune chat` samples with
-from glmtune.serve.scheduler import SamplingParams
+from glmtune.serve.request import SamplingParams
 
 MAX_STOP = 4  # as OpenAI
+MAX_DEPTH = 64  # JSON nesting a request may have (tool parameter schemas included)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit integer
 
 
 class ApiError(Exception):
@@ -99,12 +103,12 @@ class Message(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    stream: bool = False
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stream: StrictBool = False
     stream_options: dict | None = None
     n: Literal[1] = 1
     presence_penalty: Literal[0] = 0
@@ -145,6 +149,49 @@ class CompletionRequest(_Common):
                 raise ValueError(f"one prompt per request (found {len(value)}); send several requests instead")
             return value[0]
         return value
+
+
+def decode_json(body: bytes):
+    """The request body as JSON; anything JSON allows but a request must not carry is a 400 naming where it is."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, f"request body nested too deeply (at most {MAX_DEPTH} levels)") from None
+    check_values(data)
+    return data
+
+
+def check_values(data) -> None:
+    """Depth at most MAX_DEPTH, strings encodable as UTF-8 (no unpaired surrogates such as "\\ud800"), numbers
+    finite (Python's JSON reader accepts NaN and Infinity). Iterative: a deep body must not exhaust the stack."""
+    todo = [(data, ())]
+    while todo:
+        value, path = todo.pop()
+        where = ".".join(str(p) for p in path) or None
+        if len(path) > MAX_DEPTH:
+            raise ApiError(400, f"{where}: nested too deeply (at most {MAX_DEPTH} levels)", param=path[0])
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _utf8(key):
+                    raise ApiError(400, f"{where or 'body'}: a key is not valid Unicode (unpaired surrogate)",
+                                   param=where)
+                todo.append((item, (*path, key)))
+        elif isinstance(value, list):
+            todo.extend((item, (*path, i)) for i, item in enumerate(value))
+        elif isinstance(value, str) and not _utf8(value):
+            raise ApiError(400, f"{where}: not valid Unicode (an unpaired surrogate such as \\ud800)", param=where)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ApiError(400, f"{where}: expected a finite number, found {value}", param=where)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse(model_cls: type[BaseModel], data) -> BaseModel:
@@ -223,6 +270,11 @@ def chat_prompt_ids(tokenizer, req: ChatRequest, window: int, max_tokens_cap: in
         return chat_lib.build_chat_prompt(tokenizer, query, history, window=window, answer_room=room,
                                           role=role).input_ids
     except GlmtuneError as exc:
+        if req.tools:  # the system message with the tools must stay; it is what does not fit
+            tools = len(tokenizer(json.dumps(plain_tools(req.tools), ensure_ascii=False))["input_ids"])
+            raise ApiError(400, f"the tools are too long: their descriptions take about {tools} tokens of the window "
+                           f"{window} ({room} kept for the answer); send fewer or shorter tools ({exc})",
+                           param="tools", code="context_length_exceeded") from None
         raise ApiError(400, f"prompt too long: {exc}", param="messages", code="context_length_exceeded") from None
 
 

@@ -92,11 +92,11 @@ def parse_tool_call(code: str) -> dict | None:
     if call.args:
         return None
     parameters: dict[str, Any] = {}
-    for keyword in call.keywords:
-        if keyword.arg is None:  # **mapping
+    for argument in call.keywords:
+        if argument.arg is None:  # **mapping
             return None
         try:
-            parameters[keyword.arg] = ast.literal_eval(keyword.value)
+            parameters[argument.arg] = ast.literal_eval(argument.value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return None
     return parameters
