@@ -179,7 +179,7 @@ class Engine:
                 self._chunk(self._live[request.id], end)
         self._remove_done()
         if plan.decode and self.runner.batch is not None:
-            self._decode()
+            self._decode_rows()
             self._remove_done()
 
     def _prefill(self, states: list[_State]) -> None:
@@ -228,7 +228,7 @@ class Engine:
                 self.scheduler.joined(state.request)
         self.runner.remove([s.request.id for s in states if s.done])
 
-    def _decode(self) -> None:
+    def _decode_rows(self) -> None:
         rows = self.runner.rows
         states = [self._live[rid] for rid in rows]
         started = time.perf_counter()
