@@ -25,7 +25,7 @@ real tokens after the prefix instead; an adapter recorded under another conventi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ class CheckpointInfo:
     groups: int | None
     kv_channels: int | None
     positions: str | None
+    raw: dict = field(default_factory=dict, repr=False)  # an official folder's config.json
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -68,7 +69,7 @@ def read_checkpoint(path: str | Path) -> tuple[PrefixConfig, dict[str, torch.Ten
         return read_adapter(path)
     cfg, state, raw = read_prefix_checkpoint(path)
     info = CheckpointInfo("official", _recorded_family(raw), raw.get("num_layers"), _official_groups(raw),
-                          raw.get("kv_channels"), raw.get("glmtune_positions") or POSITIONS_FROM_0)
+                          raw.get("kv_channels"), raw.get("glmtune_positions") or POSITIONS_FROM_0, raw)
     return cfg, state, info
 
 
