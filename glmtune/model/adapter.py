@@ -181,7 +181,7 @@ def check_checkpoint_fits(info: CheckpointInfo, model, source: str) -> None:
                                ("kv width (kv_channels)", info.kv_channels, c.head_dim)):
         if theirs is not None and theirs != ours:
             raise GlmtuneError(f"{source}: the prefix was made for {theirs} {what}, the base model has {ours} "
-                               f"(a checkpoint of another model{f' ({info.family})' if info.family else ''})")
+                               "(a checkpoint of another model)")
     positions = info.positions
     if positions is None and is_hf_glm4(model.chatglm_config or {}):
         raise GlmtuneError(
