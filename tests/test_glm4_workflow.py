@@ -50,7 +50,7 @@ def test_tiny_glm4_is_a_glm4_chat_layout_with_the_official_fields(tiny_glm4, ref
 
 
 def test_prefix_training_on_glm4_learns_and_its_checkpoint_resumes(tiny_glm4, tmp_path):
-    from glmtune.train.checkpoint import save_checkpoint
+    from glmtune.train.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 
     torch.manual_seed(0)
     model = load_model(tiny_glm4, pre_seq_len=8)
@@ -72,7 +72,12 @@ def test_prefix_training_on_glm4_learns_and_its_checkpoint_resumes(tiny_glm4, tm
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
-    ckpt = save_checkpoint(tmp_path, 15, model, None, optimizer, scheduler, [{}], {"global_step": 15})
+    from glmtune.train.checkpoint import capture_rng
+
+    state = {"global_step": 15, "samples_seen": 30, "global_batch_size": 2, "seed": 0, "train_rows": 2}
+    ckpt = save_checkpoint(tmp_path, 15, model, None, optimizer, scheduler, [capture_rng()], state)
+    assert load_checkpoint_state(ckpt)["state"]["global_step"] == 15  # complete: --resume finds it
+    assert latest_checkpoint(tmp_path) == ckpt
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, GLMTUNE_ADAPTER):
         assert (ckpt / name).is_file()
     assert not (ckpt / "config.json").exists()  # a PEFT adapter folder, not the ChatGLM2 layout

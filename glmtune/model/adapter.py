@@ -69,7 +69,7 @@ def read_checkpoint(path: str | Path) -> tuple[PrefixConfig, dict[str, torch.Ten
         return read_adapter(path)
     cfg, state, raw = read_prefix_checkpoint(path)
     info = CheckpointInfo("official", _recorded_family(raw), raw.get("num_layers"), _official_groups(raw),
-                          raw.get("kv_channels"), raw.get("glmtune_positions") or POSITIONS_FROM_0, raw)
+                          raw.get("kv_channels"), POSITIONS_FROM_0, raw)  # the official ChatGLM code's numbering
     return cfg, state, info
 
 
