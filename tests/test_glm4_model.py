@@ -322,3 +322,21 @@ def test_gradient_checkpointing_gives_the_same_glm4_prefix_gradient(glm4):
     for name in grads[0]:
         assert grads[0][name].abs().sum() > 0
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tag", ["prefix", "prefix-proj"])
+def test_serve_loads_the_demo_adapter_as_the_prefix_the_golden_records(glm4, tag):
+    from glmtune.serve.models import load_adapter
+
+    root, exp = glm4
+    adapter = load_adapter(load_model(root / "model"), "a", root / tag)
+    assert adapter.pre_seq_len == 4
+    past = torch.stack([torch.stack([k, v]) for k, v in adapter.kv])
+    assert torch.equal(past, exp[f"{tag}/prompt_past"])
+
+
+def test_serve_refuses_an_adapter_of_another_model(glm4, reference):
+    from glmtune.serve.models import load_adapter
+
+    with pytest.raises(GlmtuneError, match="made for 8 kv width.*has 16"):
+        load_adapter(load_model(reference / "golden-model-glm3" / "model"), "a", glm4[0] / "prefix")

@@ -111,8 +111,9 @@ def load_adapter(model, name: str, path: str | Path) -> Adapter:
     # Official ChatGLM folders and PEFT adapter folders (GLM-4) alike; the same family, dims and position
     # convention checks as load_model's for --ptuning-checkpoint (the prefix shapes can match across families).
     cfg, state, info = read_checkpoint(path)
-    check_checkpoint_shape(model, info.raw, state, source, cfg.pre_seq_len)
+    check_checkpoint_shape(model, info.raw, {}, source, cfg.pre_seq_len)  # an official config's fields first
     check_checkpoint_fits(info, model, source)
+    check_checkpoint_shape(model, {}, state, source, cfg.pre_seq_len)
     encoder = model.make_prefix_encoder(cfg)
     load_prefix_state(encoder, state, source)
     return Adapter(name, str(path), cfg.pre_seq_len, prefix_kv(encoder, model.compute_dtype, model.device))
