@@ -1,6 +1,7 @@
 """GLM-4-9B-chat at its full shape with random weights: loading memory and an int4 P-tuning step's memory.
 
-The checkpoint is written once (`GLMTUNE_BENCH_CACHE`, ~18.8 GB): the real config
+The checkpoint is written once (`GLMTUNE_BENCH_CACHE`, ~18.8 GB; a seeded random block repeated, written at
+memory speed): the real config
 (../shared/reference/glm-4-9b-chat/config.json: 40 layers, hidden 4096, 2 KV groups, ffn 13696, padded vocab
 151552) in bfloat16 safetensors shards, as the release ships it (10 shards). Each case runs in a fresh
 interpreter and reports the peak RSS above the interpreter's baseline (torch + transformers imported):
@@ -87,12 +88,12 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, default=REFERENCE)
     args = ap.parse_args()
     cfg = json.loads((args.reference / "glm-4-9b-chat" / "config.json").read_text())
-    folder = CACHE / f"glm-4-9b-chat-random-bf16-{args.shards}"
+    folder = CACHE / f"glm-4-9b-chat-tiled-bf16-{args.shards}"
     if not (folder / "model.safetensors.index.json").is_file():
         free = shutil.disk_usage(CACHE.parent if CACHE.parent.exists() else Path.home()).free
         if free < 21e9:
             raise SystemExit(f"the 9B checkpoint needs ~18.8 GB in {CACHE}; {free / 1e9:.1f} GB free")
-    write_random_checkpoint(folder, cfg, n_shards=args.shards, dtype="bfloat16", fmt="safetensors")
+    write_random_checkpoint(folder, cfg, n_shards=args.shards, dtype="bfloat16", fmt="safetensors", tiled=True)
     ckpt_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):

@@ -88,10 +88,8 @@ def _rope_parameters(cfg: dict) -> dict:
 def glm4_config_from_hf(cfg: dict) -> Glm4Config:
     """The `Glm4Config` of a GLM-4-0414 config.json (transformers' own layout), minus glmtune's own fields."""
     own = {"pre_seq_len", "prefix_projection", "quantization_bit", FAMILY_FIELD}
-    config = Glm4Config(**{k: v for k, v in cfg.items() if k not in own and not k.startswith("_")})
-    config._attn_implementation = "sdpa"
-    config.use_cache = True
-    return config
+    fields = {k: v for k, v in cfg.items() if k not in own and not k.startswith("_")}
+    return Glm4Config(**{**fields, "use_cache": True, "attn_implementation": "sdpa"})
 
 
 def model_config(cfg: dict) -> GlmConfig | Glm4Config:
