@@ -52,7 +52,8 @@ def main() -> None:
         print(f"skipped: needs {dev} and {model_dir / 'tokenizer.model'} (pass --reference)")
         return
 
-    from glmtune.families.tokenizer import build_prompt, load_tokenizer
+    from glmtune.families.chatglm2.tokenizer import build_prompt
+    from glmtune.families.tokenizer import load_tokenizer
 
     rows = [json.loads(line) for line in dev.read_text(encoding="utf-8").splitlines() if line.strip()]
     prompts = [build_prompt(r["content"]) for r in rows]

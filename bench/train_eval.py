@@ -32,7 +32,7 @@ from glmtune.data import preprocess as data
 from glmtune.model.loading import load_model
 from glmtune.model.tiny import DATA_DIR
 from glmtune.families.tokenizer import load_tokenizer
-from glmtune.train.loop import Dist, SampleKeyedDropout, train_step
+from glmtune.train.loop import Dist, train_step
 from glmtune.train.validation import generation_scores, prompts_and_references, validation_loss
 
 HERE = Path(__file__).resolve()
@@ -66,7 +66,6 @@ def main() -> None:
         torch.manual_seed(0)
         model = load_model(folder, pre_seq_len=128).train()
         model.enable_gradient_checkpointing()
-        model.prefix_encoder.dropout = dropout = SampleKeyedDropout(0.1, 42)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=2e-2)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -77,7 +76,7 @@ def main() -> None:
         prompts, references = prompts_and_references(dataset, tokenizer, args.generate)
         for r in range(args.rounds):
             t0 = time.perf_counter()
-            train_step(model, params, optimizer, scheduler, [(batch, list(range(8)))], Dist(), 1.0, dropout)
+            train_step(model, params, optimizer, scheduler, [(batch, list(range(8)))], Dist(), 1.0, seed=42)
             t1 = time.perf_counter()
             loss, tokens = validation_loss(model, dataset, 8, tokenizer.pad_token_id, Dist())
             t2 = time.perf_counter()

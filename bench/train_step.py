@@ -120,7 +120,7 @@ def worker_glmtune(gc: bool, steps: int, warmup: int, spec: dict | None) -> dict
     from glmtune.model.modeling import ChatGLM2ForCausalLM, glm_config_from_chatglm
     from glmtune.model.prefix import PrefixConfig
     from glmtune.model.tiny import TinyConfig, official_config
-    from glmtune.train.loop import Dist, SampleKeyedDropout, train_step
+    from glmtune.train.loop import Dist, train_step
 
     c = CONFIG
     cfg = official_config(TinyConfig(c["num_layers"], c["hidden_size"], c["num_attention_heads"], c["kv_channels"],
@@ -134,8 +134,6 @@ def worker_glmtune(gc: bool, steps: int, warmup: int, spec: dict | None) -> dict
     model.train()
     if gc:
         model.enable_gradient_checkpointing()
-    dropout = SampleKeyedDropout(0.1, seed=42)
-    model.prefix_encoder.dropout = dropout
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 1000)
@@ -152,7 +150,7 @@ def worker_glmtune(gc: bool, steps: int, warmup: int, spec: dict | None) -> dict
     def step(batch):
         first = next(counter) * batch["input_ids"].shape[0]
         train_step(model, params, optimizer, scheduler, [(batch, list(range(first, first + batch["input_ids"].shape[0])))],
-                   Dist(), 1.0, dropout)
+                   Dist(), 1.0, seed=42)
 
     return {"times": _time_steps(step, batches, warmup), "widths": [int(b["input_ids"].shape[1]) for b in batches],
             "torch": torch.__version__}

@@ -5,6 +5,7 @@ Every command imports its module lazily, so `glmtune --help` starts without impo
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -14,7 +15,10 @@ import typer
 from typer.core import TyperGroup
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.registry import DEFAULT_FAMILY  # light (no torch): the registry imports only errors and glm3
+from glmtune.families.registry import DEFAULT_FAMILY, FAMILIES  # light (no torch): family packages import their tokenizers lazily
+from glmtune.inference import sampling  # constants only
+
+FAMILY_HELP = f"Model family ({', '.join(FAMILIES)}); default: detected from the model folder."
 
 
 def add_official_spellings(command) -> None:
@@ -35,28 +39,49 @@ def add_official_spellings(command) -> None:
                     taken.add(snake)
 
 
-def show_train_defaults(command) -> None:
-    """`train` options default to None so a --config file can fill them; show the TrainConfig default each
-    one then takes, taken from TrainConfig itself so help and behaviour cannot drift apart."""
-    import dataclasses
+def config_options(*only: str):
+    """Give a command one option per `glmtune train` setting (or the settings named in `only`), built from
+    TrainConfig (glmtune.train.config), where each setting's name, help, default and official spellings are
+    written once; the command receives them as `settings`, a dict in which None means "not given" (so a
+    --config file, or the TrainConfig default, fills it)."""
+    import functools
+    import inspect
 
-    from glmtune.train.config import TrainConfig  # no torch import there
+    from glmtune.train.config import setting_specs  # no torch import there
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for param in command.params:
-        value = defaults.get(param.name)
-        if param.param_type_name == "option" and param.default is None and value not in (None, "", dataclasses.MISSING) \
-                and "[default:" not in (param.help or ""):
-            param.help = f"{param.help or ''}  [default: {value}]".strip()
+    def decorate(command_function):
+        signature = inspect.signature(command_function)
+        params = [p for p in signature.parameters.values() if p.name != "settings"]
+        names = []
+        for name, kind, text, flags, switch, shown in setting_specs():
+            if only and name not in only:
+                continue
+            decls = [f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:]] if switch else list(flags)
+            option = typer.Option(None, *decls, help=f"{text} [default: {shown}]" if shown else text, show_default=False)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+            names.append(name)
+
+        @functools.wraps(command_function)
+        def command(**kwargs):
+            settings = {name: kwargs.pop(name) for name in names}
+            return command_function(settings=settings, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def _given(settings: dict) -> dict:
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 class _Group(TyperGroup):
     def __init__(self, *args, commands=None, **kwargs):
         super().__init__(*args, commands=commands, **kwargs)
-        for name, command in self.commands.items():
+        for command in self.commands.values():
             add_official_spellings(command)
-            if name == "train":
-                show_train_defaults(command)
 
 
 app = typer.Typer(
@@ -132,29 +157,29 @@ def init_model_command(
 # --- preprocess / train (data, train) ---
 
 
+# The data settings `preprocess` shares with `train` (TrainConfig holds their defaults and help); `eval` takes the
+# columns and lengths, and ignores them for a preprocessed --dataset.
+EVAL_DATA_SETTINGS = ("prompt_column", "response_column", "history_column", "source_prefix", "max_source_length",
+                      "max_target_length")
+PREPROCESS_SETTINGS = (*EVAL_DATA_SETTINGS, "max_seq_length", "chatglm3_rules", "combine", "data_format", "train_on",
+                       "family")
+
+
 @app.command()
+@config_options(*PREPROCESS_SETTINGS)
 def preprocess(
     model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Model folder holding tokenizer.model."),
-    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder for the tokenized dataset and its report."),
-    train_file: Optional[Path] = typer.Option(None, "--train-file", "--train_file", help="Raw data (.json/.jsonl/.csv) to tokenize for training."),
-    validation_file: Optional[Path] = typer.Option(None, "--validation-file", "--validation_file", help="Raw data to tokenize for eval."),
-    test_file: Optional[Path] = typer.Option(None, "--test-file", "--test_file", help="Raw data to tokenize for eval/predict."),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Folder for the tokenized dataset and its report."),
+    train_file: Optional[Path] = typer.Option(None, "--train-file", help="Raw data (.json/.jsonl/.csv) to tokenize for training."),
+    validation_file: Optional[Path] = typer.Option(None, "--validation-file", help="Raw data to tokenize for eval."),
+    test_file: Optional[Path] = typer.Option(None, "--test-file", help="Raw data to tokenize for eval/predict."),
     mode: Optional[str] = typer.Option(None, "--mode", help="train or eval (default: train for --train-file, else eval)."),
-    prompt_column: str = typer.Option("content", "--prompt-column", "--prompt_column"),
-    response_column: str = typer.Option("summary", "--response-column", "--response_column"),
-    history_column: Optional[str] = typer.Option(None, "--history-column", "--history_column", help="Column of [query, answer] pairs."),
-    source_prefix: str = typer.Option("", "--source-prefix", "--source_prefix"),
-    max_source_length: int = typer.Option(64, "--max-source-length", "--max_source_length"),
-    max_target_length: int = typer.Option(128, "--max-target-length", "--max_target_length"),
     max_samples: Optional[int] = typer.Option(
         None, "--max-samples", "--max_train_samples", "--max_eval_samples", "--max_predict_samples", help="Keep the first N rows."
     ),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
-    chatglm3_rules: str = typer.Option("2023", "--chatglm3-rules", help="ChatGLM3 data rules: 2023 (official demo of Nov 2023: loss flags, tools) or finetune-hf (the 2024 finetune_hf.py)."),
-    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", "--max_seq_length", min=3, help="ChatGLM3 conversations (2023 rules): tokens kept per conversation (default: source + target + 1)."),
-    data_format: str = typer.Option("auto", "--data-format", "--data_format", help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
-    train_on: str = typer.Option("each-turn", "--train-on", "--train_on", help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
+    *,
+    settings: dict,  # the PREPROCESS_SETTINGS (config_options)
 ) -> None:
     """Tokenize a data file as the official P-tuning scripts do; save an Arrow dataset and a length report."""
     from glmtune.data import preprocess as data
@@ -168,14 +193,11 @@ def preprocess(
     mode = mode or ("train" if split == "train" else "eval")
     if mode not in data.TOKENIZE_MODES:
         raise GlmtuneError(f"--mode must be one of {', '.join(data.TOKENIZE_MODES)}, got {mode!r}")
-    config = data.DataConfig(
-        prompt_column=prompt_column, response_column=response_column, history_column=history_column,
-        source_prefix=source_prefix, max_source_length=max_source_length, max_target_length=max_target_length,
-        max_samples=max_samples, glm3_rules=chatglm3_rules, max_seq_length=max_seq_length,
-        data_format=data_format, train_on=train_on,
-    )
+    from glmtune.train.config import TrainConfig
+
+    config = dataclasses.replace(TrainConfig(**_given(settings)).data_config(), max_samples=max_samples)
     config.validate()
-    tokenizer = load_tokenizer(model_path, family=family)
+    tokenizer = load_tokenizer(model_path, family=settings["family"])
     report = dataset_store.preprocess(source, tokenizer, output_dir, config, mode, num_workers)
     typer.echo(data.format_report(report))
     from glmtune.data.formats import format_samples
@@ -184,90 +206,28 @@ def preprocess(
     typer.echo(f"wrote {output_dir} (report: {output_dir / dataset_store.REPORT_FILE})")
 
 
-def _both(name: str) -> tuple[str, str]:
-    """A flag in kebab case and in the official snake_case spelling."""
-    return f"--{name.replace('_', '-')}", f"--{name}"
-
-
-def _switch(name: str) -> tuple[str, str]:
-    kebab = name.replace("_", "-")
-    return f"--{kebab}/--no-{kebab}", f"--{name}/--no_{name}"
-
-
 @app.command()
+@config_options()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of settings (keys = flag names); flags given here override it."),
-    model_path: Optional[str] = typer.Option(None, *_both("model_path"), "--model_name_or_path", help="ChatGLM2 or ChatGLM3 model folder (official layout)."),
-    train_file: Optional[str] = typer.Option(None, *_both("train_file"), help="Raw training data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="A folder written by `glmtune preprocess` (instead of --train-file)."),
-    output_dir: Optional[str] = typer.Option(None, *_both("output_dir"), help="Checkpoints, metrics.jsonl, loss_curve.png."),
-    pre_seq_len: Optional[int] = typer.Option(None, *_both("pre_seq_len"), help="Prefix length [default: 128]."),
-    prefix_projection: Optional[bool] = typer.Option(None, *_switch("prefix_projection"), help="Prefix through the 2-layer MLP [default: off]."),
-    quantization_bit: Optional[int] = typer.Option(None, *_both("quantization_bit"), help="Quantize the frozen weights to 4 or 8 bits."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Frozen weights' dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda [default: auto]."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
-    prompt_column: Optional[str] = typer.Option(None, *_both("prompt_column"), help="[default: content]"),
-    response_column: Optional[str] = typer.Option(None, *_both("response_column"), help="[default: summary]"),
-    history_column: Optional[str] = typer.Option(None, *_both("history_column"), help="Column of [query, answer] pairs."),
-    source_prefix: Optional[str] = typer.Option(None, *_both("source_prefix")),
-    max_source_length: Optional[int] = typer.Option(None, *_both("max_source_length"), help="[default: 64]"),
-    max_target_length: Optional[int] = typer.Option(None, *_both("max_target_length"), help="[default: 128]"),
-    max_train_samples: Optional[int] = typer.Option(None, *_both("max_train_samples"), help="Use the first N rows."),
-    preprocessing_num_workers: Optional[int] = typer.Option(None, *_both("preprocessing_num_workers"), help="Tokenizing processes."),
-    per_device_train_batch_size: Optional[int] = typer.Option(None, *_both("per_device_train_batch_size"), help="[default: 8]"),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, *_both("gradient_accumulation_steps"), help="[default: 1]"),
-    num_train_epochs: Optional[float] = typer.Option(None, *_both("num_train_epochs"), help="[default: 3]"),
-    max_steps: Optional[int] = typer.Option(None, *_both("max_steps"), help="Total optimizer steps; > 0 overrides --num-train-epochs."),
-    learning_rate: Optional[float] = typer.Option(None, *_both("learning_rate"), help="[default: 2e-2], decayed linearly to 0."),
-    weight_decay: Optional[float] = typer.Option(None, *_both("weight_decay"), help="[default: 0]"),
-    adam_beta1: Optional[float] = typer.Option(None, *_both("adam_beta1"), help="[default: 0.9]"),
-    adam_beta2: Optional[float] = typer.Option(None, *_both("adam_beta2"), help="[default: 0.999]"),
-    adam_epsilon: Optional[float] = typer.Option(None, *_both("adam_epsilon"), help="[default: 1e-8]"),
-    max_grad_norm: Optional[float] = typer.Option(None, *_both("max_grad_norm"), help="Gradient-norm clip [default: 1.0]; 0 = off."),
-    warmup_steps: Optional[int] = typer.Option(None, *_both("warmup_steps"), help="[default: 0]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="[default: 42]"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, *_switch("gradient_checkpointing"), help="Recompute layers in backward to save memory [default: on, as the official]."),
-    group_by_length: Optional[bool] = typer.Option(None, *_switch("group_by_length"), help="Batch rows of similar length together (less padding, faster) [default: off]."),
-    logging_steps: Optional[int] = typer.Option(None, *_both("logging_steps"), help="[default: 10]"),
-    save_steps: Optional[int] = typer.Option(None, *_both("save_steps"), help="Checkpoint every N steps, and always at the end [default: 500]."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the latest checkpoint in --output-dir."),
-    resume_from_checkpoint: Optional[str] = typer.Option(None, *_both("resume_from_checkpoint"), help="Continue from this checkpoint folder."),
-    overwrite_output_dir: Optional[bool] = typer.Option(None, *_both("overwrite_output_dir"), help="Delete a previous run's checkpoints and logs in --output-dir."),
-    disable_tqdm: Optional[bool] = typer.Option(None, *_both("disable_tqdm"), help="No progress bar."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", "--nproc-per-node", help="Data-parallel processes on this machine (runs torchrun)."),
-    data_format: Optional[str] = typer.Option(None, *_both("data_format"), help="columns, alpaca, sharegpt, or auto (from the first row) [default: auto]."),
-    train_on: Optional[str] = typer.Option(None, *_both("train_on"), help="each-turn: one row per answer (official); all-turns: every answer of a conversation labelled in one row [default: each-turn]."),
-    mix_file: Optional[str] = typer.Option(None, *_both("mix_file"), help="General-purpose rows mixed into every epoch (against forgetting)."),
-    mix_ratio: Optional[float] = typer.Option(None, *_both("mix_ratio"), help="Rows drawn from --mix-file per epoch, as a share of the training rows [default: 0]."),
-    validation_file: Optional[str] = typer.Option(None, *_both("validation_file"), help="Validation data (any format --train-file reads)."),
-    val_size: Optional[float] = typer.Option(None, *_both("val_size"), help="Hold out this seeded share of the training rows for validation [default: 0]."),
-    eval_steps: Optional[int] = typer.Option(None, *_both("eval_steps"), help="Validate (and checkpoint) every N steps and at the end [default: --save-steps]."),
-    per_device_eval_batch_size: Optional[int] = typer.Option(None, *_both("per_device_eval_batch_size"), help="[default: 8]"),
-    eval_generate: Optional[int] = typer.Option(None, *_both("eval_generate"), help="Also generate greedily for the first K validation rows and score BLEU-4/ROUGE [default: 0]."),
-    metric_for_best_model: Optional[str] = typer.Option(None, *_both("metric_for_best_model"), help="eval_loss, bleu-4, rouge-1, rouge-2 or rouge-l [default: eval_loss]."),
-    greater_is_better: Optional[bool] = typer.Option(None, *_switch("greater_is_better"), help="[default: inferred from the metric: lower loss, higher scores]"),
-    save_total_limit: Optional[int] = typer.Option(None, *_both("save_total_limit"), help="Keep at most N checkpoints; the best and the latest are never deleted [default: all]."),
-    early_stopping_patience: Optional[int] = typer.Option(None, *_both("early_stopping_patience"), help="Stop after P evaluations without improvement [default: off]."),
-    early_stopping_threshold: Optional[float] = typer.Option(None, *_both("early_stopping_threshold"), help="Smallest change that counts as an improvement [default: 0]."),
-    report_to: Optional[str] = typer.Option(None, *_both("report_to"), help="tensorboard (event files in OUTPUT/runs), none, or auto [default: auto: tensorboard when installed]."),
+    *,
+    settings: dict,  # one entry per TrainConfig setting (config_options)
 ) -> None:
     """P-tuning v2: train a prefix for a frozen ChatGLM2 or ChatGLM3 (official defaults; resumable; torchrun data parallel)."""
     import os
 
     from glmtune.train.config import build_config, launch_torchrun
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "os", "build_config", "launch_torchrun")}
-    settings = build_config(config, overrides)
-    if settings.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    run_config = build_config(config, settings)
+    if run_config.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # The workers see `--config TMPFILE`; they get the command as typed, for the resume hint.
-        code = launch_torchrun(settings, command_line=shlex.join(["glmtune", *sys.argv[1:]]))
+        code = launch_torchrun(run_config, command_line=shlex.join(["glmtune", *sys.argv[1:]]))
         if code:
             raise typer.Exit(code)
         return
     from glmtune.train.loop import train as run_training
 
-    result = run_training(settings)
+    result = run_training(run_config)
     if int(os.environ.get("RANK", "0")) != 0:
         raise typer.Exit(130 if result.interrupted else 0)
     if result.interrupted:
@@ -290,36 +250,33 @@ def train(
 
 
 @app.command("eval")
+@config_options(*EVAL_DATA_SETTINGS)
 def eval_command(
-    model_path: Path = typer.Option(..., "--model-path", "--model_path", "--model_name_or_path", help="Base model folder (official layout, or written by `glmtune merge`)."),
-    output_dir: Path = typer.Option(..., "--output-dir", "--output_dir", help="Folder for generated_predictions.jsonl and predict_results.json."),
-    test_file: Optional[Path] = typer.Option(None, "--test-file", "--test_file", help="Raw eval data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder (official layout, or written by `glmtune merge`)."),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Folder for generated_predictions.jsonl and predict_results.json."),
+    test_file: Optional[Path] = typer.Option(None, "--test-file", help="Raw eval data (.json/.jsonl/.csv), tokenized on the fly (cached)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="A folder written by `glmtune preprocess --mode eval` (its settings apply)."),
-    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", "--ptuning_checkpoint", help="P-tuning checkpoint folder (e.g. OUT/checkpoint-3000)."),
-    pre_seq_len: Optional[int] = typer.Option(None, "--pre-seq-len", "--pre_seq_len", help="Checked against the checkpoint (it is read from there)."),
-    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", "--quantization_bit", help="Quantize the base weights to 4 or 8 bits while loading."),
-    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", "--prompt_column", help="[default: content]"),
-    response_column: Optional[str] = typer.Option(None, "--response-column", "--response_column", help="[default: summary]"),
-    history_column: Optional[str] = typer.Option(None, "--history-column", "--history_column", help="Column of [query, answer] pairs."),
-    source_prefix: Optional[str] = typer.Option(None, "--source-prefix", "--source_prefix"),
-    max_source_length: Optional[int] = typer.Option(None, "--max-source-length", "--max_source_length", help="[default: 64]"),
-    max_target_length: Optional[int] = typer.Option(None, "--max-target-length", "--max_target_length", help="Also the default --max-new-tokens. [default: 128]"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--max_samples", "--max_predict_samples", "--max_eval_samples", help="Evaluate the first N rows."),
-    batch_size: int = typer.Option(16, "--batch-size", "--per-device-eval-batch-size", "--per_device_eval_batch_size", help="Prompts generated together (left-padded)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--max_new_tokens", help="Answer tokens at most (default: --max-target-length)."),
+    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", help="P-tuning checkpoint folder (e.g. OUT/checkpoint-3000)."),
+    pre_seq_len: Optional[int] = typer.Option(None, "--pre-seq-len", help="Checked against the checkpoint (it is read from there)."),
+    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", help="Quantize the base weights to 4 or 8 bits while loading."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", "--max_predict_samples", "--max_eval_samples", help="Evaluate the first N rows."),
+    batch_size: int = typer.Option(16, "--batch-size", "--per-device-eval-batch-size", help="Prompts generated together (left-padded)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer tokens at most (default: --max-target-length)."),
     do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="Sample instead of greedy decoding (the official run samples)."),
-    top_p: float = typer.Option(0.7, "--top-p", "--top_p", help="Nucleus mass when sampling (official 0.7)."),
-    temperature: float = typer.Option(0.95, help="Temperature when sampling (official 0.95)."),
-    num_beams: int = typer.Option(1, "--num-beams", "--num_beams", help="Beam search width."),
+    top_p: float = typer.Option(sampling.OFFICIAL_TOP_P, "--top-p", help="Nucleus mass when sampling (the official evaluate.sh's)."),
+    temperature: float = typer.Option(sampling.OFFICIAL_TEMPERATURE, help="Temperature when sampling (the official evaluate.sh's)."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Beam search width."),
     seed: int = typer.Option(42, help="Random seed (sampling is reproducible with it)."),
     official_truncation: bool = typer.Option(False, "--official-truncation", help="Score against the official references: [gMASK] sop + target ids cut to max_target_length, decoded."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs that support it, else float16; float32 on CPU)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     num_workers: int = typer.Option(1, "--num-workers", "--preprocessing_num_workers", min=1, help="Processes for tokenizing and scoring."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while generating."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also score the base model (prefix off) on the same rows, side by side [default: off]."),
-    general_file: Optional[Path] = typer.Option(None, "--general-file", "--general_file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
+    general_file: Optional[Path] = typer.Option(None, "--general-file", help="With --compare-base: general-purpose prompts; reports how far the tuned answers moved from the base's."),
+    *,
+    settings: dict,  # the EVAL_DATA_SETTINGS (config_options)
 ) -> None:
     """Generate for an eval set (batched, greedy by default) and score BLEU-4 / ROUGE-1/2/L as the official scripts."""
     from glmtune.data import preprocess as data
@@ -328,19 +285,17 @@ def eval_command(
     if general_file is not None and not compare_base:
         raise GlmtuneError("--general-file needs --compare-base")
 
-    fields = {"prompt_column": prompt_column, "response_column": response_column, "history_column": history_column,
-              "source_prefix": source_prefix, "max_source_length": max_source_length, "max_target_length": max_target_length}
-    given = {k: v for k, v in fields.items() if v is not None}
+    given = _given(settings)
     if dataset is not None and given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         typer.echo(f"warning: {flags} ignored: the preprocessed --dataset keeps the settings it was made with", err=True)
     config = data.DataConfig(**given, max_samples=max_samples)
-    settings = evaluate.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
-                                           temperature=temperature, num_beams=num_beams, seed=seed)
+    generation = evaluate.GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
+                                             temperature=temperature, num_beams=num_beams, seed=seed)
     if compare_base:
         comparison = evaluate.compare_base(
             model_path, output_dir, test_file=test_file, dataset_dir=dataset, general_file=general_file, config=config,
-            ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit, settings=settings,
+            ptuning_checkpoint=ptuning_checkpoint, quantization_bit=quantization_bit, settings=generation,
             batch_size=batch_size, official_truncation=official_truncation, dtype=dtype, device=device,
             num_workers=num_workers, progress=progress, family=family)
         typer.echo(evaluate.format_comparison(comparison))
@@ -349,7 +304,7 @@ def eval_command(
     out = evaluate.run_eval(
         model_path, output_dir, test_file=test_file, dataset_dir=dataset, config=config,
         ptuning_checkpoint=ptuning_checkpoint, pre_seq_len=pre_seq_len, quantization_bit=quantization_bit,
-        settings=settings, batch_size=batch_size, official_truncation=official_truncation, dtype=dtype,
+        settings=generation, batch_size=batch_size, official_truncation=official_truncation, dtype=dtype,
         device=device, num_workers=num_workers, progress=progress, family=family,
     )
     dropped = evaluate.dropped_rows_message(out.dropped, out.results["predict_samples"])
@@ -385,13 +340,13 @@ def score(
 @app.command()
 def chat(
     model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Base model folder, or one written by `glmtune merge`."),
-    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", "--ptuning_checkpoint", help="P-tuning checkpoint folder (pre_seq_len / prefix_projection are read from it)."),
-    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", "--quantization_bit", help="Quantize the base weights to 4 or 8 bits while loading."),
+    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", help="P-tuning checkpoint folder (pre_seq_len / prefix_projection are read from it)."),
+    quantization_bit: Optional[int] = typer.Option(None, "--quantization-bit", help="Quantize the base weights to 4 or 8 bits while loading."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto (bfloat16 on GPUs that support it, else float16; float32 on CPU)."),
-    top_p: float = typer.Option(0.8, "--top-p", help="Nucleus sampling mass (official default 0.8)."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature (official default 0.8)."),
-    max_length: int = typer.Option(8192, "--max-length", min=2, help="Prompt + answer tokens at most (also capped by the model's seq_length); older rounds are dropped to fit."),
+    top_p: float = typer.Option(sampling.CHAT_TOP_P, "--top-p", help="Nucleus sampling mass (the official chat's)."),
+    temperature: float = typer.Option(sampling.CHAT_TEMPERATURE, help="Sampling temperature (the official chat's)."),
+    max_length: int = typer.Option(sampling.DEFAULT_MAX_LENGTH, "--max-length", min=2, help="Prompt + answer tokens at most (also capped by the model's seq_length); older rounds are dropped to fit."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Answer tokens at most (default: what the window leaves)."),
     do_sample: bool = typer.Option(True, "--do-sample/--greedy", help="Sample (official default) or decode greedily."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
@@ -399,7 +354,7 @@ def chat(
     history_file: Optional[Path] = typer.Option(None, "--history-file", help="One-shot: JSON list of [query, answer] pairs before --query."),
     json_out: bool = typer.Option(False, "--json", help="One-shot: print {\"response\", \"history\"} as JSON."),
     debug_prompt: bool = typer.Option(False, "--debug-prompt", help="Print each prompt sent to the model (JSON string) and its token count to stderr."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="ChatGLM3: system prompt."),
     tools: Optional[Path] = typer.Option(None, "--tools", help="ChatGLM3: JSON file with a list of tool descriptions (tool calls are shown, never executed)."),
     role: str = typer.Option("user", "--role", help="ChatGLM3 one-shot: role of --query (user, or observation to answer a tool call)."),
@@ -412,8 +367,6 @@ def chat(
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
         raise GlmtuneError(f"sampling needs --temperature > 0 and 0 < --top-p <= 1 (found {temperature}, {top_p}); or pass --greedy")
     import json
-
-    import importlib
 
     from glmtune.inference import chat as chat_lib
     from glmtune.families.registry import family_of
@@ -466,7 +419,7 @@ def merge(
     fold_prefix: bool = typer.Option(False, "--fold-prefix", help="Store the prefix after its projection MLP as plain embeddings (same outputs, smaller, faster)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output-dir."),
     dtype: str = typer.Option("auto", help="Weight dtype of the merged folder: float32, bfloat16, float16, or auto (as the base model's config)."),
-    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
 ) -> None:
     """Bake a P-tuning checkpoint into a self-contained model folder (weights, prefix, tokenizer)."""
     from glmtune.fsutil import check_output_dir

@@ -165,16 +165,19 @@ def test_hostile_tool_calls_come_back_as_text_and_run_nothing(code, tmp_path, mo
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_family_registry_builds_prompts_and_stop_ids_for_a_server(reference):
+def test_family_registry_reads_requests_builds_prompts_and_stop_ids_for_a_server(reference):
     glm3_tok = load_tokenizer(reference / "chatglm3-6b")
     glm2_tok = load_tokenizer(reference / "chatglm2-6b")
     messages = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
                 {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"}]
-    assert CHATGLM3.messages_to_ids(glm3_tok, messages) == glm3_tok.chat_input_ids("再见", messages[:3])
+    query, history, role = CHATGLM3.read_request(messages, None)
+    assert CHATGLM3.chat_prompt(glm3_tok, query, history, role)[1] == glm3_tok.chat_input_ids("再见", messages[:3])
     assert CHATGLM3.stop_token_ids(glm3_tok) == [2, 64795, 64797]
     assert CHATGLM2.stop_token_ids(glm2_tok) == [2]
-    glm2_ids = CHATGLM2.messages_to_ids(glm2_tok, messages)
-    assert glm2_ids == glm2_tok(glm2_tok.build_prompt("再见", [("你是助手\n你好", "你好！")]))["input_ids"]
+    # ChatGLM2 has no system role: the official openai_api.py puts the system text in front of the query.
+    query, history, role = CHATGLM2.read_request(messages, None)
+    assert (query, history, role) == ("你是助手再见", [("你好", "你好！")], "user")
+    assert CHATGLM2.chat_prompt(glm2_tok, query, history)[1] == glm2_tok(glm2_tok.build_prompt(query, history))["input_ids"]
 
 
 def test_repl_shows_a_tool_call_and_sends_the_next_line_back_as_the_observation(glm3, monkeypatch):

@@ -8,7 +8,8 @@ from transformers import PreTrainedTokenizer
 
 from glmtune import compat
 from glmtune.model.tiny import bundled_texts, train_tokenizer
-from glmtune.families.tokenizer import ChatGLM2Tokenizer, load_tokenizer
+from glmtune.families.chatglm2.tokenizer import ChatGLM2Tokenizer
+from glmtune.families.tokenizer import load_tokenizer
 
 
 def test_overridden_tokenizer_hooks_exist_in_transformers_with_the_arguments_glmtune_passes():

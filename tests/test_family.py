@@ -78,8 +78,8 @@ def test_family_detection_and_override(reference, tmp_path):
     assert detect_family(reference / "chatglm2-6b").name == "chatglm2"
     assert detect_family(reference / "golden-model" / "model").name == "chatglm2"  # nothing says otherwise
     assert resolve_family(reference / "chatglm2-6b", "chatglm3").name == "chatglm3"
-    with pytest.raises(GlmtuneError, match=r"--family: expected one of \['chatglm2', 'chatglm3'\], found 'glm4'"):
-        get_family("glm4")
+    with pytest.raises(GlmtuneError, match=r"--family: expected one of \['chatglm2', 'chatglm3', 'glm4'\], found 'glm5'"):
+        get_family("glm5")
     # An official ChatGLM3 config.json names its release; no tokenizer_config.json is needed.
     shutil.copy(reference / "chatglm3-6b" / "config.json", tmp_path / "config.json")
     assert detect_family(tmp_path).name == "chatglm3"

@@ -166,4 +166,4 @@ def test_train_family_option_overrides_detection_and_a_mismatched_resume_is_refu
 
     unknown = CliRunner().invoke(app, [str(a) for a in (*args, "--family", "chatglm9")])
     assert isinstance(unknown.exception, GlmtuneError)
-    assert "--family must be one of ['chatglm2', 'chatglm3'], found 'chatglm9'" in str(unknown.exception)
+    assert "--family must be one of ['chatglm2', 'chatglm3', 'glm4'], found 'chatglm9'" in str(unknown.exception)

@@ -426,12 +426,15 @@ def test_cycle_finder_finds_a_planted_cycle():
 def test_glmtune_modules_import_each_other_without_cycles():
     graph = _import_graph()
     assert graph["model.quantization"] and graph["model.merge"]  # the graph was really read
-    # No cycle at all, top-level or deferred: the family registry sits below the implementations it names
-    # (ChatGLM2's reply post-processing lives in glmtune.families.registry; the tokenizer classes below glmtune.families.tokenizer's
-    # loader; what glmtune.data.preprocess and glmtune.families.chatglm3.data share in glmtune.data.formats / glmtune.fsutil).
+    # No cycle at all, top-level or deferred: a family package imports only `glmtune.families.family` (the record and
+    # register()) and its own modules; the registry imports the family packages; commands and the data reader ask the
+    # registry (what glmtune.data.preprocess and glmtune.families.chatglm3.data share is in glmtune.data.formats / fsutil).
     assert _cycles(graph) == [], _cycles(graph)
-    assert {"families.chatglm2.tokenizer", "families.chatglm3.tokenizer", "families.registry"} <= graph["families.tokenizer"]
-    assert "families.chatglm3.data" in graph["data.preprocess"]
+    assert {"families.chatglm2", "families.chatglm3", "families.family"} <= graph["families.registry"]
+    assert "families.registry" in graph["families.tokenizer"] and "families.registry" in graph["data.preprocess"]
+    assert {"families.chatglm3.data", "families.chatglm3.chat", "families.family"} <= graph["families.chatglm3"]
+    assert not any(dep.startswith("families.registry") for pkg in ("chatglm2", "chatglm3", "glm4")
+                   for mod, deps in graph.items() if mod.startswith(f"families.{pkg}") for dep in deps)
 
 
 # --- item 18 (parts): one definition each; no dead code or unused dependency; one atomic-write helper ----

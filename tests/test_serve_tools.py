@@ -18,6 +18,7 @@ from glmtune.serve import protocol  # noqa: E402
 from glmtune.serve.api import create_app  # noqa: E402
 from glmtune.serve.protocol import ApiError, ChatRequest, chat_prompt_ids, reply_tool_call  # noqa: E402
 from glmtune.serve.scheduler import Event  # noqa: E402
+from glmtune.families.chatglm3.chat import DEFAULT_TOOLS_SYSTEM  # noqa: E402
 from glmtune.families.tokenizer import load_tokenizer  # noqa: E402
 
 WEATHER = {"name": "get_weather", "description": "查询指定城市的实时天气",
@@ -121,15 +122,15 @@ def assistant_reply_ids(tok, metadata: str, message: str) -> list[int]:
 def test_a_reply_that_parses_as_a_call_of_an_offered_tool_becomes_a_tool_call(glm3_tok, tmp_path):
     call = " ```python\ntool_call(city='北京', days=3, detail=True, extra=None)\n```"
     raw = glm3_tok.decode(assistant_reply_ids(glm3_tok, "get_weather", call))
-    assert reply_tool_call(raw, ["get_weather"]) == {
+    assert reply_tool_call(raw, ["get_weather"], glm3_tok) == {
         "name": "get_weather", "arguments": '{"city": "北京", "days": 3, "detail": true, "extra": null}'}
-    assert reply_tool_call(raw, ["other_tool"]) is None  # a tool the request did not offer: plain content
+    assert reply_tool_call(raw, ["other_tool"], glm3_tok) is None  # a tool the request did not offer: plain content
     plain = glm3_tok.decode(assistant_reply_ids(glm3_tok, "", "get_weather\n北京今天晴。"))
-    assert reply_tool_call(plain, ["get_weather"]) is None  # blank metadata line: text, whatever it says
+    assert reply_tool_call(plain, ["get_weather"], glm3_tok) is None  # blank metadata line: text, whatever it says
     hostile = (f" ```python\ntool_call(city=__import__('os').system('touch {tmp_path}/PWNED'))\n```",
                " ```python\nprint(open('/etc/passwd').read())\n```", " ```python\ntool_call(x={1, 2})\n```")
     for code in hostile:
-        assert reply_tool_call(glm3_tok.decode(assistant_reply_ids(glm3_tok, "get_weather", code)), ["get_weather"]) is None
+        assert reply_tool_call(glm3_tok.decode(assistant_reply_ids(glm3_tok, "get_weather", code)), ["get_weather"], glm3_tok) is None
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -208,13 +209,13 @@ def test_openai_client_gets_a_tool_call_with_finish_reason_tool_calls(glm3_tok, 
         # the README's loop: the client's own message object goes back with the tool's result
         client.chat.completions.create(model="glm3", tools=TOOLS, messages=ASK + [
             reply.choices[0].message, {"role": "tool", "tool_call_id": calls[0].id, "content": "25"}])
-        history = [{"role": "system", "content": protocol.DEFAULT_TOOLS_SYSTEM, "tools": [WEATHER]}, ASK[0],
+        history = [{"role": "system", "content": DEFAULT_TOOLS_SYSTEM, "tools": [WEATHER]}, ASK[0],
                    {"role": "assistant", "metadata": "get_weather", "content": CALL}]
         assert scheduler.prompts[1] == glm3_tok.chat_input_ids("25", history, "observation")
         del scheduler.prompts[1]
     assert len(calls) == 1 and calls[0].type == "function" and calls[0].id.startswith("call_")
     assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "北京"}
-    system = {"role": "system", "content": protocol.DEFAULT_TOOLS_SYSTEM, "tools": [WEATHER]}
+    system = {"role": "system", "content": DEFAULT_TOOLS_SYSTEM, "tools": [WEATHER]}
     assert scheduler.prompts == [glm3_tok.chat_input_ids("北京天气？", [system])]
 
 
@@ -249,7 +250,7 @@ def test_a_tool_result_is_answered_as_the_observation_turn(glm3_tok):
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 25}'}]
     reply = client.chat.completions.create(model="glm3", messages=messages, tools=TOOLS)
     assert reply.choices[0].message.content == "北京今天晴。"
-    system = {"role": "system", "content": protocol.DEFAULT_TOOLS_SYSTEM, "tools": [WEATHER]}
+    system = {"role": "system", "content": DEFAULT_TOOLS_SYSTEM, "tools": [WEATHER]}
     history = [system, {"role": "user", "content": "北京天气？"},
                {"role": "assistant", "metadata": "get_weather", "content": CALL}]
     assert scheduler.prompts == [glm3_tok.chat_input_ids('{"temperature": 25}', history, "observation")]

@@ -10,7 +10,8 @@ from transformers import DataCollatorForSeq2Seq
 
 from glmtune.errors import GlmtuneError
 from glmtune.model.tiny import bundled_texts, train_tokenizer
-from glmtune.families.tokenizer import ChatGLM2Tokenizer, build_prompt, load_tokenizer
+from glmtune.families.chatglm2.tokenizer import ChatGLM2Tokenizer, build_prompt
+from glmtune.families.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from glmtune.families.registry import detect_family
-from glmtune.families.tokenizer import ChatGLM2Tokenizer, load_tokenizer
+from glmtune.families.chatglm2.tokenizer import ChatGLM2Tokenizer
+from glmtune.families.tokenizer import load_tokenizer
 from glmtune.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 
 ROLE_IDS = {"<|system|>": 64794, "<|user|>": 64795, "<|assistant|>": 64796, "<|observation|>": 64797}

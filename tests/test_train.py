@@ -96,20 +96,33 @@ def test_loss_goes_down_on_the_tiny_model(tiny_model, tmp_path):
 
 
 def test_keyed_dropout_mask_depends_only_on_the_row_key():
-    from glmtune.train.loop import SampleKeyedDropout
+    from glmtune.model.prefix import keyed_dropout
+    from glmtune.train.data import dropout_keys
 
-    drop = SampleKeyedDropout(0.1, seed=42).train()
     x = torch.ones(3, 64, 32)
-    drop.keys = [5, 6, 7]
-    together = drop(x)
-    drop.keys = [6]
-    alone = drop(x[:1])
+    together = keyed_dropout(x, 0.1, dropout_keys(42, [5, 6, 7]))
+    alone = keyed_dropout(x[:1], 0.1, dropout_keys(42, [6]))
     assert torch.equal(together[1], alone[0])
     assert not torch.equal(together[0], together[1])
+    assert not torch.equal(together[1], keyed_dropout(x[:1], 0.1, dropout_keys(43, [6]))[0])  # the seed counts too
     kept = (together > 0).float().mean().item()
     assert 0.85 < kept < 0.95 and torch.allclose(together[together > 0], torch.tensor(1 / 0.9))
-    drop.eval()
-    assert torch.equal(drop(x), x)
+
+
+def test_the_trainer_passes_dropout_keys_to_the_forward_and_eval_mode_ignores_them(tiny_model):
+    from glmtune.model.loading import load_model
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model, pre_seq_len=4).train()
+    keys_a, keys_b = [11, 12], [13, 12]
+    first = model.prefix_encoder(2, torch.float32, keys_a)[0][0]
+    again = model.prefix_encoder(2, torch.float32, keys_a)[0][0]
+    other = model.prefix_encoder(2, torch.float32, keys_b)[0][0]
+    assert torch.equal(first, again) and torch.equal(first[1], other[1]) and not torch.equal(first[0], other[0])
+    model.eval()
+    plain = model.prefix_encoder(2, torch.float32)[0][0]
+    assert torch.equal(model.prefix_encoder(2, torch.float32, keys_a)[0][0], plain)
+    assert not hasattr(model.prefix_encoder.dropout, "keys")  # no attribute set before a forward
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_model, tmp_path):

@@ -65,8 +65,8 @@ def test_a_prefix_that_gets_no_gradient_stops_training_with_a_clear_error(tiny_m
 
     forward = PrefixEncoder.forward
 
-    def dropped(self, batch_size, dtype):  # what a cache dropped under gradient checkpointing looks like
-        pairs = forward(self, batch_size, dtype)
+    def dropped(self, batch_size, dtype, dropout_keys=None):  # what a cache dropped under gradient checkpointing looks like
+        pairs = forward(self, batch_size, dtype, dropout_keys)
         if how == "detached":
             return [(k.detach(), v.detach()) for k, v in pairs]
         return [(k - k + k.detach(), v - v + v.detach()) for k, v in pairs]  # connected, but zero gradient

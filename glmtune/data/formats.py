@@ -20,7 +20,8 @@ over), each answer is encoded on its own as the official code encodes a response
 cut on the right to max_source_length + max_target_length + 1 tokens. It applies to any row with history
 (columns with --history-column, alpaca `history`, sharegpt).
 
-This module also holds what the two families' data modules share (`IGNORE_INDEX`, `length_percentiles`),
+This module also holds what the two families' data modules share (`IGNORE_INDEX`, `length_percentiles`,
+`answers_cut`),
 below both `glmtune.data.preprocess` and `glmtune.families.chatglm3.data`, so that neither imports the other for them.
 """
 
@@ -42,7 +43,7 @@ def detect(record: Any, prompt_column: str, response_column: str) -> str:
         return "columns"
     if isinstance(record.get("conversations", record.get("messages")), list):
         return "sharegpt"
-    if "instruction" in record and "output" in record:
+    if "instruction" in record:  # alpaca (a row without `output` is then named as such, not as a missing column)
         return "alpaca"
     return "columns"  # the column reader then names the missing column
 
@@ -74,6 +75,9 @@ def _with_system(system: str, history: list[list[str]], prompt: str) -> tuple[li
 
 
 def alpaca_rows(where: str, record: dict) -> list[dict]:
+    if "output" not in record:
+        raise GlmtuneError(f"{where}: an alpaca row (it has 'instruction') without the answer field 'output' "
+                           f"(fields present: {sorted(record)})")
     instruction = _string(where, record, "instruction")
     extra = _string(where, record, "input", required=False)
     output = _string(where, record, "output")
@@ -103,11 +107,30 @@ def _role(where: str, index: int, turn: Any) -> tuple[str, str]:
                        f"{list(_USER + _ASSISTANT + _SYSTEM)}, found {role!r}")
 
 
+def glm3_sign(record: dict) -> str | None:
+    """What marks a conversation record as ChatGLM3 fine-tuning data rather than sharegpt, if anything: a
+    `tools` list, a `tool` or `observation` message, or `loss` flags (glmtune.families.chatglm3.data)."""
+    if "tools" in record:
+        return "a 'tools' list"
+    turns = record.get("conversations", record.get("messages"))
+    for index, turn in enumerate(turns if isinstance(turns, list) else []):
+        if isinstance(turn, dict) and turn.get("role") in ("tool", "observation"):
+            return f"a {turn['role']!r} message (conversations[{index}])"
+        if isinstance(turn, dict) and "loss" in turn:
+            return f"'loss' flags (conversations[{index}])"
+    return None
+
+
 def sharegpt_rows(where: str, record: dict) -> list[dict]:
     """One row per assistant turn, the turns before it as [query, answer] history."""
     turns = record.get("conversations", record.get("messages"))
     if not isinstance(turns, list):
         raise GlmtuneError(f"{where}: field 'conversations': expected a list of turns, found {type(turns).__name__}")
+    sign = glm3_sign(record)
+    if sign:
+        raise GlmtuneError(f"{where}: ChatGLM3 fine-tuning data ({sign}), but the model is not a ChatGLM3 model; "
+                           "train a ChatGLM3 model on it (or pass --family chatglm3 if the model folder is a ChatGLM3 "
+                           "one that says nothing about its family)")
     system = record.get("system") if isinstance(record.get("system"), str) else ""
     rows, history, query = [], [], None
     for index, turn in enumerate(turns):
@@ -160,7 +183,8 @@ def encode_all_turns(row: dict, tokenizer, config) -> dict:
     pad_id = tokenizer.pad_token_id
     return {"input_ids": ids[:limit], "labels": [IGNORE_INDEX if t == pad_id else t for t in labels[:limit]],
             "prompt_tokens": sum(1 for t in labels if t == IGNORE_INDEX),
-            "target_tokens": sum(1 for t in labels if t != IGNORE_INDEX) - 1}
+            "target_tokens": sum(1 for t in labels if t != IGNORE_INDEX) - 1,
+            "labels_cut": sum(1 for t in labels[limit:] if t != IGNORE_INDEX)}
 
 
 # --- showing what is trained on -----------------------------------------------------------------
@@ -199,3 +223,11 @@ def length_percentiles(values: list[int]) -> dict[str, float]:
 
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
     return {"p50": round(float(p50), 1), "p90": round(float(p90), 1), "p99": round(float(p99), 1), "max": int(max(values))}
+
+
+def answers_cut(dataset, limit_option: str) -> dict:
+    """How many training rows lost answer (label) tokens to the length limit, and how many: the report fields
+    the loud warning of `format_report` reads. Eval rows keep the full reference text, so nothing is lost there."""
+    cut = [n for n in (dataset["labels_cut"] if "labels_cut" in dataset.column_names else []) if n > 0]
+    return {"answers_cut": len(cut), "answer_tokens_cut": sum(cut), "answer_tokens_cut_max": max(cut, default=0),
+            "answer_limit_option": limit_option}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.data import formats as data_formats
-from glmtune.data.formats import IGNORE_INDEX, length_percentiles  # defined once, in the module below this one
+from glmtune.data.formats import IGNORE_INDEX, answers_cut, length_percentiles  # defined once, in the module below this one
 from glmtune.errors import GlmtuneError
 from glmtune.families.registry import get_family
 from glmtune.fsutil import iter_records
@@ -74,6 +74,7 @@ class DataConfig:
     # the 2023 or 2024 ("finetune-hf") rules of the official demo and its conversation length limit.
     family: str = "chatglm2"
     glm3_rules: str = "2023"
+    combine: bool = True  # GLM-4 data: the demo's `combine` (glmtune.families.glm4.data)
     max_seq_length: int | None = None
     data_format: str = "auto"  # columns, alpaca, sharegpt, or auto from the first row (glmtune.data.formats)
     train_on: str = "each-turn"  # or all-turns: every answer of a row's history labelled too (glmtune.data.formats)
@@ -86,13 +87,15 @@ class DataConfig:
             raise GlmtuneError(f"max_target_length must be at least 1, got {self.max_target_length}")
         if self.max_samples is not None and self.max_samples < 1:
             raise GlmtuneError(f"max_samples must be at least 1, got {self.max_samples}")
+        if self.max_seq_length is not None and self.max_seq_length < 3:
+            raise GlmtuneError(f"max_seq_length must be at least 3 ([gMASK] sop + text), got {self.max_seq_length}")
         data_formats.resolve(self.data_format, self.train_on)
 
 
-def _role_family(config: DataConfig) -> bool:
-    """Whether the config's family chats in role messages (ChatGLM3: `Family.chat_format`); its data is then
-    read, tokenized and reported by `glmtune.families.chatglm3.data`."""
-    return get_family(config.family).chat_format == "roles"
+def family_rules(config: DataConfig):
+    """The data rules of the config's family (`Family.data`, e.g. ChatGLM3 conversations), or None: the
+    prompt/response rules of this module."""
+    return get_family(config.family).data
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -132,10 +135,9 @@ def load_rows(path: str | os.PathLike, config: DataConfig | None = None) -> list
     a missing prompt/response column (with the columns present), a non-string value, a malformed history.
     """
     config = config or DataConfig()
-    if _role_family(config):
-        from glmtune.families.chatglm3.data import load_rows as load_glm3_rows
-
-        return load_glm3_rows(path, config)
+    rules = family_rules(config)
+    if rules is not None:
+        return rules.load_rows(path, config)
     path = Path(path)
     if not path.is_file():
         raise GlmtuneError(f"{path}: no such file")
@@ -179,7 +181,7 @@ def with_family(config: DataConfig, tokenizer: Any) -> DataConfig:
 
 
 def is_usable(row: dict) -> bool:
-    if "conversations" in row:  # ChatGLM3 rows: glmtune.families.chatglm3.data.skip_reason decides
+    if "prompt" not in row:  # a family's own rows (conversations, messages): its data rules' skip reasons decide
         return True
     # The official filter is truthiness: "" and None are dropped, whitespace-only text is kept.
     return bool(row["prompt"] and row["response"])
@@ -194,6 +196,8 @@ def _encode_batch(batch: dict, tokenizer: Any, config: DataConfig, mode: str) ->
     out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_tokens": [], "target_tokens": []}
     if mode == "eval":
         out["reference"] = []
+    else:
+        out["labels_cut"] = []  # answer tokens the length limit took from the row (the report warns about them)
     prefix_ids = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
     # Read once: attribute access on a transformers tokenizer goes through a slow __getattr__.
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -209,6 +213,7 @@ def _encode_batch(batch: dict, tokenizer: Any, config: DataConfig, mode: str) ->
             answer_ids = full_answer[: config.max_target_length] + [eos_id]
             labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
             out["input_ids"].append(prompt_ids + answer_ids)
+            out["labels_cut"].append(max(0, len(full_answer) - config.max_target_length))
         else:
             labels = (prefix_ids + full_answer)[: config.max_target_length]
             out["input_ids"].append(prompt_ids)
@@ -222,10 +227,9 @@ def tokenize(rows: Sequence[dict], tokenizer: Any, config: DataConfig, mode: str
     if mode not in TOKENIZE_MODES:
         raise GlmtuneError(f"mode must be one of {TOKENIZE_MODES}, got {mode!r}")
     config.validate()
-    if _role_family(config):
-        from glmtune.families.chatglm3.data import tokenize as tokenize_glm3
-
-        return tokenize_glm3(rows, tokenizer, config, mode)
+    rules = family_rules(config)
+    if rules is not None:
+        return rules.tokenize(rows, tokenizer, config, mode)
     import datasets
 
     kept = _usable(rows)
@@ -320,10 +324,9 @@ def collate_eval(features: Sequence[dict], pad_token_id: int = 0) -> dict:
 
 def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, source: str | os.PathLike) -> dict:
     """Rows read/skipped, untruncated token lengths, and how many prompts/targets the limits cut."""
-    if _role_family(config):
-        from glmtune.families.chatglm3.data import build_report as build_glm3_report
-
-        return build_glm3_report(rows, dataset, config, mode, source)
+    rules = family_rules(config)
+    if rules is not None:
+        return rules.build_report(rows, dataset, config, mode, source)
     empty_prompt = sum(1 for row in rows if not row["prompt"])
     empty_response = sum(1 for row in rows if row["prompt"] and not row["response"])
     prompt_tokens = list(dataset["prompt_tokens"])
@@ -349,7 +352,21 @@ def build_report(rows: Sequence[dict], dataset, config: DataConfig, mode: str, s
         "targets_truncated_pct": round(100 * targets_cut / kept, 2),
         "target_rule": "answer ids cut to max_target_length" if mode == "train"
         else "official labels ([gMASK] sop + ids) cut to max_target_length; the full reference text is kept",
+        **answers_cut(dataset, "--max-source-length + --max-target-length" if config.train_on == "all-turns"
+                      else "--max-target-length"),
     }
+
+
+def answers_cut_warning(report: dict) -> str | None:
+    """The warning for a report whose training rows lost answer tokens to the length limit (None: none did)."""
+    rows = report.get("answers_cut", 0)
+    if not rows:
+        return None
+    examples = report.get("examples", report["rows_kept"])
+    return (f"WARNING: {rows} of {examples} training rows ({100 * rows / max(1, examples):.1f}%) lost answer tokens to "
+            f"the length limit: {report['answer_tokens_cut']:,} trained tokens in all, up to "
+            f"{report['answer_tokens_cut_max']:,} in one row; the model never learns those parts of the answers "
+            f"(raise {report['answer_limit_option']} to keep them)")
 
 
 def format_report(report: dict) -> str:
@@ -368,4 +385,5 @@ def format_report(report: dict) -> str:
     summary = (f"{report['source']} ({report['mode']}): {report['rows_read']} rows read, {report['rows_kept']} kept, "
                f"{report['rows_skipped']['total']} skipped (empty prompt {report['rows_skipped']['empty_prompt']}, "
                f"empty response {report['rows_skipped']['empty_response']})")
-    return "\n".join([summary, *table])
+    warning = answers_cut_warning(report)
+    return "\n".join([summary, *table, *([warning] if warning else [])])

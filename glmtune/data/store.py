@@ -74,11 +74,12 @@ _CONFIG_TYPES = {
     "max_source_length": (int,), "max_target_length": (int,), "max_samples": (int, type(None)),
     "family": (str,), "glm3_rules": (str,), "max_seq_length": (int, type(None)),
     "data_format": (str,), "train_on": (str,),  # glmtune.data.formats
+    "combine": (bool,),  # GLM-4 data (glmtune.families.glm4.data)
 }
 # Settings added with the ChatGLM3 family and the data formats; folders written before them are ChatGLM2
 # column data trained on each turn.
 _CONFIG_DEFAULTS = {"family": "chatglm2", "glm3_rules": "2023", "max_seq_length": None,
-                    "data_format": "columns", "train_on": "each-turn"}
+                    "data_format": "columns", "train_on": "each-turn", "combine": True}
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -119,7 +120,7 @@ def read_meta(path: str | os.PathLike) -> dict:
         problem = f"has unknown setting(s) {unknown}" if unknown else f"lacks setting(s) {missing}"
         raise GlmtuneError(f"{file}: field 'config' {problem} (expected {sorted(_CONFIG_TYPES)}); preprocess again")
     for name, types in _CONFIG_TYPES.items():
-        if not isinstance(stored[name], types) or isinstance(stored[name], bool):
+        if not isinstance(stored[name], types) or isinstance(stored[name], bool) and bool not in types:
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise GlmtuneError(f"{file}: field 'config.{name}' should be {expected}, "
                                f"found {type(stored[name]).__name__} ({stored[name]!r:.40})")
@@ -203,6 +204,14 @@ def load_preprocessed(
     return _first_samples(dataset, meta["skipped_rows"], max_samples), report, meta
 
 
+def _report_lacks_cut_answers(entry: Path, mode: str) -> bool:
+    # Entries cached before the report counted the answer tokens cut are built again, so the warning is never missed.
+    try:
+        return mode == "train" and "answers_cut" not in _read_json(entry / REPORT_FILE)
+    except GlmtuneError:
+        return True
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("GLMTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glmtune"
     return Path(root) / "datasets"
@@ -237,7 +246,7 @@ def load_or_build_dataset(
     key = digest([FORMAT_VERSION, mode, asdict(config), tokenizer_fingerprint(tokenizer), _file_sha256(source)])
     entry = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = entry / f"{source.stem}-{mode}-{key[:16]}"
-    if not is_preprocessed(entry):
+    if not is_preprocessed(entry) or _report_lacks_cut_answers(entry, mode):
         preprocess(source, tokenizer, entry, config, mode, num_workers)
     else:
         logger.info("using cached tokenized data %s", entry)

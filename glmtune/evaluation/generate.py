@@ -34,14 +34,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.errors import GlmtuneError
+from glmtune.inference.sampling import OFFICIAL_TEMPERATURE, OFFICIAL_TOP_P  # `--do-sample` uses them unless told otherwise
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 RESULTS_FILE = "predict_results.json"
-# The official evaluate.sh samples with these; `--do-sample` uses them unless told otherwise.
-OFFICIAL_TOP_P = 0.7
-OFFICIAL_TEMPERATURE = 0.95
 
 
 @dataclass

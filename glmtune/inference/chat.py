@@ -8,7 +8,7 @@ Reproduces `ChatGLMForConditionalGeneration.chat` / `stream_chat` of THUDM/chatg
 * sampling defaults top_p 0.8, temperature 0.8 and top_k 50 (transformers 4.30's default, which the
   official chat inherited; transformers 5 has none, so it is passed explicitly);
 * `InvalidScoreLogitsProcessor`: NaN/inf scores are replaced by a one-hot on token 5;
-* `process_response` (defined with the ChatGLM2 entry of `glmtune.families.registry`): strip, and the `[[训练时间]]`
+* `process_response` (ChatGLM2's rule, `glmtune.families.chatglm2.chat`): strip, and the `[[训练时间]]`
   placeholder becomes `2023年` (ChatGLM2 does no punctuation swapping, unlike ChatGLM-6B);
 * `chat` returns `(response, history + [(query, response)])`; `stream_chat` yields that pair after
   every generated token.
@@ -48,12 +48,11 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.registry import family_of, normalize_history, normalize_messages
-from glmtune.families.registry import glm2_process_response as process_response  # the registry's; public here as before
+from glmtune.families.registry import DEFAULT_FAMILY, family_of, read_history
 from glmtune.fsutil import read_json_file
+from glmtune.inference.sampling import CHAT_TEMPERATURE, CHAT_TOP_P, DEFAULT_MAX_LENGTH, TOP_K
 from glmtune.model.loading import find_tokenizer  # noqa: F401 (lives in loading, below merge; still importable here)
 
-DEFAULT_MAX_LENGTH = 8192
 # Room kept for the answer when fitting the history, unless max_new_tokens says otherwise.
 DEFAULT_ANSWER_ROOM = 1024
 INVALID_SCORE_TOKEN = 5  # the official guard's token id
@@ -83,9 +82,13 @@ def read_history_file(path: str | Path) -> list:
     data = read_json_file(path, "history file")
     if isinstance(data, dict) and "history" in data:  # accept `--json` output as is
         data = data["history"]
-    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
-        return normalize_messages(data, source=str(path))
-    return normalize_history(data, source=str(path))
+    return read_history(data, str(path))
+
+
+def process_response(response: str) -> str:
+    """The official post-processing of a plain decoded answer of the default family (ChatGLM2: strip, and the
+    `[[训练时间]]` placeholder becomes `2023年`). A model's own rule is `family_of(tokenizer).process_text`."""
+    return DEFAULT_FAMILY.process_text(response)
 
 
 def read_tools_file(path: str | Path) -> list:
@@ -246,9 +249,9 @@ def chat(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_new_tokens: int | None = None,
     do_sample: bool = True,
-    top_p: float = 0.8,
-    temperature: float = 0.8,
-    top_k: int = 50,
+    top_p: float = CHAT_TOP_P,
+    temperature: float = CHAT_TEMPERATURE,
+    top_k: int = TOP_K,
     logits_processor=None,
     on_prompt: Callable[[ChatPrompt], None] | None = None,
     role: str = "user",
@@ -306,9 +309,9 @@ def stream_chat(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_new_tokens: int | None = None,
     do_sample: bool = True,
-    top_p: float = 0.8,
-    temperature: float = 0.8,
-    top_k: int = 50,
+    top_p: float = CHAT_TOP_P,
+    temperature: float = CHAT_TEMPERATURE,
+    top_k: int = TOP_K,
     logits_processor=None,
     on_prompt: Callable[[ChatPrompt], None] | None = None,
     role: str = "user",

@@ -196,8 +196,8 @@ class PrefixLMMixin:
         """0, 1, 2, ... on real tokens (left padding gets 0), as the official tokenizer's position_ids."""
         return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
-    def _prefix_kv(self, batch_size: int, dtype: torch.dtype):
-        return self.prefix_encoder(batch_size, dtype)
+    def _prefix_kv(self, batch_size: int, dtype: torch.dtype, dropout_keys=None):
+        return self.prefix_encoder(batch_size, dtype, dropout_keys)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -219,6 +219,7 @@ class PrefixLMMixin:
         logits_to_keep: int | torch.Tensor = 0,
         loss_only: bool = False,
         prefix_mask: torch.Tensor | None = None,
+        dropout_keys: list[int] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`attention_mask` / `position_ids` cover the real tokens (past and present); the prefix is internal.
@@ -226,6 +227,7 @@ class PrefixLMMixin:
         `prefix_mask` [B, slots] (bool) is for callers that put the prefixes into `cache` themselves
         (the serving scheduler: each row its own prefix, shorter ones padded in a shared block of
         `slots` positions ahead of the real tokens). The model's own prefix encoder is then not used.
+        `dropout_keys` (training): one seed per row for the prefix dropout (`glmtune.model.prefix.keyed_dropout`).
         """
         kwargs.pop("return_dict", None)
         if "past_key_values" in kwargs:
@@ -241,7 +243,7 @@ class PrefixLMMixin:
             use_cache = self.config.use_cache
         if prefix_mask is not None and not isinstance(cache, Cache):
             raise ValueError("prefix_mask needs a cache that already holds the prefix block")
-        cache, past_real = self._prepare_cache(cache, use_cache, batch_size, dtype, prefix_mask)
+        cache, past_real = self._prepare_cache(cache, use_cache, batch_size, dtype, prefix_mask, dropout_keys)
         attention_mask, position_ids, mask4d = self._masks(
             attention_mask, position_ids, past_real, batch_size, q_len, source.device, dtype, prefix_mask
         )
@@ -257,7 +259,7 @@ class PrefixLMMixin:
         logits, loss = self._head(outputs.last_hidden_state, labels, logits_to_keep, loss_only)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
-    def _prepare_cache(self, cache, use_cache, batch_size, dtype, prefix_mask) -> tuple[object, int]:
+    def _prepare_cache(self, cache, use_cache, batch_size, dtype, prefix_mask, dropout_keys=None) -> tuple[object, int]:
         """The cache to run with (the prefix put in first when it is empty) and how many real tokens it holds."""
         if prefix_mask is not None:
             return cache, cache.get_seq_length() - prefix_mask.shape[1]
@@ -266,11 +268,11 @@ class PrefixLMMixin:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if pre and isinstance(cache, Cache) and past == 0:
-            for layer_idx, (k, v) in enumerate(self._prefix_kv(batch_size, dtype)):
+            for layer_idx, (k, v) in enumerate(self._prefix_kv(batch_size, dtype, dropout_keys)):
                 cache.update(k, v, layer_idx)
             past = pre
         elif pre and cache is None:
-            cache = PrefixKV(self._prefix_kv(batch_size, dtype))
+            cache = PrefixKV(self._prefix_kv(batch_size, dtype, dropout_keys))
         return cache, (past - pre if isinstance(cache, Cache) and past else 0)
 
     def _masks(self, attention_mask, position_ids, past_real, batch_size, q_len, device, dtype, prefix_mask):

@@ -11,6 +11,7 @@ checkpoints are `transformer.prefix_encoder.*`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +56,37 @@ class PrefixEncoder(nn.Module):
             states = self.trans(states)
         return states
 
-    def forward(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, batch_size: int, dtype: torch.dtype,
+                dropout_keys: Sequence[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`dropout_keys` (training): one seed per row, which alone decides the row's dropout mask (`keyed_dropout`)."""
         pre = self.cfg.pre_seq_len
         states = self.prefix_states().to(dtype)
         states = states.unsqueeze(0).expand(batch_size, -1, -1)
         states = states.view(batch_size, pre, self.num_layers * 2, self.groups, self.kv_channels)
         # Dropout after batching, as the official code does: each row gets its own mask.
-        states = self.dropout(states)
+        if dropout_keys is None:
+            states = self.dropout(states)
+        elif self.training:
+            states = keyed_dropout(states, self.dropout.p, dropout_keys)
         # -> [layers*2, B, groups, pre, kv]
         states = states.permute(2, 0, 3, 1, 4)
         return [(states[2 * i], states[2 * i + 1]) for i in range(self.num_layers)]
+
+
+def keyed_dropout(x: torch.Tensor, p: float, keys: Sequence[int]) -> torch.Tensor:
+    """Dropout whose mask for row i is drawn from a generator seeded by `keys[i]` alone.
+
+    The distribution of `nn.Dropout(p)` over a batch (each row its own Bernoulli(1-p)/(1-p) mask), but a row
+    gets the same mask whichever batch, process or restart computes it: what an exact resume needs.
+    """
+    if len(keys) != x.shape[0]:
+        raise ValueError(f"keyed_dropout: {x.shape[0]} rows but {len(keys)} keys")
+    if p == 0:
+        return x
+    keep = 1.0 - p
+    masks = [torch.empty(x.shape[1:], device=x.device).bernoulli_(keep, generator=torch.Generator(device=x.device).manual_seed(key))
+             for key in keys]
+    return x * (torch.stack(masks) / keep).to(x.dtype)
 
 
 class PrefixKV:

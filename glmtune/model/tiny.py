@@ -60,7 +60,7 @@ class TinyConfig:
 
 def bundled_texts(data_dir: Path = DATA_DIR) -> list[str]:
     """Prompts (in the chat template) and responses of glmtune's bundled sample data."""
-    from glmtune.families.tokenizer import build_prompt
+    from glmtune.families.chatglm2.tokenizer import build_prompt
 
     texts = []
     for name in BUNDLED_FILES:
@@ -136,7 +136,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     """
     import sentencepiece as spm
 
-    from glmtune.families.tokenizer import TOKENIZER_FILE, ChatGLM2Tokenizer
+    from glmtune.families.chatglm2.tokenizer import TOKENIZER_FILE, ChatGLM2Tokenizer
 
     texts = [t for t in texts if t]
     if not texts:

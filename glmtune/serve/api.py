@@ -160,7 +160,7 @@ def create_app(
         if not names or event.finish_reason not in ("stop", "length"):
             return None
         ids = event.token_ids[:-1] if event.token_ids and event.token_ids[-1] in scheduler.stop_ids else event.token_ids
-        return protocol.reply_tool_call(served.tokenizer.decode(ids), names)
+        return protocol.reply_tool_call(served.tokenizer.decode(ids), names, served.tokenizer)
 
     async def stream(events, handle, req, shape):
         names = getattr(req, "tool_names", list)()

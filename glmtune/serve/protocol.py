@@ -1,8 +1,9 @@
-"""OpenAI request bodies: validation, chat messages -> the ChatGLM2 prompt, and sampling settings.
+"""OpenAI request bodies: validation, chat messages -> the model's prompt, and sampling settings.
 
-Follows THUDM/ChatGLM2-6B `openai_api.py` where it speaks: the last message must be the user's; a
-leading system message is put in front of the current query; user/assistant pairs before it are the
-history; absent `temperature` / `top_p` default to 0.95 / 0.7. The prompt itself is built by
+Follows THUDM/ChatGLM2-6B `openai_api.py` where it speaks: absent `temperature` / `top_p` default to 0.95 / 0.7.
+How the messages become a conversation (the history, the query and its role) is the model family's
+`Family.read_request` (ChatGLM2: the last message is the user's, a leading system message goes in front of the
+query, user/assistant pairs before it are the history). The prompt itself is built by
 `glmtune.inference.chat.build_chat_prompt`, the function `glmtune chat` uses, so a greedy answer equals
 `glmtune chat --query` for the same history (oldest rounds dropped the same way when they do not fit).
 
@@ -12,32 +13,27 @@ supported; sampling keeps top_k 50 as `glmtune chat` does. Fields OpenAI defines
 not implement are accepted only at their neutral value (`n: 1`, penalties 0, `logprobs: false`), and
 `user` is ignored; any other field is a 400 naming it.
 
-ChatGLM3 models (see `glm3_messages`): roles go to the model as they are; OpenAI `tools` become the
-official system-message `tools` (`{name, description, parameters}`, under the official default system
-text when the request has no system message), an assistant's `tool_calls` the official assistant
-metadata + `tool_call(...)` text, a `tool` message an observation. A reply that the official parsing
-reads as a call of an offered tool comes back as `tool_calls` (`reply_tool_call`); it is parsed, never
+Tools: the family maps OpenAI `tools`, an assistant's `tool_calls` and `tool` messages to its own format (ChatGLM3:
+system-message tools and `tool_call(...)` text; GLM-4: the chat template's tool block and observation turns); a reply
+the family reads as a call of an offered tool comes back as `tool_calls` (`reply_tool_call`); it is parsed, never
 executed. `tool_choice` is accepted only as "auto". ChatGLM2 has no tool format: `tools` is a 400.
-Which reading applies is the model family's chat format (`REQUEST_READERS`: "rounds" or "roles").
 """
 
 from __future__ import annotations
 
-import json
-import keyword
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from glmtune.inference import chat as chat_lib
 from glmtune.errors import GlmtuneError
+from glmtune.families.family import RequestError
 from glmtune.families.registry import family_of
-from glmtune.families.chatglm3.chat import DEFAULT_TOOLS_SYSTEM, parse_response
+from glmtune.inference.sampling import OFFICIAL_TEMPERATURE as DEFAULT_TEMPERATURE  # official openai_api.py
+from glmtune.inference.sampling import OFFICIAL_TOP_P as DEFAULT_TOP_P
+from glmtune.inference.sampling import TOP_K  # what `glmtune chat` samples with
 from glmtune.serve.scheduler import SamplingParams
 
-DEFAULT_TEMPERATURE = 0.95  # official openai_api.py
-DEFAULT_TOP_P = 0.7  # official openai_api.py
-TOP_K = 50  # what `glmtune chat` samples with (transformers 4.30's default)
 MAX_STOP = 4  # as OpenAI
 
 
@@ -183,39 +179,28 @@ def check_messages(messages: list[Message]) -> None:
                            "with tool_calls)", param=f"messages.{i}.content")
 
 
-def split_messages(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]:
-    """(query, history) as the official openai_api.py reads them, but a malformed conversation is an error."""
-    msgs = list(messages)
-    for i, m in enumerate(msgs):
-        if m.role == "tool" or m.tool_calls:
-            raise ApiError(400, f"messages.{i}: tool calls and tool results need a ChatGLM3 model (this one is "
-                           "ChatGLM2, which has no tool format)", param=f"messages.{i}")
-    if msgs[-1].role != "user":
-        raise ApiError(400, f"the last message must have role 'user', found {msgs[-1].role!r}", param="messages")
-    query = msgs.pop().text()
-    if msgs and msgs[0].role == "system":
-        query = msgs.pop(0).text() + query
-    if len(msgs) % 2:
-        raise ApiError(400, "before the last message, expected user/assistant pairs (after an optional leading "
-                       f"system message); found {len(msgs)} messages", param="messages")
-    history = []
-    for i in range(0, len(msgs), 2):
-        roles = (msgs[i].role, msgs[i + 1].role)
-        if roles != ("user", "assistant"):
-            raise ApiError(400, f"messages {i}, {i + 1}: expected roles ('user', 'assistant'), found {roles}",
-                           param="messages")
-        history.append((msgs[i].text(), msgs[i + 1].text()))
-    return query, history
-
-
 def answer_room(req: _Common, window: int, max_tokens_cap: int) -> int:
     """Tokens kept for the answer when fitting the prompt: `max_tokens` (capped), else what `glmtune chat` keeps."""
     room = req.max_tokens or min(chat_lib.DEFAULT_ANSWER_ROOM, max(1, window // 4))
     return min(room, max_tokens_cap, window - 1)
 
 
-def openai_tools_to_glm3(tools: list[Tool]) -> list[dict]:
-    """OpenAI function specs -> the official ChatGLM3 tool dicts `{name, description, parameters}`."""
+def plain_messages(messages: list[Message]) -> list[dict]:
+    """OpenAI messages as the plain dicts a family's request reader takes: role, content text, and for an assistant's
+    calls `tool_calls` [{name, arguments (JSON text)}]."""
+    out = []
+    for m in messages:
+        message = {"role": m.role, "content": m.text()}
+        if m.tool_calls:
+            message["tool_calls"] = [{"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls]
+        out.append(message)
+    return out
+
+
+def plain_tools(tools: list[Tool] | None) -> list[dict] | None:
+    """OpenAI function specs as `{name, description?, parameters?}` (what the GLM tool formats describe)."""
+    if tools is None:
+        return None
     out = []
     for tool in tools:
         spec = {"name": tool.function.name}
@@ -227,79 +212,12 @@ def openai_tools_to_glm3(tools: list[Tool]) -> list[dict]:
     return out
 
 
-def tool_call_text(call: ToolCall, where: str) -> str:
-    """The assistant text ChatGLM3 writes for a call (after its metadata line): ` ```python\ntool_call(k=v, ...)\n````.
-
-    The leading space is in the official model's replies (and the official demos' histories); without it
-    the fence tokenizes differently from what the model generated.
-    The values are Python literals (`repr`) because that is what the model writes and `glm3.parse_tool_call`
-    reads back; JSON `true`/`null` become `True`/`None`.
-    """
-    try:
-        arguments = json.loads(call.function.arguments or "{}")
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"{where}.function.arguments: invalid JSON ({exc.msg})", param=where) from None
-    if not isinstance(arguments, dict):
-        raise ApiError(400, f"{where}.function.arguments: expected a JSON object, found {type(arguments).__name__}",
-                       param=where)
-    bad = [k for k in arguments if not (k.isidentifier() and not keyword.iskeyword(k))]
-    if bad:
-        raise ApiError(400, f"{where}.function.arguments: argument names must be identifiers, found {bad[0]!r}",
-                       param=where)
-    return " ```python\ntool_call(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")\n```"
-
-
-def glm3_messages(req: ChatRequest) -> list[dict]:
-    """The request's OpenAI messages as ChatGLM3 messages (what the official openai_api_demo does with them):
-    `tools` go on the system message (a default one is added when there is none), an assistant's
-    `tool_calls` become assistant messages with the tool name as metadata, a `tool` result an observation."""
-    out: list[dict] = []
-    for i, m in enumerate(req.messages):
-        if m.role == "tool":
-            out.append({"role": "observation", "content": m.text()})
-        elif m.role == "assistant" and m.tool_calls:
-            if m.text():
-                out.append({"role": "assistant", "content": m.text()})
-            for j, call in enumerate(m.tool_calls):
-                out.append({"role": "assistant", "metadata": call.function.name,
-                            "content": tool_call_text(call, f"messages.{i}.tool_calls.{j}")})
-        else:
-            out.append({"role": m.role, "content": m.text()})
-    if req.tools is not None:
-        tools = openai_tools_to_glm3(req.tools)
-        if out and out[0]["role"] == "system":
-            out[0]["tools"] = tools
-        else:
-            out.insert(0, {"role": "system", "content": DEFAULT_TOOLS_SYSTEM, "tools": tools})
-    return out
-
-
-def rounds_request(req: ChatRequest) -> tuple[str, list, str]:
-    """(query, history, role) of a request to a model that chats in rounds (ChatGLM2): no tool format."""
-    if req.tools is not None:
-        raise ApiError(400, "tools need a ChatGLM3 model; this one is ChatGLM2, which has no tool format",
-                       param="tools")
-    query, history = split_messages(req.messages)
-    return query, history, "user"
-
-
-def roles_request(req: ChatRequest) -> tuple[str, list, str]:
-    """(query, history, role) of a request to a model with roles (ChatGLM3): the system prompt, tools and every
-    message go to the model as they are; the query may be a tool result (an observation), which the model answers."""
-    if req.messages[-1].role not in ("user", "tool"):
-        raise ApiError(400, f"the last message must have role 'user' or 'tool', found {req.messages[-1].role!r}",
-                       param="messages")
-    messages = glm3_messages(req)
-    return messages[-1]["content"], messages[:-1], messages[-1]["role"]
-
-
-# How a request becomes a chat, per chat format of the model's family (`glmtune.families.registry.Family.chat_format`).
-REQUEST_READERS = {"rounds": rounds_request, "roles": roles_request}
-
-
 def chat_prompt_ids(tokenizer, req: ChatRequest, window: int, max_tokens_cap: int) -> list[int]:
     check_messages(req.messages)
-    query, history, role = REQUEST_READERS[family_of(tokenizer).chat_format](req)
+    try:  # the model family reads the conversation (`Family.read_request`): its roles, tools and tool results
+        query, history, role = family_of(tokenizer).read_request(plain_messages(req.messages), plain_tools(req.tools))
+    except RequestError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
     room = answer_room(req, window, max_tokens_cap)
     try:
         return chat_lib.build_chat_prompt(tokenizer, query, history, window=window, answer_room=room,
@@ -331,22 +249,11 @@ def sampling(req: _Common, prompt_len: int, window: int, max_tokens_cap: int) ->
     )
 
 
-def reply_tool_call(raw: str, tool_names: list[str]) -> dict | None:
-    """`{"name", "arguments"}` (arguments as JSON text) when a ChatGLM3 reply is a call of one of the request's tools.
-
-    `raw` is the decoded reply (stop token removed, not stripped: a plain reply starts with a blank
-    metadata line). The official parsing (`glm3.parse_response`, which never executes anything) decides;
-    a call of a tool the request did not offer, or one whose literal arguments have no JSON form
-    (sets, bytes, ...), is not a call: the reply then comes back as plain content.
-    """
-    content, _, problem = parse_response(raw, [{"role": "system", "content": "", "tools": []}])
-    if problem or not isinstance(content, dict) or "parameters" not in content or content["name"] not in tool_names:
-        return None
-    try:
-        arguments = json.dumps(content["parameters"], ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):
-        return None
-    return {"name": content["name"], "arguments": arguments}
+def reply_tool_call(raw: str, tool_names: list[str], tokenizer) -> dict | None:
+    """`{"name", "arguments"}` (arguments as JSON text) when the decoded reply `raw` is a call of one of the request's
+    tools, as the model family reads its replies (`Family.reply_tool_call`); parsed, never executed. Anything else
+    (a call of a tool the request did not offer, arguments with no JSON form) is None: plain content."""
+    return family_of(tokenizer).reply_tool_call(raw, tool_names)
 
 
 def may_become_tool_call(shown: str, tool_names: list[str]) -> bool:

@@ -15,6 +15,7 @@ results, the plot) go through `fsutil.atomic_file`. Files get the modes the umas
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -140,19 +141,31 @@ def save_checkpoint(
     final = out / f"checkpoint-{step}"
     tmp = out / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_prefix_checkpoint(model, tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"ranks": rng_states}, tmp / "rng_state.pt")
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    # The completeness marker goes last: a folder without it is never resumed from.
-    _write_json(tmp / STATE_FILE, state)
-    _umask_modes(tmp)  # torch.save, safetensors and tokenizer files would otherwise mix 0600 and 0644
-    _fsync_tree(tmp)
+    needed = _estimated_bytes(model, tokenizer, optimizer)
+    free = shutil.disk_usage(out).free if out.is_dir() else None
+    if free is not None and free < needed:  # known to fail: say so before writing anything
+        raise DiskFull(_disk_full_message(tmp, step, needed, free))
+    try:
+        tmp.mkdir(parents=True)
+        save_prefix_checkpoint(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"ranks": rng_states}, tmp / "rng_state.pt")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        # The completeness marker goes last: a folder without it is never resumed from.
+        _write_json(tmp / STATE_FILE, state)
+        _umask_modes(tmp)  # torch.save, safetensors and tokenizer files would otherwise mix 0600 and 0644
+        _fsync_tree(tmp)
+    except BaseException as exc:
+        full = _is_disk_full(exc, shutil.disk_usage(out).free < needed)
+        # Nothing half-written stays behind: a leftover .tmp folder would hold the very space a resumed run needs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DiskFull(_disk_full_message(tmp, step, needed, shutil.disk_usage(out).free)) from None
+        raise
     if final.exists():  # re-saving a step after resuming from an earlier checkpoint
         old = out / f"checkpoint-{step}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -162,6 +175,46 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     return final
+
+
+class DiskFull(GlmtuneError):
+    """The disk filled up while a checkpoint was written; nothing of it was left behind."""
+
+
+def _is_disk_full(exc: BaseException, short_of_space: bool) -> bool:
+    """Whether a failed write means a full disk. Python's own writes raise OSError ENOSPC / EDQUOT; safetensors
+    names the OS error in its message; torch.save's zip writer only says "file write failed", which counts
+    when the disk is indeed short of what the checkpoint needs."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if any(sign in text for sign in ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded")):
+            return True
+        if isinstance(exc, RuntimeError) and "write failed" in text and short_of_space:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _estimated_bytes(model, tokenizer, optimizer) -> int:
+    """About what a checkpoint takes: the prefix, the optimizer's tensors and the tokenizer's files (the JSON
+    files are a few kB and left out)."""
+    tensors = list(model.prefix_encoder.state_dict().values())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    files = [Path(f) for f in (getattr(tokenizer, "vocab_file", None),) if f and Path(f).is_file()]
+    return sum(t.numel() * t.element_size() for t in tensors) + sum(f.stat().st_size for f in files)
+
+
+def _disk_full_message(tmp: Path, step: int, needed: int, free: int) -> str:
+    earlier = latest_checkpoint(tmp.parent)
+    kept = f"the latest complete checkpoint, {earlier.name}, is intact" if earlier else "no earlier checkpoint exists"
+    return (f"{tmp}: no space left on device while saving the checkpoint of step {step} (it needs about "
+            f"{_megabytes(needed)}; {_megabytes(free)} free on that disk); the partial folder was removed and {kept}")
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:,.1f} MB" if count >= 100_000 else f"{count / 1e3:,.1f} kB"
 
 
 def load_checkpoint_state(checkpoint: str | Path) -> dict:

@@ -14,80 +14,123 @@ from __future__ import annotations
 import json
 import math
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from glmtune.data.preprocess import DataConfig  # no torch import there either
 from glmtune.errors import GlmtuneError
+from glmtune.families.chatglm3.data import RULES as GLM3_RULES
 from glmtune.families.registry import FAMILIES  # plain data, no torch
 
-# Official spellings that differ from ours beyond kebab/snake case.
-ALIASES = {"model_name_or_path": "model_path", "train_dataset": "dataset"}
 DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 BEST_METRICS = ("eval_loss", "bleu-4", "rouge-1", "rouge-2", "rouge-l")
+_DATA = DataConfig()  # the data settings' defaults are the tokenizer's (the official ADGEN columns and lengths)
+NEW_RUN_PRE_SEQ_LEN = 128  # the official train.sh; a resumed run keeps its checkpoint's prefix shape
+
+
+def setting(default, help: str, *, official: tuple[str, ...] = (), switch: bool = False, shown: str | None = None):
+    """A TrainConfig field with what `glmtune train` shows for it: the one place a setting is written.
+
+    The flag is `--kebab-name` (and, as for every flag, `--snake_name`); `official` adds names of the
+    official scripts that differ beyond case (flags in both spellings, and config-file keys); `switch` makes a
+    `--name/--no-name` pair of a bool; `shown` is the default help shows where the field's own is None
+    ("not given") but stands for a value.
+    """
+    return field(default=default, metadata={"help": help, "official": official, "switch": switch, "shown": shown})
 
 
 @dataclass
 class TrainConfig:
     # model and prefix
-    model_path: str | None = None
-    # None = not given: 128 / off for a new run, the checkpoint's values when resuming.
-    pre_seq_len: int | None = None
-    prefix_projection: bool | None = None
-    quantization_bit: int | None = None
-    dtype: str = "auto"  # float32 on CPU; bfloat16 (or float16 without bf16 support) on CUDA
-    device: str = "auto"
-    family: str | None = None  # chatglm2 / chatglm3 (glmtune.families.registry); None = detected from the model folder
+    model_path: str | None = setting(None, "ChatGLM2 or ChatGLM3 model folder (official layout).",
+                                     official=("model_name_or_path",))
+    # None = not given: NEW_RUN_PRE_SEQ_LEN / off for a new run, the checkpoint's values when resuming.
+    pre_seq_len: int | None = setting(None, "Prefix length", shown=str(NEW_RUN_PRE_SEQ_LEN))
+    prefix_projection: bool | None = setting(None, "Prefix through the 2-layer MLP.", switch=True, shown="off")
+    quantization_bit: int | None = setting(None, "Quantize the frozen weights to 4 or 8 bits.")
+    dtype: str = setting("auto", "Frozen weights' dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16.")
+    device: str = setting("auto", "auto, cpu, cuda.")
+    family: str | None = setting(None, f"Model family ({', '.join(FAMILIES)}); default: detected from the model folder.")
     # data (the official ADGEN columns and lengths)
-    train_file: str | None = None
-    dataset: str | None = None
-    prompt_column: str = "content"
-    response_column: str = "summary"
-    history_column: str | None = None
-    source_prefix: str = ""
-    max_source_length: int = 64
-    max_target_length: int = 128
-    max_train_samples: int | None = None
-    preprocessing_num_workers: int = 1
-    data_format: str = "auto"  # auto (from the first row), columns, alpaca, sharegpt (glmtune.data.formats)
-    train_on: str = "each-turn"  # sharegpt: one row per assistant turn, or all-turns in one row
-    mix_file: str | None = None  # general-purpose rows mixed into every epoch (against forgetting)
-    mix_ratio: float = 0.0  # mix_ratio x training rows drawn from mix_file per epoch
+    train_file: str | None = setting(None, "Raw training data (.json/.jsonl/.csv), tokenized on the fly (cached).")
+    dataset: str | None = setting(None, "A folder written by `glmtune preprocess` (instead of --train-file).",
+                                  official=("train_dataset",))
+    prompt_column: str = setting(_DATA.prompt_column, "Prompt column.")
+    response_column: str = setting(_DATA.response_column, "Answer column.")
+    history_column: str | None = setting(_DATA.history_column, "Column of [query, answer] pairs.")
+    source_prefix: str = setting(_DATA.source_prefix, "Text put before every prompt.")
+    max_source_length: int = setting(_DATA.max_source_length, "Prompt tokens kept (cut on the right).")
+    max_target_length: int = setting(_DATA.max_target_length, "Answer tokens kept (cut on the right).")
+    max_seq_length: int | None = setting(_DATA.max_seq_length, "ChatGLM3 conversations (2023 rules): tokens kept per "
+                                         "conversation.", shown="source + target + 1")
+    chatglm3_rules: str = setting(_DATA.glm3_rules, "ChatGLM3 data rules: 2023 (official demo of Nov 2023: loss flags, "
+                                  "tools) or finetune-hf (the 2024 finetune_hf.py).")
+    combine: bool = setting(_DATA.combine, "GLM-4 messages: train only the last reply (the demo's combine) or every "
+                            "assistant message.", switch=True)
+    max_train_samples: int | None = setting(None, "Use the first N rows.")
+    preprocessing_num_workers: int = setting(1, "Tokenizing processes.")
+    data_format: str = setting(_DATA.data_format, "columns, alpaca, sharegpt, or auto (from the first row).")
+    train_on: str = setting(_DATA.train_on, "each-turn: one row per answer (official); all-turns: every answer of a "
+                            "conversation labelled in one row.")
+    mix_file: str | None = setting(None, "General-purpose rows mixed into every epoch (against forgetting).")
+    mix_ratio: float = setting(0.0, "Rows drawn from --mix-file per epoch, as a share of the training rows.")
     # validation (transformers' names): a file, or a seeded share of the training rows held out
-    validation_file: str | None = None
-    val_size: float = 0.0
-    eval_steps: int | None = None  # None = save_steps; a checkpoint is saved at every evaluation
-    per_device_eval_batch_size: int = 8
-    eval_generate: int = 0  # also generate for the first K validation rows and score BLEU/ROUGE
-    metric_for_best_model: str = "eval_loss"
-    greater_is_better: bool | None = None  # None = inferred from the metric (loss lower, scores higher)
-    save_total_limit: int | None = None  # keep at most N checkpoints, never deleting the best or the latest
-    early_stopping_patience: int | None = None  # stop after P evaluations without improvement
-    early_stopping_threshold: float = 0.0
-    report_to: str = "auto"  # tensorboard, none, or auto (tensorboard when installed)
+    validation_file: str | None = setting(None, "Validation data (any format --train-file reads).")
+    val_size: float = setting(0.0, "Hold out this seeded share of the training rows for validation.")
+    eval_steps: int | None = setting(None, "Validate (and checkpoint) every N steps and at the end.",
+                                     shown="--save-steps")
+    per_device_eval_batch_size: int = setting(8, "Validation rows per forward.")
+    eval_generate: int = setting(0, "Also generate greedily for the first K validation rows and score BLEU-4/ROUGE.")
+    metric_for_best_model: str = setting("eval_loss", "eval_loss, bleu-4, rouge-1, rouge-2 or rouge-l.")
+    greater_is_better: bool | None = setting(None, "Whether a bigger metric is better.", switch=True,
+                                             shown="inferred from the metric: lower loss, higher scores")
+    save_total_limit: int | None = setting(None, "Keep at most N checkpoints; the best and the latest are never deleted.",
+                                           shown="all")
+    early_stopping_patience: int | None = setting(None, "Stop after P evaluations without improvement.", shown="off")
+    early_stopping_threshold: float = setting(0.0, "Smallest change that counts as an improvement.")
+    report_to: str = setting("auto", "tensorboard (event files in OUTPUT/runs), none, or auto (tensorboard when installed).")
     # optimisation: AdamW, linear decay to 0, no warmup, no weight decay, clip 1.0 (transformers' defaults)
-    output_dir: str | None = None
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs; -1 = use epochs (transformers)
-    learning_rate: float = 2e-2
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    seed: int = 42
-    gradient_checkpointing: bool = True  # the official main.py always enables it
-    group_by_length: bool = False  # transformers' flag: batch rows of similar length (less padding)
+    output_dir: str | None = setting(None, "Checkpoints, metrics.jsonl, loss_curve.png.")
+    per_device_train_batch_size: int = setting(8, "Rows per process and forward.")
+    gradient_accumulation_steps: int = setting(1, "Forwards per optimizer step.")
+    num_train_epochs: float = setting(3.0, "Epochs (when --max-steps is -1).")
+    max_steps: int = setting(-1, "Total optimizer steps; > 0 overrides --num-train-epochs.")
+    learning_rate: float = setting(2e-2, "Peak learning rate, decayed linearly to 0.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    adam_beta1: float = setting(0.9, "AdamW beta1.")
+    adam_beta2: float = setting(0.999, "AdamW beta2.")
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = setting(1.0, "Gradient-norm clip; 0 = off.")
+    warmup_steps: int = setting(0, "Linear warm-up steps.")
+    seed: int = setting(42, "Random seed (data order, prefix init, dropout).")
+    gradient_checkpointing: bool = setting(True, "Recompute layers in backward to save memory (the official main.py "
+                                           "always enables it).", switch=True)
+    group_by_length: bool = setting(False, "Batch rows of similar length together (less padding, faster).", switch=True)
     # bookkeeping
-    logging_steps: int = 10
-    save_steps: int = 500
-    resume: bool = False  # continue from the latest checkpoint in output_dir
-    resume_from_checkpoint: str | None = None
-    overwrite_output_dir: bool = False
-    disable_tqdm: bool = False
-    nproc: int = 1  # > 1: relaunch through torchrun with this many processes
+    logging_steps: int = setting(10, "Log every N steps.")
+    save_steps: int = setting(500, "Checkpoint every N steps, and always at the end.")
+    resume: bool = setting(False, "Continue from the latest checkpoint in --output-dir (its prefix settings apply).")
+    resume_from_checkpoint: str | None = setting(None, "Continue from this checkpoint folder.")
+    overwrite_output_dir: bool = setting(False, "Delete a previous run's checkpoints and logs in --output-dir.")
+    disable_tqdm: bool = setting(False, "No progress bar.")
+    nproc: int = setting(1, "Data-parallel processes on this machine (runs torchrun).", official=("nproc_per_node",))
+
+    def prefix_shape(self, resuming: bool) -> tuple[int | None, bool | None]:
+        """(pre_seq_len, prefix_projection) to build the prefix with: a resumed run reads them from its
+        checkpoint (what was given here must agree), a new one fills in NEW_RUN_PRE_SEQ_LEN and no projection."""
+        if resuming:
+            return self.pre_seq_len, self.prefix_projection
+        return self.pre_seq_len or NEW_RUN_PRE_SEQ_LEN, bool(self.prefix_projection)
+
+    def data_config(self):
+        """The tokenizer's settings (glmtune.data.preprocess.DataConfig) for the training file."""
+        return DataConfig(
+            prompt_column=self.prompt_column, response_column=self.response_column, history_column=self.history_column,
+            source_prefix=self.source_prefix, max_source_length=self.max_source_length,
+            max_target_length=self.max_target_length, max_samples=self.max_train_samples,
+            glm3_rules=self.chatglm3_rules, max_seq_length=self.max_seq_length, data_format=self.data_format,
+            train_on=self.train_on, combine=self.combine,
+        )
 
     def validate(self) -> None:
         if not self.model_path:
@@ -114,6 +157,10 @@ class TrainConfig:
             raise GlmtuneError(f"train: --max-steps must be a positive number of steps, or -1 to use --num-train-epochs; found {self.max_steps}")
         if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
             raise GlmtuneError(f"train: --num-train-epochs must be > 0 when --max-steps is -1, found {self.num_train_epochs}")
+        if self.max_seq_length is not None and self.max_seq_length < 3:
+            raise GlmtuneError(f"train: --max-seq-length must be at least 3 ([gMASK] sop + text), found {self.max_seq_length}")
+        if self.chatglm3_rules not in GLM3_RULES:
+            raise GlmtuneError(f"train: --chatglm3-rules must be one of {list(GLM3_RULES)}, found {self.chatglm3_rules!r}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise GlmtuneError(f"train: --max-train-samples must be at least 1, found {self.max_train_samples}")
         if self.quantization_bit not in (None, 4, 8):
@@ -173,6 +220,11 @@ class TrainConfig:
             raise GlmtuneError(f"train: --early-stopping-threshold must be a finite number >= 0, found {self.early_stopping_threshold}")
         if self.report_to not in ("auto", "tensorboard", "none"):
             raise GlmtuneError(f"train: --report-to must be tensorboard, none or auto, found {self.report_to!r}")
+        from glmtune.train.log import tensorboard_available  # (no torch import there either)
+
+        if self.report_to == "tensorboard" and not tensorboard_available():  # here, before any model loads
+            raise GlmtuneError("train: --report-to tensorboard: the tensorboard package is not installed "
+                               "(pip install tensorboard, or pass --report-to none)")
         if bool(self.mix_file) != (self.mix_ratio > 0):
             raise GlmtuneError("train: --mix-file and --mix-ratio > 0 go together")
         if not (math.isfinite(self.mix_ratio) and self.mix_ratio >= 0):
@@ -186,14 +238,33 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+# The official spellings that differ beyond case, from the fields themselves (the same list makes the flags).
+_OFFICIAL = {alias: f.name for f in _FIELDS.values() for alias in f.metadata["official"]}
+
+
 def canonical_key(key: str) -> str:
     """`--per-device-train-batch-size`, `per_device_train_batch_size`, `model_name_or_path` -> field names."""
     name = key.strip().lstrip("-").replace("-", "_")
-    return ALIASES.get(name, name)
+    return _OFFICIAL.get(name, name)
 
 
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
-_HINTS = typing.get_type_hints(TrainConfig)
+def setting_specs():
+    """(name, value type, help, flags, switch, shown default) of every setting, in field order: what the
+    command layer builds `glmtune train`'s options from. The value type is str, int, float or bool; the
+    options themselves default to None (not given), so a --config file can fill what the flags leave."""
+    for f in _FIELDS.values():
+        args = typing.get_args(_HINTS[f.name])
+        base = next((a for a in args if a is not type(None)), None) if args else _HINTS[f.name]
+        meta = f.metadata
+        shown = meta["shown"]
+        if shown is None and f.default not in (None, ""):
+            shown = ("on" if f.default else "off") if base is bool else str(f.default)
+        if base is bool and not meta["switch"] and f.default is False:
+            shown = None  # a plain flag: off unless given
+        flags = ("--" + _flag(f.name), *("--" + _flag(alias) for alias in meta["official"]))
+        yield f.name, base, meta["help"], flags, meta["switch"], shown
 
 
 def _coerce(name: str, value, source: str):

@@ -1,4 +1,4 @@
-"""Training data of `glmtune train`: which rows a global batch holds, the keyed prefix dropout, and loading
+"""Training data of `glmtune train`: which rows a global batch holds, the keys of their prefix dropout, and loading
 the training, validation and `--mix-file` rows.
 
 Everything here is a pure function of (seed, position in the data stream), which is what makes a resumed
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from glmtune.errors import GlmtuneError
 from glmtune.train.config import TrainConfig
@@ -70,30 +69,11 @@ class DataStream:
         return self._perm[offset]
 
 
-class SampleKeyedDropout(nn.Module):
-    """Dropout over the batched prefix whose mask for row i depends only on (seed, keys[i]).
-
-    Same distribution as the official `Dropout(0.1)` after batching (each row its own mask), but the
-    trainer sets `keys` to the rows' stream positions before each forward, so a row gets the same mask
-    whichever process or restart computes it.
-    """
-
-    def __init__(self, p: float, seed: int):
-        super().__init__()
-        self.p, self.seed = p, seed
-        self.keys: list[int] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if self.keys is None or len(self.keys) != x.shape[0]:
-            raise RuntimeError(f"SampleKeyedDropout: {x.shape[0]} rows but keys {self.keys!r}")
-        keep = 1.0 - self.p
-        masks = []
-        for key in self.keys:
-            generator = torch.Generator(device=x.device).manual_seed(hash((self.seed, key)) & (2**63 - 1))
-            masks.append(torch.empty(x.shape[1:], device=x.device).bernoulli_(keep, generator=generator))
-        return x * (torch.stack(masks) / keep).to(x.dtype)
+def dropout_keys(seed: int, positions: list[int]) -> list[int]:
+    """The prefix-dropout seed of each row (`glmtune.model.prefix.keyed_dropout`): a function of (seed, the row's
+    position in the data stream) only, so a row gets the same mask whichever process or restart computes it.
+    (Python's hash of a tuple of ints is the same in every process and run: no hash randomisation for ints.)"""
+    return [hash((seed, position)) & (2**63 - 1) for position in positions]
 
 
 def make_batch(dataset, stream: DataStream, positions: list[int], pad_id: int, device: torch.device) -> dict:
@@ -121,12 +101,7 @@ def load_train_data(config: TrainConfig, tokenizer, dist, say) -> TrainData:
         raise GlmtuneError(f"--dataset {config.dataset}: not a folder (pass raw files with --train-file)")
     if config.train_file and Path(config.train_file).is_dir():
         raise GlmtuneError(f"--train-file {config.train_file}: is a folder (pass `glmtune preprocess` output with --dataset)")
-    data_config = DataConfig(
-        prompt_column=config.prompt_column, response_column=config.response_column,
-        history_column=config.history_column, source_prefix=config.source_prefix,
-        max_source_length=config.max_source_length, max_target_length=config.max_target_length,
-        max_samples=config.max_train_samples, data_format=config.data_format, train_on=config.train_on,
-    )
+    data_config = config.data_config()
     whole = DataConfig(**{**data_config.__dict__, "max_samples": None})
 
     def build(source, settings):
@@ -164,4 +139,10 @@ def load_train_data(config: TrainConfig, tokenizer, dist, say) -> TrainData:
         mix, _ = load(config.mix_file, whole)
         mix_rows = len(mix)
         train = datasets.concatenate_datasets([train, mix])
+        wanted = round(config.mix_ratio * rows)  # what the trainer's DataStream draws per epoch
+        if wanted > mix_rows:
+            say(f"WARNING: --mix-ratio {config.mix_ratio:g} asks for {wanted} --mix-file rows per epoch "
+                f"({config.mix_ratio:g} x {rows} training rows), but {config.mix_file} has {mix_rows}: each is drawn "
+                f"about {wanted / mix_rows:.1f} times per epoch (the same rows over and over); a ratio of at most "
+                f"{mix_rows / rows:.3g} uses each at most once")
     return TrainData(train, rows, mix_rows, validation)

@@ -116,7 +116,12 @@ class Interrupts:
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:
-            os._exit(128 + signum)  # the second one: leave now (a half-written checkpoint stays a .tmp folder)
+            # The second one: leave now (a half-written checkpoint stays a .tmp folder, cleared by the next run).
+            # os.write: the one output call that is safe inside a signal handler.
+            os.write(2, f"\n{signal.Signals(signum).name} again: exiting at once, without saving this step. Continue "
+                        "from the last saved checkpoint with --resume; if none was saved, start over with "
+                        "--overwrite-output-dir\n".encode())
+            os._exit(128 + signum)
         self.requested = signal.Signals(signum).name
         self.say(f"{self.requested}: saving a checkpoint after this step (send it again to exit at once)")
 

@@ -49,6 +49,7 @@ import torch
 
 from glmtune.train.checkpoint import (
     LOSS_PLOT,
+    DiskFull,
     METRICS_FILE,
     RESULTS_FILE,
     capture_rng,
@@ -66,10 +67,8 @@ from glmtune.train.checkpoint import (
 from glmtune.errors import GlmtuneError
 from glmtune.model.modeling import IGNORE_INDEX
 from glmtune.train.config import TrainConfig
-from glmtune.train.data import DataStream, SampleKeyedDropout, TrainData, load_train_data, make_batch  # noqa: F401
+from glmtune.train.data import DataStream, TrainData, dropout_keys, load_train_data, make_batch
 
-
-DEFAULT_PRE_SEQ_LEN = 128  # the official train.sh
 
 
 class TrainingDiverged(GlmtuneError):
@@ -165,9 +164,11 @@ NO_GRADIENT = ("the prefix got no gradient on the first step, so training would 
 
 
 def train_step(model, params, optimizer, scheduler, micro_batches, dist: Dist = Dist(), max_grad_norm: float = 1.0,
-               dropout: SampleKeyedDropout | None = None, check_gradient: bool = False) -> StepResult:
+               seed: int | None = None, check_gradient: bool = False) -> StepResult:
     """Forward/backward over this process's micro-batches [(batch, stream positions)], then one AdamW step.
 
+    With `seed`, each row's prefix-dropout mask is keyed by (seed, its stream position) (`dropout_keys`);
+    without, the model's ordinary dropout applies.
     Each micro-batch's mean loss is weighted by its share of the global batch's label tokens, and the
     gradients are summed over processes, which is the gradient of the global token-mean loss.
     `check_gradient` (the first step of a run): stop with a clear error if the prefix gets no gradient.
@@ -182,10 +183,10 @@ def train_step(model, params, optimizer, scheduler, micro_batches, dist: Dist = 
     for (batch, positions), n in zip(micro_batches, counts):
         if n == 0:
             continue
-        if dropout is not None:
-            dropout.keys = positions
+        keys = dropout_keys(seed, positions) if seed is not None else None
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], labels=batch["labels"], loss_only=True).loss
+                     position_ids=batch["position_ids"], labels=batch["labels"], loss_only=True,
+                     dropout_keys=keys).loss
         if check_gradient and not loss.requires_grad:
             raise GlmtuneError(f"{NO_GRADIENT} (the loss does not depend on the prefix at all)")
         (loss * (n / n_total)).backward()
@@ -254,8 +255,12 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     resume_dir = _resume_dir(config, out)
     leftovers = has_run_artifacts(out)
     if resume_dir is None and leftovers and not config.overwrite_output_dir:
-        raise GlmtuneError(f"{out}: holds a previous training run ({', '.join(leftovers[:3])}"
-                           f"{', ...' if len(leftovers) > 3 else ''}); pass --resume to continue it or --overwrite-output-dir to start over")
+        found = f"{', '.join(leftovers[:3])}{', ...' if len(leftovers) > 3 else ''}"
+        if latest_checkpoint(out) is None:
+            raise GlmtuneError(f"{out}: holds a previous training run ({found}) that saved no complete checkpoint, so "
+                               "it cannot be resumed; pass --overwrite-output-dir to start over (or choose another --output-dir)")
+        raise GlmtuneError(f"{out}: holds a previous training run ({found}); pass --resume to continue it or "
+                           "--overwrite-output-dir to start over")
     # A bar is for a person at a terminal; in a log file it becomes one endless `\r` line (log lines instead).
     show_bar = dist.main and not config.disable_tqdm and sys.stderr.isatty()
     if not show_bar:
@@ -268,8 +273,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
 
     tokenizer = load_tokenizer(config.model_path, family=config.family)  # --family, else detected (glmtune.families.registry)
     data = load_train_data(config, tokenizer, dist, say)
-    model, params, dropout = _load_model(config, dist, resume_dir, tokenizer.family)
-    run = _Run(config, dist, out, model, params, dropout, tokenizer, data, say)
+    model, params = _load_model(config, dist, resume_dir, tokenizer.family)
+    run = _Run(config, dist, out, model, params, tokenizer, data, say)
     if resume_dir is not None:
         run.restore(resume_dir)
         say(f"resuming from {resume_dir} at step {run.step}")
@@ -285,8 +290,6 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     say(run.banner())
     from glmtune.train.log import RunLog, tensorboard_available
 
-    if config.report_to == "tensorboard" and not tensorboard_available():
-        raise GlmtuneError("--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     tensorboard = config.report_to == "tensorboard" or (config.report_to == "auto" and tensorboard_available())
     run.log = RunLog(out if dist.main else None, tensorboard, run.step, run.total_steps, show_bar, say)
     run.last_checkpoint = resume_dir
@@ -300,13 +303,13 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
 class _Run:
     """The state of one training run and the steps of its loop (train, log, evaluate, save, stop)."""
 
-    def __init__(self, config: TrainConfig, dist: Dist, out: Path, model, params, dropout, tokenizer, data: TrainData, say):
+    def __init__(self, config: TrainConfig, dist: Dist, out: Path, model, params, tokenizer, data: TrainData, say):
         from transformers import get_linear_schedule_with_warmup
 
         from glmtune.train.validation import EvalTracker
 
         self.config, self.dist, self.out, self.say = config, dist, out, say
-        self.model, self.params, self.dropout, self.tokenizer, self.data = model, params, dropout, tokenizer, data
+        self.model, self.params, self.tokenizer, self.data = model, params, tokenizer, data
         batch, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
         self.global_batch = dist.world * batch * accum
         mix_count = round(config.mix_ratio * data.rows) if data.mix_rows else 0
@@ -432,7 +435,7 @@ class _Run:
             micro.append((make_batch(self.data.train, self.stream, positions, self.tokenizer.pad_token_id, dist.device), positions))
         try:
             return train_step(self.model, self.params, self.optimizer, self.scheduler, micro, dist, c.max_grad_norm,
-                              self.dropout, check_gradient=check_gradient)
+                              seed=c.seed, check_gradient=check_gradient)
         except TrainingDiverged as exc:
             if dist.main:
                 plot_loss_curve(self.out / METRICS_FILE, self.out / LOSS_PLOT, title=f"{self.out.name} (stopped at step {self.step + 1})")
@@ -470,7 +473,14 @@ class _Run:
         rng = self.dist.gather(capture_rng())
         if self.dist.main:
             extra = {PREDICTIONS_FILE: "".join(line + "\n" for line in predictions)} if predictions else None
-            save_checkpoint(out, step, self.model, self.tokenizer, self.optimizer, self.scheduler, rng, state, extra)
+            try:
+                save_checkpoint(out, step, self.model, self.tokenizer, self.optimizer, self.scheduler, rng, state, extra)
+            except DiskFull as exc:
+                from glmtune.train.log import resume_command
+
+                then = (f"continue with:\n  {resume_command()}" if self.last_checkpoint
+                        else "start over with --overwrite-output-dir")
+                raise DiskFull(f"{exc}. Free some space, then {then}") from None
             self.last_checkpoint = out / f"checkpoint-{step}"
             for removed in prune_checkpoints(out, c.save_total_limit, {self.last_checkpoint, best}):
                 self.say(f"--save-total-limit {c.save_total_limit}: removed {removed.name}")
@@ -502,13 +512,16 @@ def _resume_dir(config: TrainConfig, out: Path) -> Path | None:
     if config.resume:
         latest = latest_checkpoint(out)
         if latest is None:
-            raise GlmtuneError(f"--resume: no complete checkpoint-N folder in {out} to resume from")
+            why = (" (the run there stopped before its first checkpoint was complete: e.g. a second Ctrl-C exits at "
+                   "once without saving); start over with --overwrite-output-dir instead of --resume"
+                   if has_run_artifacts(out) else "")
+            raise GlmtuneError(f"--resume: no complete checkpoint-N folder in {out} to resume from{why}")
         return latest
     return None
 
 
 def _load_model(config: TrainConfig, dist: Dist, resume_dir: Path | None, family: str):
-    """The frozen model with its prefix (fresh and seeded, or the checkpoint's), keyed dropout, the trainable params.
+    """The frozen model with its prefix (fresh and seeded, or the checkpoint's) and the trainable params.
 
     `family` is the tokenizer's (--family or detected): it decides the rope rule, is recorded in every checkpoint's
     config.json, and a checkpoint of another family is refused on resume (glmtune.model.loading.load_model)."""
@@ -517,18 +530,14 @@ def _load_model(config: TrainConfig, dist: Dist, resume_dir: Path | None, family
     _, dtype = resolve_device(str(dist.device), config.dtype)
     torch.manual_seed(config.seed)  # a fresh prefix starts from the same values on every process
     # Resuming reads the prefix shape from the checkpoint (flags given must agree with it).
-    pre_seq_len, projection = config.pre_seq_len, config.prefix_projection
-    if resume_dir is None:
-        pre_seq_len, projection = pre_seq_len or DEFAULT_PRE_SEQ_LEN, bool(projection)
+    pre_seq_len, projection = config.prefix_shape(resuming=resume_dir is not None)
     model = load_model(config.model_path, ptuning_checkpoint=resume_dir, pre_seq_len=pre_seq_len,
                        prefix_projection=projection, quantization_bit=config.quantization_bit,
                        dtype=dtype, device=dist.device, family=family)
     model.train()
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    dropout = SampleKeyedDropout(model.prefix_encoder.dropout.p, config.seed)
-    model.prefix_encoder.dropout = dropout
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named or any(not n.startswith("prefix_encoder.") for n, _ in named):
         raise RuntimeError(f"only the prefix may train, found trainable {[n for n, _ in named]}")
-    return model, [p for _, p in named], dropout
+    return model, [p for _, p in named]

@@ -23,8 +23,8 @@ any text where the two could differ; special tokens, truncation and padding stay
 
 The chat prompt (`build_prompt`) is the official `[Round N]\\n\\n问：...\\n\\n答：` template.
 
-Load a folder's tokenizer with `glmtune.families.tokenizer.load_tokenizer`, which picks this class or its ChatGLM3
-subclass (`glmtune.families.chatglm3.tokenizer`) by family; this module imports neither, so both sit below the loader.
+Load a folder's tokenizer with `glmtune.families.tokenizer.load_tokenizer`: the folder's family (`glmtune.families.registry`)
+builds this class or its ChatGLM3 subclass (`glmtune.families.chatglm3.tokenizer`) through `load_sentencepiece`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from transformers.tokenization_utils_base import BatchEncoding, TruncationStrate
 from transformers.utils import PaddingStrategy
 
 from glmtune import compat
+from glmtune.errors import GlmtuneError
+from glmtune.families.family import TOKENIZER_FILE
 from glmtune.fsutil import atomic_file
 
-TOKENIZER_FILE = "tokenizer.model"
 # Order matters: it fixes their ids right after the SentencePiece pieces, as in the official model.
 COMMAND_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 
@@ -426,3 +427,22 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         with atomic_file(target, "wb") as handle:
             handle.write(self._model_proto)
         return (str(target),)
+
+
+def load_sentencepiece(cls: type[ChatGLM2Tokenizer], path: Path, family: str) -> ChatGLM2Tokenizer:
+    """`cls` built from the SentencePiece `tokenizer.model` of a folder (or the file given directly).
+
+    Only `tokenizer.model` is read for the vocabulary: the official tokenizer_config.json names remote code.
+    """
+    model_file = path if path.is_file() else path / TOKENIZER_FILE
+    if not model_file.is_file():
+        raise GlmtuneError(
+            f"{path}: no {TOKENIZER_FILE} found (expected a ChatGLM2/ChatGLM3 model or checkpoint folder holding "
+            f"the SentencePiece file {TOKENIZER_FILE})"
+        )
+    try:
+        tokenizer = cls(vocab_file=model_file)
+    except (RuntimeError, OSError) as exc:
+        raise GlmtuneError(f"{model_file}: not a readable SentencePiece model ({exc})") from exc
+    tokenizer.family = family  # what `glmtune.families.registry.family_of` reads (a registered variant's own name)
+    return tokenizer

@@ -1,4 +1,5 @@
-"""ChatGLM3 conversations: messages to prompt ids, the official `chat` rules, and its reply parsing without `eval`.
+"""ChatGLM3 conversations: messages to prompt ids, the official `chat` rules, its reply parsing without `eval`, and
+how an OpenAI chat request (tools, tool calls, tool results) becomes a conversation.
 
 Reproduces `build_chat_input` and `process_response` of THUDM/chatglm3-6b (modeling_chatglm.py, HF revision
 456aa875) for chat, stream_chat and serving:
@@ -9,8 +10,13 @@ Reproduces `build_chat_input` and `process_response` of THUDM/chatglm3-6b (model
 * a reply is split at `<|assistant|>`; each part's first line is its metadata. A part without metadata is
   text (stripped, `[[训练时间]]` -> `2023年`); with metadata, and tools in the system message, it is a tool
   call `{"name": metadata, "parameters": {...}}`; with metadata and no tools, `{"name", "content"}`;
-* `RolesChat`: ChatGLM3's chat rules for `glmtune.families.registry.CHATGLM3` (history fitting, the answer without its
-  stop token, which partial answers `stream_chat` yields, the `--system` / `--tools` opening).
+* `RolesChat`: ChatGLM3's chat rules (history fitting, the answer without its stop token, which partial answers
+  `stream_chat` yields, the `--system` / `--tools` opening);
+* `read_request` / `reply_tool_call`: what `glmtune serve` does with OpenAI messages, as the official
+  openai_api_demo: `tools` go on the system message (`{name, description, parameters}`, under the official default
+  system text when the request has none), an assistant's tool call becomes the assistant metadata (the tool name) +
+  ` ```python\ntool_call(...)\n```` text, a `tool` message an observation; a reply the official parsing reads
+  as a call of an offered tool comes back as a call, parsed, never executed.
 
 Deliberate difference: the official code runs the tool-call text through Python's `eval` (model output
 executed as code: a reply can run anything). glmtune parses it with `ast` and accepts only
@@ -23,13 +29,17 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
+import keyword
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from glmtune.errors import GlmtuneError
+from glmtune.families.family import RequestError
 
 ROLES = ("system", "user", "assistant", "observation")
+ROLE_TOKENS = tuple(f"<|{role}|>" for role in ROLES)  # after the five GLM command tokens in the vocabulary
 DEFAULT_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 MAX_TOOL_CALL_CHARS = 100_000  # longer "calls" are text: ast.parse on megabytes of model output is not worth it
 
@@ -61,17 +71,6 @@ def normalize_messages(messages: Any, source: str = "history") -> list[dict]:
             raise GlmtuneError(f"{source}[{i}]: field tools: expected a list, on a system message only")
         out.append(copy.deepcopy(message))
     return out
-
-
-def messages_to_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
-    """Prompt ids (`[gMASK] sop` ... `<|assistant|>`) for a conversation whose last message is the query."""
-    messages = normalize_messages(list(messages), "messages")
-    if not messages:
-        raise GlmtuneError("messages: empty conversation")
-    last = messages[-1]
-    if last["role"] == "assistant":
-        raise GlmtuneError("messages: the last message must not come from the assistant (nothing to answer)")
-    return tokenizer.chat_input_ids(last["content"], messages[:-1], last["role"])
 
 
 def parse_tool_call(code: str) -> dict | None:
@@ -133,6 +132,11 @@ def parse_response(output: str, history: list[dict]) -> tuple[Any, list[dict], s
     return content, history, problem
 
 
+def process_text(text: str) -> str:
+    """A plain answer as the official parsing returns it: stripped, `[[训练时间]]` -> `2023年`."""
+    return text.strip().replace("[[训练时间]]", "2023年")
+
+
 def process_response(output: str, history: list[dict], warn: bool = True) -> tuple[Any, list[dict]]:
     """The official ChatGLM3 reply parsing (see the module docstring); warns when a tool call is refused."""
     content, history, problem = parse_response(output, history)
@@ -151,7 +155,7 @@ def system_message(system: str | None = None, tools: list | None = None) -> dict
 
 
 class RolesChat:
-    """ChatGLM3's `chat` / `stream_chat` of THUDM/chatglm3-6b (`glmtune.families.registry.CHATGLM3`; `Family` documents
+    """ChatGLM3's `chat` / `stream_chat` of THUDM/chatglm3-6b (`glmtune.families.family.Family` documents
     each method): history is a list of messages, the prompt `build_chat_input`, the reply parsed by
     `process_response` once the stop token is dropped (a last token cut by the length limit is kept, unlike
     the official `chat`); a partial answer is yielded only when its text is not empty and does not end in an
@@ -201,3 +205,78 @@ class RolesChat:
         if history and isinstance(history[0], dict) and history[0].get("role") == "system":
             raise GlmtuneError("--system/--tools and a history file that starts with a system message: give one of them")
         return [system_message(system, tools), *history]
+
+
+# --- serve: OpenAI requests ------------------------------------------------------------------------------------------
+
+
+def tool_call_text(call: dict, where: str) -> str:
+    """The assistant text ChatGLM3 writes for a call (after its metadata line): ` ```python\ntool_call(k=v, ...)\n````.
+
+    The leading space is in the official model's replies (and the official demos' histories); without it
+    the fence tokenizes differently from what the model generated.
+    The values are Python literals (`repr`) because that is what the model writes and `parse_tool_call`
+    reads back; JSON `true`/`null` become `True`/`None`.
+    """
+    try:
+        arguments = json.loads(call["arguments"] or "{}")
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"{where}.function.arguments: invalid JSON ({exc.msg})", param=where) from None
+    if not isinstance(arguments, dict):
+        raise RequestError(f"{where}.function.arguments: expected a JSON object, found {type(arguments).__name__}",
+                           param=where)
+    bad = [k for k in arguments if not (k.isidentifier() and not keyword.iskeyword(k))]
+    if bad:
+        raise RequestError(f"{where}.function.arguments: argument names must be identifiers, found {bad[0]!r}",
+                           param=where)
+    return " ```python\ntool_call(" + ", ".join(f"{k}={v!r}" for k, v in arguments.items()) + ")\n```"
+
+
+def request_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """OpenAI messages (plain dicts) as ChatGLM3 messages, what the official openai_api_demo does with them."""
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            out.append({"role": "observation", "content": m["content"]})
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            if m["content"]:
+                out.append({"role": "assistant", "content": m["content"]})
+            for j, call in enumerate(m["tool_calls"]):
+                out.append({"role": "assistant", "metadata": call["name"],
+                            "content": tool_call_text(call, f"messages.{i}.tool_calls.{j}")})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    if tools is not None:
+        if out and out[0]["role"] == "system":
+            out[0]["tools"] = tools
+        else:
+            out.insert(0, {"role": "system", "content": DEFAULT_TOOLS_SYSTEM, "tools": tools})
+    return out
+
+
+def read_request(messages: list[dict], tools: list[dict] | None) -> tuple[str, list, str]:
+    """(query, history, role): the system prompt, tools and every message go to the model as they are; the query
+    may be a tool result (an observation), which the model answers."""
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise RequestError(f"the last message must have role 'user' or 'tool', found {messages[-1]['role']!r}",
+                           param="messages")
+    converted = request_messages(messages, tools)
+    return converted[-1]["content"], converted[:-1], converted[-1]["role"]
+
+
+def reply_tool_call(raw: str, tool_names: list[str]) -> dict | None:
+    """`{"name", "arguments"}` (arguments as JSON text) when a reply is a call of one of the request's tools.
+
+    `raw` is the decoded reply (stop token removed, not stripped: a plain reply starts with a blank metadata
+    line). The official parsing (`parse_response`, which never executes anything) decides; a call of a tool the
+    request did not offer, or one whose literal arguments have no JSON form (sets, bytes, ...), is not a call:
+    the reply then comes back as plain content.
+    """
+    content, _, problem = parse_response(raw, [{"role": "system", "content": "", "tools": []}])
+    if problem or not isinstance(content, dict) or "parameters" not in content or content["name"] not in tool_names:
+        return None
+    try:
+        arguments = json.dumps(content["parameters"], ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return {"name": content["name"], "arguments": arguments}

@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from glmtune.data.formats import IGNORE_INDEX, length_percentiles  # one definition each, below glmtune.data.preprocess
+from glmtune.data.formats import IGNORE_INDEX, answers_cut, length_percentiles  # one definition each, below glmtune.data.preprocess
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import iter_records
 
@@ -184,13 +184,19 @@ def _messages_hf(row: dict, tokenizer: Any) -> list[tuple[list[int], bool, dict 
 
 def encode_train(row: dict, tokenizer: Any, config: Any) -> tuple[list[int], list[int], int]:
     """(input_ids, labels, untruncated length) of one usable row."""
+    return encode_train_counted(row, tokenizer, config)[:3]
+
+
+def encode_train_counted(row: dict, tokenizer: Any, config: Any) -> tuple[list[int], list[int], int, int]:
+    """`encode_train`'s result and the number of trained (label) tokens the length limit cut off."""
     eos = tokenizer.eos_token_id
     if "conversations" not in row:  # InputOutputDataset (2023 only)
         a_ids = tokenizer.encode(row["prompt"], add_special_tokens=True)[: config.max_source_length]
-        b_ids = tokenizer.encode(row["response"], add_special_tokens=False)[: config.max_target_length]
+        full_b = tokenizer.encode(row["response"], add_special_tokens=False)
+        b_ids = full_b[: config.max_target_length]
         labels = [IGNORE_INDEX] * len(a_ids) + b_ids + [eos]
         labels = [IGNORE_INDEX if t == tokenizer.pad_token_id else t for t in labels]
-        return a_ids + b_ids + [eos], labels, len(a_ids) + len(b_ids) + 1
+        return a_ids + b_ids + [eos], labels, len(a_ids) + len(b_ids) + 1, len(full_b) - len(b_ids)
     messages = _messages_hf(row, tokenizer) if config.glm3_rules == "finetune-hf" else _messages_2023(row, tokenizer)
     tokens, masks = list(tokenizer.get_prefix_tokens()), [False, False]
     for ids, loss, _ in messages:
@@ -200,7 +206,7 @@ def encode_train(row: dict, tokenizer: Any, config: Any) -> tuple[list[int], lis
     masks.append(False)
     labels = [t if m else IGNORE_INDEX for t, m in zip(tokens, [False] + masks[:-1])]
     limit = max_seq_length(config)
-    return tokens[:limit], labels[:limit], len(tokens)
+    return tokens[:limit], labels[:limit], len(tokens), sum(1 for t in labels[limit:] if t != IGNORE_INDEX)
 
 
 def max_seq_length(config: Any) -> int:
@@ -236,12 +242,15 @@ def encode_batch(batch: dict, tokenizer: Any, config: Any, mode: str) -> dict:
     out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_tokens": [], "target_tokens": []}
     if mode == "eval":
         out["reference"] = []
+    else:
+        out["labels_cut"] = []  # trained tokens the length limit took (the report warns about them)
     for text in batch["row"]:
         row = json.loads(text)
         if mode == "train":
-            input_ids, labels, full = encode_train(row, tokenizer, config)
+            input_ids, labels, full, cut = encode_train_counted(row, tokenizer, config)
             out["input_ids"].append(input_ids)
             out["labels"].append(labels)
+            out["labels_cut"].append(cut)
             out["prompt_tokens"].append(full)
             out["target_tokens"].append(sum(1 for t in labels if t != IGNORE_INDEX))
             continue
@@ -302,4 +311,6 @@ def build_report(rows: Sequence[dict], dataset, config: Any, mode: str, source: 
         "targets_truncated_pct": 0.0,
         "target_rule": "whole conversations (or prompt + response) cut to the length limit" if mode == "train"
         else "one example per assistant message; its content text is the reference",
+        **answers_cut(dataset, "--max-seq-length (--max-target-length for prompt/response rows)"
+                      if config.glm3_rules == "2023" else "--max-source-length + --max-target-length"),
     }

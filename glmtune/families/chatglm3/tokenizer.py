@@ -25,10 +25,9 @@ from typing import Any
 
 from transformers.tokenization_utils_base import BatchEncoding
 
-from glmtune.families.registry import GLM3_ROLE_TOKENS
 from glmtune.families.chatglm2.tokenizer import COMMAND_TOKENS, ChatGLM2Tokenizer
-
-ROLES = ("system", "user", "assistant", "observation")
+from glmtune.families.chatglm3.chat import ROLE_TOKENS as GLM3_ROLE_TOKENS
+from glmtune.families.chatglm3.chat import ROLES
 
 
 class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
