@@ -126,3 +126,20 @@ def test_glm4_config_of_the_tiny_writer_carries_the_real_stop_list(reference):
     state = random_state_dict(TinyConfig(), 151552)
     assert state["transformer.output_layer.weight"].shape == (151552, 64)
     assert callable(write_weights)
+
+
+def test_init_model_family_glm4_writes_a_tiny_glm4_with_its_own_tokenizer(tmp_path):
+    from glmtune.families.tokenizer import load_tokenizer
+    from glmtune.model.tiny import init_model
+
+    folder = init_model(tmp_path / "m", family="glm4", vocab_size=600)
+    tokenizer = load_tokenizer(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    assert (tokenizer.family, cfg["glmtune_family"], cfg["eos_token_id"]) == ("glm4", "glm4", stops)
+    assert cfg["padded_vocab_size"] >= len(tokenizer) and cfg["padded_vocab_size"] % 64 == 0
+    model = load_model(folder, pre_seq_len=4)
+    assert model.config.rope_parameters["rope_theta"] == 5e6 and model.prefix_encoder.dropout.p == 0.0
+    ids = torch.tensor([tokenizer.encode("你好")])
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, ids.shape[1], cfg["padded_vocab_size"])

@@ -234,12 +234,19 @@ def glm4_config(cfg: TinyConfig, padded_vocab_size: int, eos_token_ids: list[int
 
 
 def _glm4_tokenizer_maker():
-    """The GLM-4 family's maker of a small tiktoken tokenizer in the official format:
-    `make(texts, out_dir, vocab_size) -> tokenizer` (len() and convert_tokens_to_ids), from glmtune.families.glm4."""
-    try:
-        from glmtune.families.glm4.tokenizer import train_tokenizer as make
-    except ImportError as exc:
-        raise GlmtuneError(f"init-model --family glm4: the GLM-4 tokenizer maker is not available ({exc})") from None
+    """The GLM-4 family's small tiktoken tokenizer in the official format (glmtune.families.glm4.tiny), as one call:
+    `make(texts, out_dir, vocab_size) -> tokenizer` (its size and the ids of its stop tokens are what the model needs)."""
+    from glmtune.families.glm4.tiny import write_tiny_tokenizer
+    from glmtune.families.tokenizer import load_tokenizer
+    from glmtune.model import glm4
+
+    def make(texts: list[str], out_dir: Path, vocab_size: int):
+        write_tiny_tokenizer(out_dir, texts, vocab_size=vocab_size)
+        tokenizer = load_tokenizer(out_dir)  # its tokenizer_config.json records the family
+        if getattr(tokenizer, "family", None) != glm4.FAMILY:
+            raise GlmtuneError(f"init-model --family glm4: the tokenizer written is read as {tokenizer.family}")
+        return tokenizer
+
     return make
 
 
