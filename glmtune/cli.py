@@ -449,6 +449,27 @@ def quantize(
     typer.echo(f"wrote {out}: {bits}-bit weights, {size / 1e6:,.1f} MB")
 
 
+# --- export (export) ---
+@app.command("export")
+def export_command(
+    model_path: Path = typer.Option(..., "--model-path", "--model_name_or_path", help="Model folder (official layout, quantized, or written by `glmtune merge`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Model file to write."),
+    export_format: str = typer.Option(..., "--format", help="Output format: chatglm.cpp (its GGML model file)."),
+    ggml_type: str = typer.Option("q4_0", "--type", help="Weight type: f32, f16, q8_0 or q4_0 (norms and biases stay f32)."),
+    ptuning_checkpoint: Optional[Path] = typer.Option(None, "--ptuning-checkpoint", "--ptuning_checkpoint", help="P-tuning checkpoint whose prefix is baked in (default: the prefix a merged folder holds, if any)."),
+    family: Optional[str] = typer.Option(None, "--family", help="Model family (chatglm2, chatglm3); default: detected from the model folder."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output file."),
+) -> None:
+    """Write a model (+ P-tuning prefix) for another runtime: chatglm.cpp (f32 / f16 / q8_0 / q4_0)."""
+    if export_format != "chatglm.cpp":
+        raise GlmtuneError(f"--format: expected chatglm.cpp, found {export_format!r}")
+    from glmtune.export.chatglm_cpp import export_chatglm_cpp
+
+    result = export_chatglm_cpp(model_path, output, ggml_type, ptuning_checkpoint=ptuning_checkpoint, family=family,
+                                force=force)
+    typer.echo(result.summary())
+
+
 # --- serve (serve) ---
 @app.command()
 def serve(

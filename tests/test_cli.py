@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-COMMANDS = ["init-model", "preprocess", "train", "eval", "score", "chat", "merge", "quantize"]
+COMMANDS = ["init-model", "preprocess", "train", "eval", "score", "chat", "merge", "quantize", "export"]
 
 
 def test_help_lists_every_command_without_importing_torch():

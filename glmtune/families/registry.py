@@ -97,7 +97,7 @@ def resolve_family(folder: str | Path | None, override: str | Family | None = No
         return detect_family(folder) if folder is not None else DEFAULT_FAMILY
     family = get_family(override)
     stated = _stated_family(Path(folder)) if folder is not None else None
-    if stated is not None and FAMILIES[stated[0]].role_tokens != family.role_tokens:
+    if stated is not None and FAMILIES[stated[0]].tokenizer_loader is not family.tokenizer_loader:
         logging.getLogger(__name__).warning(
             "--family %s overrides %s, which is a %s model (%s): its tokenizer and prompts become %s's, which that "
             "model was not trained with; drop --family unless the folder is mislabelled", family.name, folder,

@@ -1,0 +1,1 @@
+"""Writing glmtune models in other programs' formats (chatglm.cpp)."""
