@@ -34,14 +34,17 @@ def official_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_random_checkpoint(out: Path, cfg: dict, n_shards: int = 7, dtype: str = "float16", seed: int = 0) -> Path:
-    """Random weights in the official sharded `.bin` layout, written one shard at a time (low memory).
+def write_random_checkpoint(out: Path, cfg: dict, n_shards: int = 7, dtype: str = "float16", seed: int = 0,
+                            fmt: str = "bin", tiled: bool = False) -> Path:
+    """Random weights in the official sharded layout (`.bin` as ChatGLM2-6B, or `.safetensors` as GLM-4-9B-chat),
+    written one shard at a time (low memory).
 
     Skipped when `out` already holds a complete checkpoint (the index is written last)."""
     import torch
 
     out = Path(out)
-    index_file = out / "pytorch_model.bin.index.json"
+    stem, ext = ("pytorch_model", "bin") if fmt == "bin" else ("model", "safetensors")
+    index_file = out / f"{stem}.{ext}.index.json"
     if index_file.is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -50,6 +53,8 @@ def write_random_checkpoint(out: Path, cfg: dict, n_shards: int = 7, dtype: str 
     sizes = {k: int(torch.Size(s).numel()) * torch.tensor([], dtype=torch_dtype).element_size() for k, s in shapes.items()}
     per_shard = sum(sizes.values()) / n_shards
     gen = torch.Generator().manual_seed(seed)
+    # 16M values + 1, so consecutive rows of a repeated block do not line up.
+    block = (torch.randn((1 << 24) + 1, generator=gen) * 0.02).to(torch_dtype) if tiled else None
     groups: list[list[str]] = [[]]
     acc = 0
     for key in shapes:
@@ -59,7 +64,7 @@ def write_random_checkpoint(out: Path, cfg: dict, n_shards: int = 7, dtype: str 
         acc += sizes[key]
     weight_map = {}
     for i, keys in enumerate(groups, 1):
-        name = f"pytorch_model-{i:05d}-of-{len(groups):05d}.bin"
+        name = f"{stem}-{i:05d}-of-{len(groups):05d}.{ext}"
         state = {}
         for key in keys:
             if key.endswith("layernorm.weight"):
@@ -67,9 +72,20 @@ def write_random_checkpoint(out: Path, cfg: dict, n_shards: int = 7, dtype: str 
             elif key.endswith("inv_freq"):
                 dim = cfg["kv_channels"] // 2
                 state[key] = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            elif tiled:
+                # A seeded random block repeated: as good as fresh noise for memory and speed figures, and
+                # written at memory speed (a 9B model's worth of randn takes an hour on a busy 2-core machine).
+                numel = int(torch.Size(shapes[key]).numel())
+                reps = -(-numel // block.numel())
+                state[key] = block.repeat(reps)[:numel].view(shapes[key]).clone()
             else:
                 state[key] = (torch.randn(shapes[key], generator=gen) * 0.02).to(torch_dtype)
-        torch.save(state, out / name)
+        if fmt == "bin":
+            torch.save(state, out / name)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(state, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in keys})
         del state
     config = dict(cfg, torch_dtype=dtype)

@@ -18,15 +18,16 @@ from pathlib import Path
 import torch
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.registry import FAMILY_FIELD, check_same_family, resolve_family
+from glmtune.families.registry import FAMILY_FIELD, resolve_family
 from glmtune.fsutil import atomic_dir
-from glmtune.model.modeling import ChatGLM2ForCausalLM, attention_dims, glm_config_from_chatglm
+from glmtune.model import glm4
+from glmtune.model.adapter import check_checkpoint_fits, read_checkpoint, save_adapter
+from glmtune.model.modeling import ChatGLM2ForCausalLM, attention_dims, model_class, model_config
 from glmtune.model.prefix import (
     OFFICIAL_PREFIX,
     PrefixConfig,
     load_prefix_state,
     official_prefix_state,
-    read_prefix_checkpoint,
     resolve_prefix_config,
 )
 # Folder reading lives one layer down (shared with glmtune.model.quantization).
@@ -101,9 +102,12 @@ _MADVISE = None
 
 
 def official_to_native(key: str, tensor: torch.Tensor, cfg: dict) -> list[tuple[str, torch.Tensor]]:
-    """Native (name, tensor) pairs for one official tensor; [] for dropped ones; KeyError if unknown."""
+    """Native (name, tensor) pairs for one official tensor; [] for dropped ones; KeyError if unknown.
+    A GLM-4-0414 folder is already in transformers' layout: its names pass through."""
     if key in _DROPPED:
         return []
+    if glm4.is_hf_glm4(cfg):
+        return [("prefix_encoder." + key[len(OFFICIAL_PREFIX):] if key.startswith(OFFICIAL_PREFIX) else key, tensor)]
     if key in _SIMPLE:
         return [(_SIMPLE[key], tensor)]
     if key.startswith(OFFICIAL_PREFIX):
@@ -131,6 +135,9 @@ def official_to_native(key: str, tensor: torch.Tensor, cfg: dict) -> list[tuple[
 def native_to_official(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
     """Inverse of `official_to_native` over a whole (native) state dict; q/k/v are fused again."""
     out: dict[str, torch.Tensor] = {}
+    if glm4.is_hf_glm4(cfg):  # GLM-4-0414: transformers' own names are the official ones
+        return {(OFFICIAL_PREFIX + k[len("prefix_encoder."):] if k.startswith("prefix_encoder.") else k): v
+                for k, v in state.items() if not k.startswith("model.rotary_emb.")}
     inverse_simple = {v: k for k, v in _SIMPLE.items()}
     for name, tensor in state.items():
         if name in inverse_simple:
@@ -203,10 +210,7 @@ def load_model(
     if not folder.is_dir():
         raise GlmtuneError(f"{folder}: model folder not found")
     cfg = read_chatglm_config(folder)
-    model_family = resolve_family(folder, family)
-    cfg[FAMILY_FIELD] = model_family.name
-    if ptuning_checkpoint is not None:
-        check_same_family(model_family, ptuning_checkpoint)
+    cfg[FAMILY_FIELD] = family_name(folder, cfg, family)
     compute_dtype = parse_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -214,9 +218,9 @@ def load_model(
     bits = _quantization_bits(folder, cfg, quantization_bit)
     prefix, ckpt_state, source = _prefix_source(folder, cfg, ptuning_checkpoint, pre_seq_len, prefix_projection)
 
-    config = glm_config_from_chatglm(cfg)
+    config = model_config(cfg)
     with torch.device("meta"):
-        model = ChatGLM2ForCausalLM(config, prefix=None)
+        model = model_class(config)(config, prefix=None)
         if bits:
             from glmtune.model.quantization import replace_linears_with_quantized
 
@@ -227,13 +231,29 @@ def load_model(
     if ptuning_checkpoint is None and cfg.get("pre_seq_len"):
         if not folder_prefix:
             raise GlmtuneError(f"{folder}: config.json has pre_seq_len but the weights hold no prefix encoder")
-        ckpt_state = folder_prefix
+        ckpt_state = (folder_prefix, None)
 
-    _finish(model, config, cfg, prefix, ckpt_state, source, device)
     model.chatglm_config = {k: v for k, v in cfg.items() if k not in ("pre_seq_len", "prefix_projection")}
     if bits:
         model.chatglm_config["quantization_bit"] = bits
+    _finish(model, config, prefix, ckpt_state, source, device)
+    model.source_path = str(folder)
     return model
+
+
+def family_name(folder: Path, cfg: dict, family: str | None) -> str:
+    """The model's family: `family` when given, else GLM-4 when the config says so (glmtune.model.glm4: the
+    registry's detection reads tokenizers, and a GLM-4 tokenizer names ChatGLM3's role tokens too), else
+    what the registry detects. A recorded family of another model than the config describes is refused."""
+    if family is not None:
+        name = family if family == glm4.FAMILY else resolve_family(folder, family).name
+    elif glm4.is_glm4_config(cfg, FAMILY_FIELD):
+        name = glm4.FAMILY
+    else:
+        name = resolve_family(folder).name
+    if glm4.is_hf_glm4(cfg) and name != glm4.FAMILY:
+        raise GlmtuneError(f"{folder}/config.json: a GLM-4-0414 model (model_type glm4), but the family is {name}")
+    return name
 
 
 def _quantization_bits(folder: Path, cfg: dict, quantization_bit: int | None) -> int | None:
@@ -253,8 +273,9 @@ def _prefix_source(folder: Path, cfg: dict, ptuning_checkpoint, pre_seq_len, pre
     from the folder itself (a merged model), or fresh."""
     ckpt_cfg, ckpt_state, source = None, None, ""
     if ptuning_checkpoint is not None:
-        ckpt_cfg, ckpt_state, _ = read_prefix_checkpoint(ptuning_checkpoint)
+        ckpt_cfg, ckpt_state, info = read_checkpoint(ptuning_checkpoint)
         source = f"P-tuning checkpoint {ptuning_checkpoint}"
+        ckpt_state = (ckpt_state, info)
         if cfg.get("pre_seq_len"):
             logger.warning("warning: %s is a merged model with its own prefix (pre_seq_len %s); --ptuning-checkpoint %s "
                            "replaces it", folder, cfg["pre_seq_len"], ptuning_checkpoint)
@@ -338,19 +359,18 @@ def _check_shape(name, value, target, shard, key) -> None:
         )
 
 
-def _finish(model, config, cfg, prefix, ckpt_state, source, device) -> None:
+def _finish(model, config, prefix, ckpt_state, source, device) -> None:
     # Non-persistent buffers (rotary inverse frequencies) were created on the meta device: build the
     # model's own rotary class again for real (its class, so no internal transformers module path).
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     model.prefix_config = prefix
     if prefix is not None:
-        from glmtune.model.prefix import PrefixEncoder
-
-        model.prefix_encoder = PrefixEncoder(
-            prefix, config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.hidden_size
-        ).to(device)
-        if ckpt_state:
-            load_prefix_state(model.prefix_encoder, ckpt_state, source or "prefix")
+        model.prefix_encoder = model.make_prefix_encoder(prefix).to(device)
+        state, info = ckpt_state or (None, None)
+        if info is not None:
+            check_checkpoint_fits(info, model, source)
+        if state:
+            load_prefix_state(model.prefix_encoder, state, source or "prefix")
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("prefix_encoder."))
     model.eval()
@@ -449,14 +469,18 @@ def save_model(
 
 
 def save_prefix_checkpoint(model: ChatGLM2ForCausalLM, out_dir: str | Path) -> None:
-    """The prefix alone in the official P-tuning layout (`pytorch_model.bin` + `model.safetensors` +
-    config.json with pre_seq_len / prefix_projection). Writes into an existing folder; the caller
-    (the trainer) makes the folder itself appear atomically."""
+    """The prefix alone in its family's official P-tuning layout: for ChatGLM2/3 `pytorch_model.bin` +
+    `model.safetensors` + config.json with pre_seq_len / prefix_projection; for GLM-4 a PEFT adapter folder
+    (glmtune.model.adapter). Writes into an existing folder; the caller (the trainer) makes the folder itself
+    appear atomically."""
     from safetensors.torch import save_file
 
     if model.prefix_encoder is None:
         raise GlmtuneError("the model has no prefix to save")
     out = Path(out_dir)
+    if model.chatglm_config.get(FAMILY_FIELD) == glm4.FAMILY:
+        save_adapter(model, out, base_model_name_or_path=getattr(model, "source_path", None))
+        return
     state = official_prefix_state(model.prefix_encoder)
     torch.save(state, out / "pytorch_model.bin")
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -46,7 +46,7 @@ def fold_prefix(model) -> bool:
     """Replace a projected prefix by its output, as a plain embedding; False if there was no projection."""
     import torch
 
-    from glmtune.model.prefix import PrefixConfig, PrefixEncoder
+    from glmtune.model.prefix import PrefixConfig
 
     encoder = model.prefix_encoder
     if encoder is None:
@@ -56,7 +56,7 @@ def fold_prefix(model) -> bool:
     with torch.no_grad():
         states = encoder.prefix_states().detach().float().clone()
     cfg = PrefixConfig(encoder.cfg.pre_seq_len, prefix_projection=False)
-    folded = PrefixEncoder(cfg, encoder.num_layers, encoder.groups, encoder.kv_channels, model.config.hidden_size)
+    folded = model.make_prefix_encoder(cfg)
     with torch.no_grad():
         folded.embedding.weight.copy_(states)
     folded.to(states.device).eval()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GlmConfig, GlmForCausalLM
+from transformers import DynamicCache, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -35,7 +35,8 @@ from glmtune.compat import allow_checkpointing_with_cache, ready_attention_mask
 from glmtune.model.cpu_linear import use_onednn_linears
 from glmtune.data.preprocess import IGNORE_INDEX
 from glmtune.families.registry import FAMILY_FIELD, get_family
-from glmtune.model.prefix import PrefixConfig, PrefixEncoder, PrefixKV
+from glmtune.model.glm4 import glm4_rope_parameters, is_glm4_config, is_hf_glm4
+from glmtune.model.prefix import PEFT_PREFIX_DROPOUT, PREFIX_DROPOUT, PrefixConfig, PrefixEncoder, PrefixKV
 
 
 def attention_dims(cfg: dict) -> tuple[int, int, int]:
@@ -61,9 +62,7 @@ def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
         rms_norm_eps=cfg.get("layernorm_epsilon", 1e-5),
         attention_bias=cfg.get("add_qkv_bias", True),
         attention_dropout=cfg.get("attention_dropout", 0.0),
-        # ChatGLM rotates half of each head with base 10000; `rope_ratio` (the 32k releases) means position
-        # interpolation for ChatGLM2 and base scaling for ChatGLM3: the family decides (glmtune.families.registry).
-        rope_parameters=get_family(cfg.get(FAMILY_FIELD)).rope_parameters(float(cfg.get("rope_ratio", 1.0))),
+        rope_parameters=_rope_parameters(cfg),
         pad_token_id=cfg.get("pad_token_id", 0),
         eos_token_id=cfg.get("eos_token_id", 2),
         bos_token_id=None,
@@ -74,21 +73,59 @@ def glm_config_from_chatglm(cfg: dict) -> GlmConfig:
     return config
 
 
-class ChatGLM2ForCausalLM(GlmForCausalLM):
-    """`GlmForCausalLM` plus an optional P-tuning v2 prefix; see the module docstring."""
+def _rope_parameters(cfg: dict) -> dict:
+    """ChatGLM rotates half of each head with base 10000; `rope_ratio` (the 32k releases) means position
+    interpolation for ChatGLM2 and base scaling for ChatGLM3: the family decides (glmtune.families.registry).
+    GLM-4-9B-chat scales the base (10000 * 500); it is recognised from its config alone (glmtune.model.glm4)."""
+    ratio = float(cfg.get("rope_ratio") or 1.0)
+    if is_glm4_config(cfg, FAMILY_FIELD):
+        return glm4_rope_parameters(ratio)
+    return get_family(cfg.get(FAMILY_FIELD)).rope_parameters(ratio)
 
-    def __init__(self, config: GlmConfig, prefix: PrefixConfig | None = None):
+
+def glm4_config_from_hf(cfg: dict) -> Glm4Config:
+    """The `Glm4Config` of a GLM-4-0414 config.json (transformers' own layout), minus glmtune's own fields."""
+    own = {"pre_seq_len", "prefix_projection", "quantization_bit", FAMILY_FIELD}
+    fields = {k: v for k, v in cfg.items() if k not in own and not k.startswith("_")}
+    return Glm4Config(**{**fields, "use_cache": True, "attn_implementation": "sdpa"})
+
+
+def model_config(cfg: dict) -> GlmConfig | Glm4Config:
+    """The transformers config of a model folder's config.json: ChatGLM layout or GLM-4-0414 layout."""
+    return glm4_config_from_hf(cfg) if is_hf_glm4(cfg) else glm_config_from_chatglm(cfg)
+
+
+def model_class(config: GlmConfig | Glm4Config) -> type:
+    """glmtune's prefix-carrying model class for a transformers config (see `model_config`)."""
+    return Glm4PrefixForCausalLM if isinstance(config, Glm4Config) else ChatGLM2ForCausalLM
+
+
+class PrefixLMMixin:
+    """An optional P-tuning v2 prefix on a transformers causal LM (`GlmForCausalLM` or `Glm4ForCausalLM`, whose
+    attention, cache and mask conventions are the same); see the module docstring."""
+
+    def __init__(self, config, prefix: PrefixConfig | None = None):
         super().__init__(config)
         self.prefix_config = prefix
         self.prefix_encoder = None
         if prefix is not None:
-            self.prefix_encoder = PrefixEncoder(
-                prefix, config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.hidden_size
-            )
-        # The official ChatGLM2 `chatglm_config` dict this model came from (written back on save).
+            self.prefix_encoder = self.make_prefix_encoder(prefix)
+        # The config.json dict this model came from (official ChatGLM layout, or transformers' for GLM-4-0414),
+        # written back on save.
         self.chatglm_config: dict = {}
         # fp32 CPU products with frozen weights 2-3x faster (oneDNN instead of MKL); see glmtune.model.cpu_linear.
         use_onednn_linears(self)
+
+    def make_prefix_encoder(self, prefix: PrefixConfig) -> PrefixEncoder:
+        """A prefix encoder sized for this model's layers, key/value groups and head width.
+
+        GLM-4's official P-tuning is PEFT prefix tuning, which has no prefix dropout; the ChatGLM2/3 code
+        hard-codes 0.1 (the family is what the folder's config says, see glmtune.model.glm4)."""
+        c = self.config
+        dropout = PEFT_PREFIX_DROPOUT if is_glm4_config(self.chatglm_config or _config_family(c), FAMILY_FIELD) \
+            else PREFIX_DROPOUT
+        return PrefixEncoder(prefix, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.hidden_size,
+                             dropout=dropout)
 
     @property
     def pre_seq_len(self) -> int:
@@ -275,3 +312,16 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         selected = hidden[:, :-1][keep]
         logits = self.lm_head(selected).float()
         return F.cross_entropy(logits, targets[keep])
+
+
+def _config_family(config) -> dict:
+    # Before `chatglm_config` is set (a prefix given to the constructor): what the transformers config says.
+    return {"model_type": getattr(config, "model_type", None), "padded_vocab_size": config.vocab_size}
+
+
+class ChatGLM2ForCausalLM(PrefixLMMixin, GlmForCausalLM):
+    """ChatGLM-layout models (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat) on `GlmForCausalLM`, with the prefix."""
+
+
+class Glm4PrefixForCausalLM(PrefixLMMixin, Glm4ForCausalLM):
+    """GLM-4-0414 on transformers' `Glm4ForCausalLM` (sandwich norms), with the same prefix machinery."""

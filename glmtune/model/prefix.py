@@ -22,6 +22,7 @@ from glmtune.errors import GlmtuneError
 
 OFFICIAL_PREFIX = "transformer.prefix_encoder."
 PREFIX_DROPOUT = 0.1  # hard-coded in the official ChatGLMModel
+PEFT_PREFIX_DROPOUT = 0.0  # PEFT's prefix tuning (GLM-4's official P-tuning) has no dropout
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class PrefixConfig:
 class PrefixEncoder(nn.Module):
     """Trainable prefix; `forward(batch)` returns one (key, value) pair per layer, [B, groups, pre, kv]."""
 
-    def __init__(self, cfg: PrefixConfig, num_layers: int, groups: int, kv_channels: int, hidden_size: int):
+    def __init__(self, cfg: PrefixConfig, num_layers: int, groups: int, kv_channels: int, hidden_size: int,
+                 dropout: float = PREFIX_DROPOUT):
         super().__init__()
         self.cfg = cfg
         self.num_layers, self.groups, self.kv_channels = num_layers, groups, kv_channels
@@ -45,7 +47,7 @@ class PrefixEncoder(nn.Module):
         self.embedding = nn.Embedding(cfg.pre_seq_len, kv_size)
         if cfg.prefix_projection:
             self.trans = nn.Sequential(nn.Linear(kv_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, kv_size))
-        self.dropout = nn.Dropout(PREFIX_DROPOUT)
+        self.dropout = nn.Dropout(dropout)
 
     def prefix_states(self) -> torch.Tensor:
         """[pre, layers*2*groups*kv]: the prefix before batching (what `--fold-prefix` stores)."""

@@ -215,6 +215,51 @@ def official_config(cfg: TinyConfig, padded_vocab_size: int) -> dict:
     }
 
 
+def glm4_config(cfg: TinyConfig, padded_vocab_size: int, eos_token_ids: list[int], pad_token_id: int) -> dict:
+    """config.json of a tiny GLM-4-9B-chat: the ChatGLM layout with GLM-4's fields (as the real
+    ../shared/reference/glm-4-9b-chat/config.json: rope_ratio 500, its epsilon, a list of stop ids), the family
+    recorded so every command reads it as GLM-4 whatever its (small) vocabulary."""
+    from glmtune.model import glm4
+
+    config = official_config(cfg, padded_vocab_size)
+    config.update(
+        num_hidden_layers=cfg.layers,
+        layernorm_epsilon=1.5625e-07,
+        rope_ratio=500,
+        eos_token_id=list(eos_token_ids),
+        pad_token_id=pad_token_id,
+        glmtune_family=glm4.FAMILY,
+    )
+    return config
+
+
+def _glm4_tokenizer_maker():
+    """The GLM-4 family's small tiktoken tokenizer in the official format (glmtune.families.glm4.tiny), as one call:
+    `make(texts, out_dir, vocab_size) -> tokenizer` (its size and the ids of its stop tokens are what the model needs)."""
+    from glmtune.families.glm4.tiny import write_tiny_tokenizer
+    from glmtune.families.tokenizer import load_tokenizer
+    from glmtune.model import glm4
+
+    def make(texts: list[str], out_dir: Path, vocab_size: int):
+        write_tiny_tokenizer(out_dir, texts, vocab_size=vocab_size)
+        tokenizer = load_tokenizer(out_dir)  # its tokenizer_config.json records the family
+        if getattr(tokenizer, "family", None) != glm4.FAMILY:
+            raise GlmtuneError(f"init-model --family glm4: the tokenizer written is read as {tokenizer.family}")
+        return tokenizer
+
+    return make
+
+
+def write_glm4_model(out_dir: Path, cfg: TinyConfig, tokenizer, seed: int = 0, weights_format: str = "safetensors",
+                     shards: int = 1) -> None:
+    """config.json + random weights of a tiny GLM-4-9B-chat sized for `tokenizer` (its stop and pad tokens)."""
+    padded = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    config = glm4_config(cfg, padded, stops, stops[0])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_weights(random_state_dict(cfg, padded, seed), out_dir, weights_format, shards)
+
+
 def random_state_dict(cfg: TinyConfig, padded_vocab_size: int, seed: int = 0) -> dict:
     """Official-name weights in module order: matrices ~ N(0, 0.02), RMSNorm weights 1, qkv bias 0."""
     import torch
@@ -404,6 +449,17 @@ def init_model(
     if pretrain_steps:
         lm_texts = list(pretrain_texts) if pretrain_texts is not None else (list(texts) if texts is not None else bundled_lm_texts())
     texts = bundled_texts() if texts is None else list(texts)
+
+    if family == "glm4":  # the GLM-4 family: a tiktoken tokenizer and GLM-4's config fields
+        make_tokenizer = _glm4_tokenizer_maker()
+        with atomic_dir(out_dir) as tmp:
+            write_glm4_model(tmp, cfg, make_tokenizer(texts, tmp, vocab_size), seed, weights_format, shards)
+            if pretrain_steps:
+                state, losses = pretrain_base(tmp, lm_texts, pretrain_steps, seed)
+                write_weights(state, tmp, weights_format, shards)
+                if on_pretrained is not None:
+                    on_pretrained(losses)
+        return out_dir
 
     with atomic_dir(out_dir) as tmp:
         train_tokenizer(texts, tmp, vocab_size=vocab_size)

@@ -27,6 +27,14 @@ _FIELD_TYPES = {
     **dict.fromkeys(("multi_query_attention", "add_qkv_bias"), (bool, "true or false")),
     **dict.fromkeys(("layernorm_epsilon", "rope_ratio"), ((int, float), "a positive number")),
 }
+# The same checks for GLM-4-0414's config.json, in transformers' own layout (model_type glm4).
+_HF_REQUIRED_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+_HF_FIELD_TYPES = {
+    **dict.fromkeys(_HF_REQUIRED_SIZES, _POSITIVE_INT),
+    **dict.fromkeys(("num_key_value_heads", "head_dim", "max_position_embeddings"), _POSITIVE_INT),
+    "attention_bias": (bool, "true or false"),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "partial_rotary_factor"), ((int, float), "a positive number")),
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -48,16 +56,19 @@ def read_chatglm_config(path: str | Path) -> dict:
         raise GlmtuneError(f"{cfg_file}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
     if not isinstance(cfg, dict):
         raise GlmtuneError(f"{cfg_file}: expected a JSON object, found {type(cfg).__name__}")
-    if cfg.get("model_type") != "chatglm":
+    if cfg.get("model_type") not in ("chatglm", "glm4"):
         raise GlmtuneError(
-            f"{cfg_file}: field model_type: expected 'chatglm' (ChatGLM2), found {cfg.get('model_type')!r}"
+            f"{cfg_file}: field model_type: expected 'chatglm' (ChatGLM2/3, GLM-4-9B-chat) or 'glm4' "
+            f"(GLM-4-0414), found {cfg.get('model_type')!r}"
         )
-    for field in _REQUIRED_SIZES:
+    hf = cfg["model_type"] == "glm4"
+    required, types = (_HF_REQUIRED_SIZES, _HF_FIELD_TYPES) if hf else (_REQUIRED_SIZES, _FIELD_TYPES)
+    for field in required:
         if field not in cfg:
             raise GlmtuneError(f"{cfg_file}: field {field} missing")
-    for field, (kind, expected) in _FIELD_TYPES.items():
+    for field, (kind, expected) in types.items():
         value = cfg.get(field)
-        if value is None and field not in _REQUIRED_SIZES:
+        if value is None and field not in required:
             continue  # optional, and the official configs write null for "not set"
         ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
         if ok and kind is not bool:

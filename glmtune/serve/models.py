@@ -104,17 +104,17 @@ def check_checkpoint_shape(model, raw: dict, state: dict, source: str, pre_seq_l
 
 
 def load_adapter(model, name: str, path: str | Path) -> Adapter:
-    from glmtune.families.registry import FAMILY_FIELD, check_same_family, get_family
-    from glmtune.model.prefix import PrefixEncoder, load_prefix_state, read_prefix_checkpoint
+    from glmtune.model.adapter import check_checkpoint_fits, read_checkpoint
+    from glmtune.model.prefix import load_prefix_state
 
     source = f"adapter {name} ({path})"
-    # The same family check as load_model's for --ptuning-checkpoint (the prefix shapes match across families).
-    check_same_family(get_family(model.chatglm_config.get(FAMILY_FIELD)), path)
-    cfg, state, raw = read_prefix_checkpoint(path)
-    check_checkpoint_shape(model, raw, state, source, cfg.pre_seq_len)
-    config = model.config
-    encoder = PrefixEncoder(cfg, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                            config.hidden_size)
+    # Official ChatGLM folders and PEFT adapter folders (GLM-4) alike; the same family, dims and position
+    # convention checks as load_model's for --ptuning-checkpoint (the prefix shapes can match across families).
+    cfg, state, info = read_checkpoint(path)
+    check_checkpoint_shape(model, info.raw, {}, source, cfg.pre_seq_len)  # an official config's fields first
+    check_checkpoint_fits(info, model, source)
+    check_checkpoint_shape(model, {}, state, source, cfg.pre_seq_len)
+    encoder = model.make_prefix_encoder(cfg)
     load_prefix_state(encoder, state, source)
     return Adapter(name, str(path), cfg.pre_seq_len, prefix_kv(encoder, model.compute_dtype, model.device))
 

@@ -36,6 +36,8 @@ RESULTS_FILE = "train_results.json"
 RUNS_DIR = "runs"  # TensorBoard event files
 PREDICTIONS_FILE = "generated_predictions.jsonl"  # --eval-generate answers, inside the checkpoint
 REQUIRED = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", STATE_FILE)
+# A GLM-4 checkpoint holds its prefix as a PEFT adapter folder (glmtune.model.adapter) instead.
+REQUIRED_ADAPTER = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", STATE_FILE)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^checkpoint-\d+\.(tmp|old)$")
 
@@ -220,7 +222,8 @@ def load_checkpoint_state(checkpoint: str | Path) -> dict:
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise GlmtuneError(f"{folder}: checkpoint folder not found")
-    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    required = REQUIRED_ADAPTER if (folder / REQUIRED_ADAPTER[0]).is_file() else REQUIRED
+    missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise GlmtuneError(f"{folder}: not a complete glmtune training checkpoint (missing {missing})")
     try:
