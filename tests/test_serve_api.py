@@ -494,6 +494,9 @@ def test_a_signal_drains_refuses_new_work_ends_every_stream_with_a_final_event_a
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
+# Opt-in for the same reason as the drain test above: on a quiet machine the tiny model's answer can end (and the
+# server drain and exit 0) before the second signal arrives.
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(tiny, tmp_path):
     import signal
 
