@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.data.formats import IGNORE_INDEX, answers_cut, length_percentiles  # one definition each, below glmtune.data.preprocess
+from glmtune.data.conversations import skip_reasons, tokenize_usable_rows
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import iter_records
 
@@ -265,27 +266,16 @@ def encode_batch(batch: dict, tokenizer: Any, config: Any, mode: str) -> dict:
 
 def tokenize(rows: Sequence[dict], tokenizer: Any, config: Any, mode: str):
     """The usable rows tokenized for `mode`, as a `datasets.Dataset` (see the module docstring)."""
-    import datasets
-
     if config.glm3_rules not in RULES:
         raise GlmtuneError(f"--chatglm3-rules: expected one of {list(RULES)}, found {config.glm3_rules!r}")
     if not hasattr(tokenizer, "build_single_message"):
         raise GlmtuneError("ChatGLM3 data needs the ChatGLM3 tokenizer (a ChatGLM3 model folder, or --family chatglm3)")
-    kept = [row for row in rows if skip_reason(row, config) is None]
-    if not kept:
-        raise GlmtuneError("no usable row: every row was skipped (see the report's reasons)")
-    texts = datasets.Dataset.from_dict({"row": [json.dumps(row, ensure_ascii=False) for row in kept]})
-    return texts.map(encode_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "config": config, "mode": mode},
-                     remove_columns=["row"], desc=f"tokenizing ChatGLM3 data ({mode})")
+    return tokenize_usable_rows(rows, skip_reason, encode_batch, tokenizer, config, mode, "ChatGLM3")
 
 
 def build_report(rows: Sequence[dict], dataset, config: Any, mode: str, source: Any) -> dict:
     """Rows read / skipped (with reasons) and token lengths, in the shape of `glmtune.data.preprocess.build_report`."""
-    reasons: dict[str, int] = {}
-    for row in rows:
-        reason = skip_reason(row, config)
-        if reason:
-            reasons[reason] = reasons.get(reason, 0) + 1
+    reasons = skip_reasons(rows, skip_reason, config)
     lengths = list(dataset["prompt_tokens"])
     targets = list(dataset["target_tokens"])
     limit = max_seq_length(config) if mode == "train" else config.max_source_length

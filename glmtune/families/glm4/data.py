@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 from glmtune.data import formats as data_formats
 from glmtune.data.formats import IGNORE_INDEX, length_percentiles
+from glmtune.data.conversations import skip_reasons, tokenize_usable_rows
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import iter_records
 
@@ -218,25 +219,14 @@ def encode_batch(batch: dict, tokenizer: Any, config: Any, mode: str) -> dict:
 
 def tokenize(rows: Sequence[dict], tokenizer: Any, config: Any, mode: str):
     """The usable rows tokenized for `mode`, as a `datasets.Dataset`."""
-    import datasets
-
     if not hasattr(tokenizer, "apply_chat_template") or getattr(tokenizer, "family", None) != config.family:
         raise GlmtuneError("GLM-4 data needs the GLM-4 tokenizer (a GLM-4 model folder, or --family glm4)")
-    kept = [row for row in rows if skip_reason(row, config) is None]
-    if not kept:
-        raise GlmtuneError("no usable row: every row was skipped (see the report's reasons)")
-    texts = datasets.Dataset.from_dict({"row": [json.dumps(row, ensure_ascii=False) for row in kept]})
-    return texts.map(encode_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "config": config, "mode": mode},
-                     remove_columns=["row"], desc=f"tokenizing GLM-4 data ({mode})")
+    return tokenize_usable_rows(rows, skip_reason, encode_batch, tokenizer, config, mode, "GLM-4")
 
 
 def build_report(rows: Sequence[dict], dataset, config: Any, mode: str, source: Any) -> dict:
     """Rows read / skipped (with reasons) and token lengths, in the shape of `glmtune.data.preprocess.build_report`."""
-    reasons: dict[str, int] = {}
-    for row in rows:
-        reason = skip_reason(row, config)
-        if reason:
-            reasons[reason] = reasons.get(reason, 0) + 1
+    reasons = skip_reasons(rows, skip_reason, config)
     lengths = list(dataset["prompt_tokens"])
     targets = list(dataset["target_tokens"])
     limit = config.max_source_length + config.max_target_length + 1 if mode == "train" else config.max_source_length
