@@ -167,3 +167,32 @@ def register(family: Family) -> Family:
         raise GlmtuneError(f"family {family.name!r} is registered twice")
     FAMILIES[family.name] = family
     return family
+
+
+def checked_messages(messages: Any, source: str, roles, tools_ok: Callable[[dict], bool], tools_rule: str) -> list[dict]:
+    """Copies of a role-message conversation, each message checked (role in `roles`, string content and
+    metadata, `tools` where `tools_ok(message)`); errors name the item and field. What the role-message
+    families share; `tools_rule` says in the error where and what `tools` may be."""
+    import copy
+
+    if messages is None:
+        return []
+    if not isinstance(messages, (list, tuple)):
+        raise GlmtuneError(f"{source}: expected a list of messages {{role, content}}, found {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise GlmtuneError(f"{source}[{i}]: expected a message object {{role, content}}, found {message!r:.80}")
+        role = message.get("role")
+        if role not in roles:
+            raise GlmtuneError(f"{source}[{i}]: field role: expected one of {list(roles)}, found {role!r}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise GlmtuneError(f"{source}[{i}]: field content: expected a string, found {type(content).__name__}")
+        metadata = message.get("metadata", "")
+        if not isinstance(metadata, str):
+            raise GlmtuneError(f"{source}[{i}]: field metadata: expected a string, found {type(metadata).__name__}")
+        if "tools" in message and not tools_ok(message):
+            raise GlmtuneError(f"{source}[{i}]: field tools: {tools_rule}")
+        out.append(copy.deepcopy(message))
+    return out

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.family import RequestError
+from glmtune.families.family import RequestError, checked_messages
 
 ROLES = ("system", "user", "assistant", "observation")
 ROLE_TOKENS = tuple(f"<|{role}|>" for role in ROLES)  # after the five GLM command tokens in the vocabulary
@@ -50,27 +50,8 @@ class ToolCallWarning(UserWarning):
 
 def normalize_messages(messages: Any, source: str = "history") -> list[dict]:
     """Check a ChatGLM3 history (a list of message dicts); return copies. Errors name the item and field."""
-    if messages is None:
-        return []
-    if not isinstance(messages, (list, tuple)):
-        raise GlmtuneError(f"{source}: expected a list of messages {{role, content}}, found {type(messages).__name__}")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise GlmtuneError(f"{source}[{i}]: expected a message object {{role, content}}, found {message!r:.80}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise GlmtuneError(f"{source}[{i}]: field role: expected one of {list(ROLES)}, found {role!r}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise GlmtuneError(f"{source}[{i}]: field content: expected a string, found {type(content).__name__}")
-        metadata = message.get("metadata", "")
-        if not isinstance(metadata, str):
-            raise GlmtuneError(f"{source}[{i}]: field metadata: expected a string, found {type(metadata).__name__}")
-        if "tools" in message and (role != "system" or not isinstance(message["tools"], list)):
-            raise GlmtuneError(f"{source}[{i}]: field tools: expected a list, on a system message only")
-        out.append(copy.deepcopy(message))
-    return out
+    return checked_messages(messages, source, ROLES, lambda m: m["role"] == "system" and isinstance(m["tools"], list),
+                            "expected a list, on a system message only")
 
 
 def parse_tool_call(code: str) -> dict | None:

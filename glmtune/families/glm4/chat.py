@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from glmtune.errors import GlmtuneError
-from glmtune.families.family import RequestError
+from glmtune.families.family import RequestError, checked_messages
 
 ROLES = ("system", "user", "assistant", "observation")
 MAX_TOOL_CALL_CHARS = 100_000  # longer "calls" are text
@@ -38,26 +38,9 @@ class ToolCallWarning(UserWarning):
 
 def normalize_messages(messages: Any, source: str = "history") -> list[dict]:
     """Check a GLM-4 conversation (a list of message dicts); return copies. Errors name the item and field."""
-    if messages is None:
-        return []
-    if not isinstance(messages, (list, tuple)):
-        raise GlmtuneError(f"{source}: expected a list of messages {{role, content}}, found {type(messages).__name__}")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise GlmtuneError(f"{source}[{i}]: expected a message object {{role, content}}, found {message!r:.80}")
-        if message.get("role") not in ROLES:
-            raise GlmtuneError(f"{source}[{i}]: field role: expected one of {list(ROLES)}, found {message.get('role')!r}")
-        if not isinstance(message.get("content"), str):
-            raise GlmtuneError(f"{source}[{i}]: field content: expected a string, found "
-                               f"{type(message.get('content')).__name__}")
-        if not isinstance(message.get("metadata", ""), str):
-            raise GlmtuneError(f"{source}[{i}]: field metadata: expected a string (a tool name)")
-        if "tools" in message and not (isinstance(message["tools"], list)
-                                       and all(isinstance(t, dict) for t in message["tools"])):
-            raise GlmtuneError(f"{source}[{i}]: field tools: expected a list of tool objects")
-        out.append(copy.deepcopy(message))
-    return out
+    return checked_messages(messages, source, ROLES,
+                            lambda m: isinstance(m["tools"], list) and all(isinstance(t, dict) for t in m["tools"]),
+                            "expected a list of tool objects")
 
 
 def as_glm4_tools(tools: list[dict]) -> list[dict]:
