@@ -10,9 +10,14 @@ interpreter and reports the peak RSS above the interpreter's baseline (torch + t
   converts and quantizes shard by shard, tensor by tensor; goal: peak <= 1.1 x the final model's size;
 * step: one P-tuning forward + backward as `glmtune train` runs it (`loss_only`, gradient checkpointing, bf16
   compute, pre_seq_len 128, 1,024 tokens, half of them labelled); goal: peak <= 8 GB for int4 (the official
-  GLM-4 demo needed 21 GB of GPU memory for P-tuning in bf16).
+  GLM-4 demo needed 21 GB of GPU memory for P-tuning in bf16);
+* decode (--decode-repeats, 0 skips it): greedy decoding of the int4 model (a quantized copy written once with
+  `glmtune.model.quantization.quantize_checkpoint`, the model `load_model(..., quantization_bit=4)` builds), 64 new
+  tokens after a 64-token prompt, bf16, through bench/quant.py's decode child: tokens/s next to the
+  memory-bandwidth bound measured in the same process, and the share of that bound; glmtune's AVX2 int4 kernel
+  and torch's alternate in fresh processes.
 
-    python bench/glm4_9b.py [--bits 4 --tokens 1024 --threads 2 --shards 10]
+    python bench/glm4_9b.py [--bits 4 --tokens 1024 --threads 2 --shards 10 --decode-repeats 2]
 
 Writes bench/results/glm4_9b.json and prints a table. A full-precision (bf16) load of the 9B is not run by
 default: its 18.8 GB would not leave room on a 24 GB machine (`--bits 0` runs it where it fits).
@@ -28,7 +33,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, print_table, run_isolated, write_random_checkpoint, write_results  # noqa: E402
+from common import (CACHE, instruction_set, print_table, run_isolated, write_random_checkpoint,  # noqa: E402
+                    write_results)
+from quant import DECODE_CHILD, decode_figures, native_kernel_built  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -79,12 +86,30 @@ def _gb(nbytes: int) -> float:
     return round(nbytes / 1e9, 2)
 
 
+def bench_decode(folder: Path, repeats: int, threads: int, prompt_len: int = 64, new_tokens: int = 64) -> list[dict]:
+    from glmtune.model.quantization import quantize_checkpoint
+
+    quantized = CACHE / f"{folder.name}-int4"
+    if not (quantized / "config.json").is_file():
+        quantize_checkpoint(folder, quantized, 4, force=True, dtype="bfloat16")
+    kernels = ("native", "torch") if native_kernel_built() else ("torch",)
+    rows = []
+    for run, kernel in [(run, kernel) for run in range(1, repeats + 1) for kernel in kernels]:
+        r = run_isolated(DECODE_CHILD, str(quantized), "4", str(threads), str(prompt_len), str(new_tokens),
+                         env={"GLMTUNE_NATIVE": "1" if kernel == "native" else "0"})
+        rows.append({"bits": 4, "kernel": kernel, "threads": threads, "run": run, "prompt": prompt_len,
+                     "new": new_tokens, **decode_figures(r)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", default="4", help="comma-separated: 4, 8, 0 (bf16, ~19 GB)")
     ap.add_argument("--tokens", type=int, default=1024, help="training-step length; 0 measures loading only")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--shards", type=int, default=10)
+    ap.add_argument("--decode-repeats", type=int, default=2, help="int4 decode runs per kernel (0: none)")
     ap.add_argument("--reference", type=Path, default=REFERENCE)
     args = ap.parse_args()
     cfg = json.loads((args.reference / "glm-4-9b-chat" / "config.json").read_text())
@@ -95,8 +120,10 @@ def main() -> None:
             raise SystemExit(f"the 9B checkpoint needs ~18.8 GB in {CACHE}; {free / 1e9:.1f} GB free")
     write_random_checkpoint(folder, cfg, n_shards=args.shards, dtype="bfloat16", fmt="safetensors", tiled=True)
     ckpt_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    isa = instruction_set()
+    print(f"instruction set: {isa}", flush=True)
     rows = []
-    for bits in (int(b) for b in args.bits.split(",")):
+    for bits in (int(b) for b in args.bits.split(",") if b):
         r = run_isolated(CHILD, str(folder), str(bits), str(args.tokens), str(args.threads))
         load_above = r["load_peak"] - r["baseline"]
         row = {"bits": bits or "bf16", "checkpoint_GB": _gb(ckpt_bytes), "model_GB": _gb(r["model_bytes"]),
@@ -108,10 +135,15 @@ def main() -> None:
                        loss=round(r["loss"], 3), prefix_grad_norm=round(r["prefix_grad_norm"], 4))
         rows.append(row)
         print(row, flush=True)
-    print_table(rows, ["bits", "checkpoint_GB", "model_GB", "load_peak_above_baseline_GB", "load_peak_over_model",
-                       "load_s", "step_peak_GB", "step_s"])
-    path = write_results("glm4_9b", {"threads": args.threads, "shards": args.shards, "rows": rows,
-                                     "machine": "shared 2-core, 24 GB machine (other jobs running)"})
+    if rows:
+        print_table(rows, ["bits", "checkpoint_GB", "model_GB", "load_peak_above_baseline_GB", "load_peak_over_model",
+                           "load_s", "step_peak_GB", "step_s"])
+    decode = bench_decode(folder, args.decode_repeats, args.threads) if args.decode_repeats else []
+    if decode:
+        print_table(decode, ["kernel", "run", "load_avg", "prefill_s", "decode_tok_s", "median_step_ms", "bw_GB_s",
+                             "bound_tok_s", "share_of_bound", "kernel_GB_s", "share_of_kernel_bound"])
+    path = write_results("glm4_9b", {"threads": args.threads, "shards": args.shards, "instruction_set": isa,
+                                     "rows": rows, "decode": decode})
     print(f"wrote {path}")
 
 

@@ -317,6 +317,27 @@ print(json.dumps({"new_tokens": out.shape[1] - prompt_len, "load_s": load_s, "pr
 """
 
 
+def decode_figures(r: dict) -> dict:
+    """A DECODE_CHILD run's speeds next to the bounds measured in the same run."""
+    bw = r["bw_median"]
+    bound = bw / r["step_bytes"]
+    kernel_bound = 1 / (r["int4_bytes"] / r["kernel_bw"] + (r["step_bytes"] - r["int4_bytes"]) / bw)
+    decode = r["decode_steps"] / r["decode_s"]
+    return {"load_avg": f"{r['load_before']:.1f}/{r['load_after']:.1f}",
+            "prefill_s": round(r["prefill_s"], 2), "decode_tok_s": round(decode, 2),
+            "median_step_ms": round(r["median_step_s"] * 1e3),
+            "median_step_tok_s": round(1 / r["median_step_s"], 2),
+            "GB_per_token": _gb(r["step_bytes"]), "bw_GB_s": round(bw / 1e9, 1),
+            "bw_range": f"{r['bw_min'] / 1e9:.0f}-{r['bw_max'] / 1e9:.0f}",
+            "bound_tok_s": round(bound, 2), "share_of_bound": round(decode / bound, 2),
+            # The same step if every int4 byte went at the kernel's own one-row speed and the
+            # rest (output layer, KV cache) at memory speed: what this torch's int4 kernel allows.
+            "kernel_GB_s": round(r["kernel_bw"] / 1e9, 1),
+            "kernel_bound_tok_s": round(kernel_bound, 2),
+            "share_of_kernel_bound": round(decode / kernel_bound, 2),
+            "overall_tok_s": round(r["new_tokens"] / r["total_s"], 2)}
+
+
 def bench_decode_6b(bits_list: list[int], repeats: int, prompt_len: int = 64, new_tokens: int = 64) -> list[dict]:
     """Greedy decoding of the random 6B model on CPU: `new_tokens` after a `prompt_len`-token prompt, bf16 compute.
 
@@ -339,25 +360,8 @@ def bench_decode_6b(bits_list: list[int], repeats: int, prompt_len: int = 64, ne
             env = {"GLMTUNE_NATIVE": "1" if kernel == "native" else "0"}
             r = run_isolated(DECODE_CHILD, str(quantized), str(bits), str(torch.get_num_threads()), str(prompt_len),
                              str(new_tokens), env=env)
-            bw = r["bw_median"]
-            bound = bw / r["step_bytes"]
-            kernel_bound = 1 / (r["int4_bytes"] / r["kernel_bw"] + (r["step_bytes"] - r["int4_bytes"]) / bw)
-            decode = r["decode_steps"] / r["decode_s"]
             rows.append({"bits": bits, "kernel": kernel, "threads": torch.get_num_threads(), "run": run,
-                         "prompt": prompt_len, "new": new_tokens,
-                         "load_avg": f"{r['load_before']:.1f}/{r['load_after']:.1f}",
-                         "prefill_s": round(r["prefill_s"], 2), "decode_tok_s": round(decode, 2),
-                         "median_step_ms": round(r["median_step_s"] * 1e3),
-                         "median_step_tok_s": round(1 / r["median_step_s"], 2),
-                         "GB_per_token": _gb(r["step_bytes"]), "bw_GB_s": round(bw / 1e9, 1),
-                         "bw_range": f"{r['bw_min'] / 1e9:.0f}-{r['bw_max'] / 1e9:.0f}",
-                         "bound_tok_s": round(bound, 2), "share_of_bound": round(decode / bound, 2),
-                         # The same step if every int4 byte went at the kernel's own one-row speed and the
-                         # rest (output layer, KV cache) at memory speed: what this torch's int4 kernel allows.
-                         "kernel_GB_s": round(r["kernel_bw"] / 1e9, 1),
-                         "kernel_bound_tok_s": round(kernel_bound, 2),
-                         "share_of_kernel_bound": round(decode / kernel_bound, 2),
-                         "overall_tok_s": round(r["new_tokens"] / r["total_s"], 2)})
+                         "prompt": prompt_len, "new": new_tokens, **decode_figures(r)})
             print(rows[-1], flush=True)
     return rows
 

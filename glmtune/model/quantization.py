@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmtune import compat
-from glmtune.model import native, qkernels
+from glmtune.model import cpu_linear, native, qkernels
 from glmtune.errors import GlmtuneError
 from glmtune.fsutil import atomic_dir
 
@@ -351,14 +351,20 @@ class QuantizedLinear(compat.ModuleStateHooks, nn.Module):
         if path == "bf16":
             y = self._kernel(x.to(torch.bfloat16)).to(x.dtype)
             return y if b is None else y.add_(b)
+        # bf16 on a CPU without bf16 instructions: the dequantized bf16 block widened to fp32 and the
+        # product formed there (see glmtune.model.cpu_linear: the same result up to the order of the sum).
+        wide = cpu_linear.widen_bf16_products(x)
+        xw = x.float() if wide else x
         step = self._chunk(self.out_features, self.in_features)
-        if step >= self.out_features:
-            return F.linear(x, self.dequantized_weight(x.dtype), b)
         outs = []
         for r0 in range(0, self.out_features, step):
             r1 = min(self.out_features, r0 + step)
-            outs.append(F.linear(x, self._dequant_rows(r0, r1, x.dtype), None if b is None else b[r0:r1]))
-        return torch.cat(outs, dim=-1)
+            w = self._dequant_rows(r0, r1, x.dtype)
+            bias_rows = None if b is None else b[r0:r1]
+            outs.append(F.linear(xw, w.float(), None if bias_rows is None else bias_rows.float()) if wide
+                        else F.linear(xw, w, bias_rows))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return y.to(x.dtype) if wide else y
 
     def _grad_input(self, grad: torch.Tensor) -> torch.Tensor:
         """grad @ W = (grad * scale) @ q, over column blocks of q so only one block exists at a time.
@@ -366,13 +372,16 @@ class QuantizedLinear(compat.ModuleStateHooks, nn.Module):
         Folding the per-row scale into the [tokens, out] gradient instead of the [out, in] weight saves
         a pass over the weight; it only reassociates one product (differences of an ulp)."""
         grad = grad * self.weight_scale.to(grad.dtype)
+        wide = cpu_linear.widen_bf16_products(grad)  # as in `_matmul`; the integer values are exact in fp32
+        gw = grad.float() if wide else grad
         step = self._chunk(self.in_features, self.out_features)
         if step >= self.in_features:
-            return grad.mm(self._rows(0, self.out_features, grad.dtype))
+            out = gw.mm(self._rows(0, self.out_features, gw.dtype))
+            return out.to(grad.dtype) if wide else out
         out = torch.empty(grad.shape[0], self.in_features, dtype=grad.dtype, device=grad.device)
         for k0 in range(0, self.in_features, step):
             k1 = min(self.in_features, k0 + step)
-            out[:, k0:k1] = grad.mm(self._cols(k0, k1, grad.dtype))
+            out[:, k0:k1] = gw.mm(self._cols(k0, k1, gw.dtype))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
